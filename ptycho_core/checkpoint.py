@@ -1,0 +1,327 @@
+"""model.hdf5: the one checkpoint reader and writer.
+
+Layout (HDF5, no pickle anywhere):
+  /                 attrs: format, format_version, iteration, batch_cursor, shape_hash,
+                    config_hash, ptyflow/torch versions, created, complete (written last)
+  /tensors/<name>   the six optimizable tensors (probe complex)
+  /buffers/...      crop_pos (N, 2), occupancies (O,); attrs dx_ang, wavelength_ang
+  /optimizer        attrs name, param_groups (JSON: names and settings of each group)
+  /optimizer/state/<tensor name>/<key>   optimizer state keyed by tensor name, not by index
+  /history/<column> loss history per completed iteration
+  /partial_loss     attrs: loss sums of the batches done in an unfinished iteration
+  /rng/torch_cpu    torch's global RNG state
+Writes go to a temp file in the same folder, are flushed and fsynced, then os.replace'd.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+import torch
+
+from .model import TENSOR_NAMES, PtychoAD
+
+FORMAT = "ptyflow-model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model.hdf5 that cannot be used; the message names the file (and tensor, if any)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    iteration: int
+    batch_cursor: int
+    partial_loss: dict[str, float]
+    history: dict[str, list[float]]
+    crop_pos: torch.Tensor
+    occupancies: torch.Tensor
+    dx_ang: float
+    wavelength_ang: float
+    optimizer_name: Optional[str]
+    optimizer_groups: list[dict[str, Any]]
+    optimizer_state: dict[str, dict[str, Any]]
+    rng_state: Optional[torch.Tensor]
+    shape_hash: str
+    config_hash: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+
+def shape_hash(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Hash of the tensor shapes: two files with equal hashes hold interchangeable tensors."""
+    text = json.dumps({k: list(v) for k, v in sorted(shapes.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_name(iteration: int, batch_cursor: int = 0) -> str:
+    """iter_000040.h5 after 40 iterations; iter_000040_b0003.h5 after 3 batches of the 41st."""
+    return f"iter_{iteration:06d}.h5" if batch_cursor == 0 else f"iter_{iteration:06d}_b{batch_cursor:04d}.h5"
+
+
+_NAME = re.compile(r"^iter_(\d{6})(?:_b(\d{4}))?\.h5$")
+
+
+def parse_checkpoint_name(name: str) -> Optional[tuple[int, int]]:
+    match = _NAME.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
+
+
+# --------------------------------------------------------------------------- generic values
+def _write_value(group: h5py.Group, key: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu()
+        ds = group.create_dataset(key, data=array.numpy())
+        ds.attrs["kind"] = "tensor"
+        ds.attrs["torch_dtype"] = str(array.dtype).replace("torch.", "")
+    elif isinstance(value, (list, tuple)):
+        sub = group.create_group(key)
+        sub.attrs["kind"] = "list"
+        for i, item in enumerate(value):
+            _write_value(sub, str(i), item)
+    elif value is None:
+        group.create_group(key).attrs["kind"] = "none"
+    elif isinstance(value, (bool, int, float)):
+        ds = group.create_dataset(key, data=value)
+        ds.attrs["kind"] = type(value).__name__
+    else:
+        raise TypeError(f"cannot store optimizer state '{key}' of type {type(value).__name__}")
+
+
+def _read_value(node: h5py.Dataset | h5py.Group) -> Any:
+    kind = node.attrs.get("kind")
+    if kind == "tensor":
+        return torch.from_numpy(np.array(node[()])).to(getattr(torch, node.attrs["torch_dtype"]))
+    if kind == "list":
+        return [_read_value(node[str(i)]) for i in range(len(node))]
+    if kind == "none":
+        return None
+    if kind in ("bool", "int", "float"):
+        return {"bool": bool, "int": int, "float": float}[kind](node[()])
+    raise CheckpointError(f"unknown stored value kind {kind!r} at {node.name}")
+
+
+# --------------------------------------------------------------------------- optimizer state by name
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> tuple[list[dict], dict[str, dict]]:
+    """(param groups without tensors, {tensor name: state}) of a ptyflow-built optimizer."""
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    groups = []
+    for group in sd["param_groups"]:
+        for index, name in zip(group["params"], group["names"]):
+            index_to_name[index] = name
+        groups.append({k: v for k, v in group.items() if k != "params"})
+    return groups, {index_to_name[i]: s for i, s in sd["state"].items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Continue from ckpt's optimizer state. The current param-group settings (lr, ...) stay."""
+    if ckpt.optimizer_name is None:
+        raise CheckpointError(f"{ckpt.path}: holds no optimizer state")
+    if ckpt.optimizer_name != type(optimizer).__name__:
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state is from {ckpt.optimizer_name}, "
+            f"model_params.optimizer_params.name is {type(optimizer).__name__}"
+        )
+    sd = optimizer.state_dict()
+    name_to_index = {}
+    for group in sd["param_groups"]:
+        name_to_index.update(zip(group["names"], group["params"]))
+    file_names = sorted(n for g in ckpt.optimizer_groups for n in g["names"])
+    if file_names != sorted(name_to_index):
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state covers tensors {file_names}, this run optimizes "
+            f"{sorted(name_to_index)}; the set of optimized tensors must be the same"
+        )
+    sd["state"] = {name_to_index[name]: state for name, state in ckpt.optimizer_state.items()}
+    optimizer.load_state_dict(sd)
+
+
+def check_shapes(ckpt: Checkpoint, model: PtychoAD) -> None:
+    own = model.parameter_shapes()
+    for name in TENSOR_NAMES:
+        if name not in ckpt.tensors:
+            raise CheckpointError(f"{ckpt.path}: tensor '{name}' is missing")
+        if ckpt.shapes()[name] != own[name]:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor '{name}' has shape {ckpt.shapes()[name]} in the file "
+                f"but {own[name]} in this reconstruction"
+            )
+
+
+# --------------------------------------------------------------------------- write
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ptyflow_version = version("ptyflow")
+    except PackageNotFoundError:
+        ptyflow_version = "unknown"
+    return {"ptyflow_version": str(ptyflow_version), "torch_version": str(torch.__version__)}
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_path)`` so readers only ever see a complete file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: PtychoAD,
+    optimizer: Optional[torch.optim.Optimizer],
+    iteration: int,
+    batch_cursor: int = 0,
+    partial_loss: Optional[dict[str, float]] = None,
+    history: Optional[dict[str, list[float]]] = None,
+    config_hash: str = "",
+) -> Path:
+    """Write model.hdf5 atomically; returns the path."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(
+                format=FORMAT,
+                format_version=FORMAT_VERSION,
+                iteration=int(iteration),
+                batch_cursor=int(batch_cursor),
+                shape_hash=shape_hash(model.parameter_shapes()),
+                config_hash=config_hash,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+                **_versions(),
+            )
+            tensors = f.create_group("tensors")
+            for name, value in model.tensors().items():
+                tensors.create_dataset(name, data=value.cpu().numpy())
+            buffers = f.create_group("buffers")
+            buffers.create_dataset("crop_pos", data=model.crop_pos.cpu().numpy())
+            buffers.create_dataset("occupancies", data=model.occupancies.cpu().numpy())
+            buffers.attrs.update(dx_ang=model.dx_ang, wavelength_ang=model.wavelength_ang)
+            if optimizer is not None:
+                groups, states = optimizer_state_by_name(optimizer)
+                opt = f.create_group("optimizer")
+                opt.attrs["name"] = type(optimizer).__name__
+                opt.attrs["param_groups"] = json.dumps(groups, default=str)
+                state_group = opt.create_group("state")
+                for name, state in states.items():
+                    sub = state_group.create_group(name)
+                    for key, value in state.items():
+                        _write_value(sub, key, value)
+            hist = f.create_group("history")
+            for key, values in (history or {}).items():
+                hist.create_dataset(key, data=np.asarray(values, dtype=np.float64))
+            partial = f.create_group("partial_loss")
+            partial.attrs.update({k: float(v) for k, v in (partial_loss or {}).items()})
+            f.create_group("rng").create_dataset("torch_cpu", data=torch.get_rng_state().numpy())
+            f.flush()
+            f.attrs["complete"] = True  # the completeness mark goes last
+
+    atomic_write(path, write)
+    return path
+
+
+# --------------------------------------------------------------------------- read
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a model.hdf5; anything unusable is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            if attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a ptyflow model file (format attribute {attrs.get('format')!r})")
+            if not attrs.get("complete", False):
+                raise CheckpointError(f"{path}: incomplete model file (no completeness mark; the write was interrupted)")
+            tensors = {name: torch.from_numpy(np.array(f["tensors"][name][()])) for name in f["tensors"]}
+            buffers = f["buffers"]
+            optimizer_name, groups, states = None, [], {}
+            if "optimizer" in f:
+                optimizer_name = str(f["optimizer"].attrs["name"])
+                groups = json.loads(f["optimizer"].attrs["param_groups"])
+                states = {
+                    name: {key: _read_value(node[key]) for key in node}
+                    for name, node in f["optimizer"]["state"].items()
+                }
+            return Checkpoint(
+                path=path,
+                tensors=tensors,
+                iteration=int(attrs["iteration"]),
+                batch_cursor=int(attrs.get("batch_cursor", 0)),
+                partial_loss={k: float(v) for k, v in f["partial_loss"].attrs.items()},
+                history={k: f["history"][k][()].tolist() for k in f["history"]},
+                crop_pos=torch.from_numpy(np.array(buffers["crop_pos"][()])),
+                occupancies=torch.from_numpy(np.array(buffers["occupancies"][()])),
+                dx_ang=float(buffers.attrs["dx_ang"]),
+                wavelength_ang=float(buffers.attrs["wavelength_ang"]),
+                optimizer_name=optimizer_name,
+                optimizer_groups=groups,
+                optimizer_state=states,
+                rng_state=torch.from_numpy(np.array(f["rng"]["torch_cpu"][()])) if "rng" in f else None,
+                shape_hash=str(attrs.get("shape_hash", "")),
+                config_hash=str(attrs.get("config_hash", "")),
+                attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
+            )
+    except CheckpointError:
+        raise
+    except Exception as exc:  # h5py raises OSError/KeyError/... for damaged files
+        raise CheckpointError(f"{path}: damaged or unreadable model file ({type(exc).__name__}: {exc})") from None
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Checkpoint files in ``folder``, oldest first (by iteration, then batch cursor)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(parse_checkpoint_name(p.name), p) for p in folder.iterdir()]
+    return [p for key, p in sorted((k, p) for k, p in found if k is not None)]
+
+
+def latest_valid_checkpoint(folder: str | Path) -> tuple[Optional[Checkpoint], list[tuple[Path, str]]]:
+    """Newest readable checkpoint in ``folder`` and the (path, reason) of newer ones skipped."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return read_checkpoint(path), skipped
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+    return None, skipped

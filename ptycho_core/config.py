@@ -1,0 +1,353 @@
+"""The one configuration tree of ptyflow: YAML in, fully resolved YAML out.
+
+Every group is a pydantic model with ``extra="forbid"`` so that a misspelt key is an error,
+not a silently ignored setting. ``load_config`` turns any validation problem into a single
+``ConfigError`` whose message names the dotted path of each offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field(s) at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class DataParams(_Strict):
+    """Where the measured diffraction patterns and scan positions live."""
+
+    path: str = Field(description="file holding the diffraction patterns (relative to the config file)")
+    format: Literal["auto", "hdf5"] = "auto"
+    meas_key: str = Field("/meas", description="dataset of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx)")
+    pos_key: Optional[str] = Field(
+        None, description="dataset of probe positions (N, 2) as (y, x); null: generate from experiment.scan"
+    )
+    pos_unit: Literal["ang", "px"] = "ang"
+
+
+# --------------------------------------------------------------------------- experiment
+class ScanGrid(_Strict):
+    """A raster scan, used when the data carries no positions."""
+
+    shape: tuple[int, int] = Field(description="(scan_y, scan_x) number of positions")
+    step_ang: float = Field(gt=0, description="scan step (Å)")
+    rotation_deg: float = Field(0.0, description="scan rotation relative to the detector (deg)")
+
+
+_ABERRATION_KEY = re.compile(r"^(C|phi)(\d)(\d)$")
+
+
+class ExperimentParams(_Strict):
+    """Microscope and detector calibration."""
+
+    energy_kev: float = Field(gt=0, description="beam energy (keV)")
+    conv_angle_mrad: float = Field(gt=0, description="probe semi-convergence angle (mrad)")
+    dx_ang: Optional[float] = Field(None, gt=0, description="real-space (object) pixel size (Å)")
+    dk_mrad: Optional[float] = Field(None, gt=0, description="detector pixel size (mrad)")
+    defocus_ang: float = Field(
+        0.0, description="defocus (Å); positive = focus that far below the entrance surface (C10 = -defocus)"
+    )
+    cs_mm: float = Field(0.0, description="spherical aberration C30 (mm)")
+    aberrations: dict[str, float] = Field(
+        default_factory=dict,
+        description="further Krivanek coefficients: Cnm in Å, phinm in rad (e.g. C12, phi12, C21, phi21)",
+    )
+    scan: Optional[ScanGrid] = None
+
+    @field_validator("aberrations")
+    @classmethod
+    def _check_aberration_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            if not _ABERRATION_KEY.match(key):
+                raise ValueError(f"unknown aberration '{key}': expected names like C12, phi12, C21, C30")
+            if key in ("C10", "C30"):
+                raise ValueError(f"give {key} as {'defocus_ang' if key == 'C10' else 'cs_mm'} instead")
+        return value
+
+    @model_validator(mode="after")
+    def _one_calibration(self) -> "ExperimentParams":
+        if self.dx_ang is not None and self.dk_mrad is not None:
+            raise ValueError("give either dx_ang or dk_mrad, not both")
+        if self.dx_ang is None and self.dk_mrad is None:
+            raise ValueError("one of dx_ang (Å) or dk_mrad (mrad) is required")
+        return self
+
+
+# --------------------------------------------------------------------------- init
+class ProbeInit(_Strict):
+    source: Literal["aberrations", "file"] = "aberrations"
+    path: Optional[str] = Field(None, description="model.hdf5 or .h5 file with a probe, when source is 'file'")
+    key: str = Field("/tensors/probe", description="dataset of the probe in that file")
+    n_modes: int = Field(1, ge=1, description="number of mixed-state probe modes")
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> "ProbeInit":
+        if self.source == "file" and not self.path:
+            raise ValueError("path is required when source is 'file'")
+        return self
+
+
+class ObjectInit(_Strict):
+    n_slices: int = Field(1, ge=1, description="number of multislice slices (nz)")
+    slice_thickness_ang: float = Field(1.0, gt=0, description="slice thickness (Å)")
+    n_modes: int = Field(1, ge=1, description="number of object modes")
+    occupancies: Optional[list[float]] = Field(None, description="fixed object-mode weights; null: equal")
+    pad_px: int = Field(8, ge=0, description="margin added around the scanned field (px)")
+    tilt_mode: Literal["global", "each"] = Field("global", description="one tilt, or one per position")
+    tilt_mrad: tuple[float, float] = Field((0.0, 0.0), description="initial (y, x) object tilt (mrad)")
+
+    @model_validator(mode="after")
+    def _occupancies(self) -> "ObjectInit":
+        if self.occupancies is not None:
+            if len(self.occupancies) != self.n_modes:
+                raise ValueError(f"occupancies has {len(self.occupancies)} values for n_modes={self.n_modes}")
+            if any(o < 0 for o in self.occupancies) or sum(self.occupancies) <= 0:
+                raise ValueError("occupancies must be >= 0 with a positive sum")
+        return self
+
+
+class InitParams(_Strict):
+    probe: ProbeInit = Field(default_factory=ProbeInit)
+    object: ObjectInit = Field(default_factory=ObjectInit)
+    model_path: Optional[str] = Field(
+        None, description="start every tensor from this model.hdf5 instead of initializing"
+    )
+    continue_iteration: bool = Field(
+        True,
+        description="with model_path: keep counting iterations from that file's iteration "
+        "(start_iter gates and batch orders continue the old run)",
+    )
+
+
+# --------------------------------------------------------------------------- model_params
+class UpdateParam(_Strict):
+    start_iter: Optional[int] = Field(
+        description="first global iteration (from 1) with a gradient; null: never optimized"
+    )
+    lr: float = Field(ge=0, description="learning rate; 0: not optimized")
+
+    @field_validator("start_iter")
+    @classmethod
+    def _positive(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 1:
+            raise ValueError("must be >= 1 (iterations count from 1) or null")
+        return value
+
+    @property
+    def optimized(self) -> bool:
+        return self.start_iter is not None and self.lr > 0
+
+
+class UpdateParams(_Strict):
+    obja: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=5.0e-4))
+    objp: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=5.0e-4))
+    obj_tilts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0))
+    slice_thickness: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0))
+    probe: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-4))
+    probe_pos_shifts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-4))
+
+
+class OptimizerParams(_Strict):
+    name: str = "Adam"
+    configs: Optional[dict[str, Any]] = Field(default_factory=dict)
+    load_state: Optional[str] = Field(None, description="model.hdf5 whose optimizer state to continue")
+
+    @field_validator("configs")
+    @classmethod
+    def _none_is_empty(cls, value: Optional[dict[str, Any]]) -> dict[str, Any]:
+        return dict(value or {})
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        import torch.optim
+
+        cls_ = getattr(torch.optim, value, None)
+        if not (isinstance(cls_, type) and issubclass(cls_, torch.optim.Optimizer)):
+            known = sorted(
+                n for n, c in vars(torch.optim).items()
+                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+            )
+            raise ValueError(f"'{value}' is not a torch.optim optimizer; choose one of {', '.join(known)}")
+        return value
+
+
+class ModelParams(_Strict):
+    obj_preblur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (px) on the object before the forward pass")
+    detector_blur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (detector px) on the predicted pattern")
+    optimizer_params: OptimizerParams = Field(default_factory=OptimizerParams)
+    update_params: UpdateParams = Field(default_factory=UpdateParams)
+
+
+# --------------------------------------------------------------------------- losses
+class LossTerm(_Strict):
+    weight: float = Field(ge=0, description="weight in the total loss; 0 switches the term off")
+
+
+class LossParams(_Strict):
+    amplitude: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0), description="Gaussian noise on sqrt(I)")
+    poisson: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.0), description="Poisson negative log-likelihood")
+
+    @model_validator(mode="after")
+    def _something_on(self) -> "LossParams":
+        if all(term.weight == 0 for term in self.active_terms(include_off=True).values()):
+            raise ValueError("every loss weight is 0: nothing to minimize")
+        return self
+
+    def active_terms(self, include_off: bool = False) -> dict[str, LossTerm]:
+        terms = {name: getattr(self, name) for name in type(self).model_fields}
+        return terms if include_off else {k: v for k, v in terms.items() if v.weight > 0}
+
+
+# --------------------------------------------------------------------------- constraints
+class ConstraintSchedule(_Strict):
+    start_iter: Optional[int] = Field(None, description="first iteration it acts on; null: off")
+    stop_iter: Optional[int] = Field(None, description="last iteration it acts on; null: to the end")
+    freq: int = Field(1, ge=1, description="acts every freq iterations")
+
+    def active(self, iteration: int) -> bool:
+        if self.start_iter is None or iteration < self.start_iter:
+            return False
+        if self.stop_iter is not None and iteration > self.stop_iter:
+            return False
+        return (iteration - self.start_iter) % self.freq == 0
+
+
+class ProbeOrthoConstraint(ConstraintSchedule):
+    """Orthogonalize mixed-state probe modes and sort them by power."""
+
+    start_iter: Optional[int] = 1
+
+
+class FixProbeIntensityConstraint(ConstraintSchedule):
+    """Rescale the probe to the mean measured intensity per pattern."""
+
+    start_iter: Optional[int] = 1
+
+
+class ObjaThreshConstraint(ConstraintSchedule):
+    """Clip the object amplitude into [min, max]."""
+
+    start_iter: Optional[int] = 1
+    min: float = 0.0
+    max: Optional[float] = None
+
+
+class ConstraintParams(_Strict):
+    probe_ortho: ProbeOrthoConstraint = Field(default_factory=ProbeOrthoConstraint)
+    fix_probe_intensity: FixProbeIntensityConstraint = Field(default_factory=FixProbeIntensityConstraint)
+    obja_thresh: ObjaThreshConstraint = Field(default_factory=ObjaThreshConstraint)
+
+
+# --------------------------------------------------------------------------- reconstruction
+class ReconParams(_Strict):
+    iterations: int = Field(50, ge=1, description="iterations this run performs (one pass over all patterns each)")
+    segment_iterations: int = Field(10, ge=1, description="iterations per pipeline segment (checkpoint after each)")
+    batch_size: int = Field(32, ge=1, description="patterns per optimizer step")
+    batching: Literal["random"] = "random"
+    seed: int = Field(0, ge=0, description="batch order of iteration i depends only on (seed, i)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
+
+
+# --------------------------------------------------------------------------- root
+class PtyflowConfig(_Strict):
+    data: DataParams
+    experiment: ExperimentParams
+    init: InitParams = Field(default_factory=InitParams)
+    model_params: ModelParams = Field(default_factory=ModelParams)
+    loss_params: LossParams = Field(default_factory=LossParams)
+    constraint_params: ConstraintParams = Field(default_factory=ConstraintParams)
+    recon_params: ReconParams = Field(default_factory=ReconParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """sha256 of the resolved configuration (key order independent)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not part of the configuration)"
+        elif item["type"] == "missing":
+            message = "required but missing"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        elif item["type"] in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+            limit = next(iter(item.get("ctx", {}).values()), "")
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[item["type"]]
+            message = f"must be {op} {limit}"
+        lines.append(f"{path}: {message} (got {item.get('input')!r})" if item["type"] != "missing" else f"{path}: {message}")
+    return "; ".join(lines)
+
+
+def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of configuration groups, got {type(raw).__name__}")
+    try:
+        return PtyflowConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_errors(exc)}") from None
+
+
+def load_config(path: str | Path) -> PtyflowConfig:
+    """Read and validate a YAML config; relative data/model paths are taken from its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    config = config_from_dict(raw, source=str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:
+    """Make every file path in the config absolute, relative to ``base``."""
+    def absolute(p: Optional[str]) -> Optional[str]:
+        if p is None:
+            return None
+        pp = Path(p).expanduser()
+        return str(pp if pp.is_absolute() else (base / pp).resolve())
+
+    config = config.model_copy(deep=True)
+    config.data.path = absolute(config.data.path)
+    config.init.model_path = absolute(config.init.model_path)
+    config.init.probe.path = absolute(config.init.probe.path)
+    config.model_params.optimizer_params.load_state = absolute(config.model_params.optimizer_params.load_state)
+    return config
+
+
+def set_dotted(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict (creating groups), for sweeps and CLI overrides."""
+    node = raw
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted_key}: '{part}' is not a group")
+    node[parts[-1]] = value

@@ -1,0 +1,170 @@
+"""Running iterations: optimizer construction, deterministic batches, the optimization loop.
+
+An iteration is one pass over all positions in batches; each batch is one optimizer step. The
+batch order of iteration i depends only on (seed, i), so a run stopped anywhere and resumed from
+its checkpoint repeats exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .constraints import apply_constraints
+from .losses import total_loss
+from .model import PtychoAD
+
+
+class NumericalError(RuntimeError):
+    """The loss or a tensor became NaN/Inf."""
+
+
+# --------------------------------------------------------------------------- optimizer
+def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Optimizer:
+    """torch.optim.<name> over the tensors that are ever optimized, one param group each.
+
+    Each group carries its tensor's name and lr (model_params.update_params). LBFGS accepts one
+    group only: all optimized tensors share it and its lr is ``configs['lr']`` (torch's default 1
+    if absent); update_params lr then only decides which tensors take part (lr > 0).
+    """
+    names = model.optimized_names()
+    if not names:
+        raise ConfigError(
+            "model_params.update_params: no tensor is optimized (every start_iter is null or lr is 0)"
+        )
+    cls = getattr(torch.optim, name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    for key in configs:
+        if key not in accepted:
+            raise ConfigError(
+                f"model_params.optimizer_params.configs.{key}: not an argument of torch.optim.{name} "
+                f"(accepted: {', '.join(accepted)})"
+            )
+    if name == "LBFGS":
+        groups = [{"params": [getattr(model, n) for n in names], "names": list(names)}]
+    else:
+        groups = [
+            {"params": [getattr(model, n)], "lr": model.update_rules[n].lr, "names": [n]} for n in names
+        ]
+    try:
+        return cls(groups, **configs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model_params.optimizer_params.configs: torch.optim.{name} refused them: {exc}") from None
+
+
+# --------------------------------------------------------------------------- batches
+def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int) -> list[torch.Tensor]:
+    """Position indices of each batch of ``iteration``: a permutation drawn from (seed, iteration)
+    alone, split into ceil(N / batch_size) batches of near-equal size."""
+    state = np.random.SeedSequence([seed, iteration]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    perm = torch.randperm(n_positions, generator=generator)
+    n_batches = max(1, math.ceil(n_positions / batch_size))
+    return list(torch.tensor_split(perm, n_batches))
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class EngineState:
+    """Where a reconstruction stands: ``iteration`` complete iterations, plus ``batch_cursor``
+    batches of the next one (non-zero only after a preemption mid-iteration)."""
+
+    iteration: int = 0
+    batch_cursor: int = 0
+    partial_loss: dict[str, float] = field(default_factory=dict)  # sums over the cursor's batches
+    history: dict[str, list[float]] = field(default_factory=dict)  # per completed iteration
+
+    def record(self, row: dict[str, float]) -> None:
+        for key, value in row.items():
+            self.history.setdefault(key, []).append(float(value))
+
+
+@dataclass
+class Problem:
+    """What the loop needs besides the model: the data and the settings that shape the steps."""
+
+    measurements: torch.Tensor  # (N, ky, kx), on the model's device
+    loss_weights: dict[str, float]
+    constraint_params: object
+    batch_size: int
+    seed: int
+
+    @property
+    def mean_pattern_sum(self) -> torch.Tensor:
+        return self.measurements.sum(dim=(-2, -1)).mean()
+
+
+def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
+    if torch.isfinite(loss):
+        return
+    bad = [n for n, t in model.tensors().items() if not torch.isfinite(t).all()]
+    where = f"; non-finite values in {', '.join(bad)}" if bad else ""
+    raise NumericalError(
+        f"loss became {loss.item()} at iteration {iteration}{where}: lower the learning rates "
+        "(model_params.update_params.<tensor>.lr)"
+    )
+
+
+def run_iterations(
+    model: PtychoAD,
+    optimizer: torch.optim.Optimizer,
+    problem: Problem,
+    state: EngineState,
+    last_iteration: int,
+    stop_requested: Callable[[], bool] = lambda: False,
+    on_iteration: Optional[Callable[[EngineState, dict], None]] = None,
+) -> bool:
+    """Run until ``state.iteration == last_iteration`` or until ``stop_requested()`` is true after a
+    batch. Updates ``state`` in place; returns True when it stopped early."""
+    closure_needed = isinstance(optimizer, torch.optim.LBFGS)
+    context = {"mean_pattern_sum": problem.mean_pattern_sum}
+    n = model.n_positions
+    while state.iteration < last_iteration:
+        iteration = state.iteration + 1
+        model.set_iteration(iteration)
+        batches = batch_order(problem.seed, iteration, n, problem.batch_size)
+        started = time.perf_counter()
+        for b in range(state.batch_cursor, len(batches)):
+            indices = batches[b].to(problem.measurements.device)
+            meas = problem.measurements[indices]
+            parts_holder: dict[str, torch.Tensor] = {}
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                pred = model(indices)
+                loss, parts = total_loss(pred, meas, problem.loss_weights)
+                parts_holder.clear()
+                parts_holder.update(parts, total=loss.detach())
+                loss.backward()
+                return loss
+
+            if closure_needed:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            _check_finite(model, parts_holder["total"], iteration)
+            weight = indices.numel() / n
+            for key, value in parts_holder.items():
+                state.partial_loss[key] = state.partial_loss.get(key, 0.0) + float(value) * weight
+            state.batch_cursor = b + 1
+            if stop_requested() and state.batch_cursor < len(batches):
+                return True
+        apply_constraints(model, problem.constraint_params, iteration, context)
+        row = {"iteration": iteration, "loss": state.partial_loss.pop("total")}
+        row.update({f"loss_{k}": v for k, v in state.partial_loss.items()})
+        row["seconds"] = time.perf_counter() - started
+        state.iteration, state.batch_cursor, state.partial_loss = iteration, 0, {}
+        state.record(row)
+        if on_iteration is not None:
+            on_iteration(state, row)
+        if stop_requested() and state.iteration < last_iteration:
+            return True
+    return False

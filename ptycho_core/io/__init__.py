@@ -1,0 +1,1 @@
+"""Data in (readers, preprocessing) and results out (export)."""

@@ -1,0 +1,162 @@
+"""PtychoAD: the six optimizable tensors, their start_iter gating and the forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import forward as fw
+from .physics import fresnel_propagator, spatial_frequencies
+
+TENSOR_NAMES = ("obja", "objp", "obj_tilts", "slice_thickness", "probe", "probe_pos_shifts")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """When and how fast one tensor is optimized (model_params.update_params.<name>)."""
+
+    start_iter: Optional[int]
+    lr: float
+
+    @property
+    def optimized(self) -> bool:
+        return self.start_iter is not None and self.lr > 0
+
+    def active(self, iteration: int) -> bool:
+        return self.optimized and iteration >= self.start_iter
+
+
+class PtychoAD(torch.nn.Module):
+    """Mixed-state multislice ptychography forward model with optimizable tensors.
+
+    Tensors (user-facing shapes, see ``tensors()``):
+      obja, objp        (O, Z, Ny, Nx) object amplitude and phase (rad)
+      obj_tilts         (1 or N, 2) object tilt (y, x) in mrad
+      slice_thickness   () slice thickness in Å
+      probe             (P, ny, nx) complex probe modes (stored as a real view (P, ny, nx, 2) so
+                        every torch optimizer, LBFGS included, treats it as plain real numbers)
+      probe_pos_shifts  (N, 2) sub-pixel probe shifts (y, x) in px
+    Buffers: crop_pos (N, 2) integer top-left corners of the probe windows on the object canvas,
+    occupancies (O,) fixed object-mode weights.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        crop_pos: torch.Tensor,
+        occupancies: torch.Tensor,
+        dx_ang: float,
+        wavelength_ang: float,
+        update_rules: dict[str, UpdateRule],
+        obj_preblur_std: Optional[float] = None,
+        detector_blur_std: Optional[float] = None,
+    ):
+        super().__init__()
+        missing = set(TENSOR_NAMES) - set(tensors)
+        if missing:
+            raise ValueError(f"PtychoAD needs the tensors {sorted(missing)}")
+        for name in TENSOR_NAMES:
+            value = tensors[name].detach().clone()
+            if name == "probe":
+                value = torch.view_as_real(value.resolve_conj()).contiguous()
+            self.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        self.register_buffer("crop_pos", crop_pos.to(torch.long))
+        self.register_buffer("occupancies", occupancies.to(self.obja.dtype))
+        self.dx_ang = float(dx_ang)
+        self.wavelength_ang = float(wavelength_ang)
+        self.update_rules = dict(update_rules)
+        self.obj_preblur_std = obj_preblur_std or None
+        self.detector_blur_std = detector_blur_std or None
+        # Known sub-pixel positions are honoured even when the shifts are not optimized.
+        self.apply_shifts = self.update_rules["probe_pos_shifts"].optimized or bool(
+            torch.any(self.probe_pos_shifts != 0)
+        )
+        self._propagator_cache: tuple[tuple, torch.Tensor] | None = None
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ shapes and access
+    @property
+    def n_positions(self) -> int:
+        return self.crop_pos.shape[0]
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return tuple(self.probe.shape[1:3])
+
+    @property
+    def probe_complex(self) -> torch.Tensor:
+        return torch.view_as_complex(self.probe)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Detached user-facing tensors (probe complex), for checkpoints and export."""
+        out = {name: getattr(self, name).detach() for name in TENSOR_NAMES}
+        out["probe"] = torch.view_as_complex(out["probe"])
+        return out
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors().items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into the model; a different shape is a ValueError naming the tensor."""
+        for name, value in tensors.items():
+            if name not in TENSOR_NAMES:
+                raise ValueError(f"unknown tensor '{name}'")
+            param = getattr(self, name)
+            if name == "probe":
+                value = torch.view_as_real(torch.as_tensor(value).to(self.probe_complex.dtype).resolve_conj())
+            value = torch.as_tensor(value)
+            if tuple(value.shape) != tuple(param.shape):
+                shape = tuple(value.shape[:-1]) if name == "probe" else tuple(value.shape)
+                own = self.parameter_shapes()[name]
+                raise ValueError(f"tensor '{name}': file has shape {shape}, this model needs {own}")
+            param.copy_(value.to(param.dtype))
+        self._propagator_cache = None
+
+    # ------------------------------------------------------------------ gating
+    def set_iteration(self, iteration: int) -> None:
+        """Switch gradients on exactly for the tensors whose start_iter has been reached."""
+        self.iteration = iteration
+        for name in TENSOR_NAMES:
+            getattr(self, name).requires_grad_(self.update_rules[name].active(iteration))
+
+    def optimized_names(self) -> list[str]:
+        return [n for n in TENSOR_NAMES if self.update_rules[n].optimized]
+
+    # ------------------------------------------------------------------ forward
+    def propagator(self, indices: torch.Tensor) -> torch.Tensor:
+        """(T, ny, nx) Fresnel propagator for the batch; cached while dz and tilts are fixed."""
+        tilts = self.obj_tilts if self.obj_tilts.shape[0] == 1 else self.obj_tilts[indices]
+        cacheable = self.obj_tilts.shape[0] == 1 and not (
+            self.obj_tilts.requires_grad or self.slice_thickness.requires_grad
+        )
+        key = (self.obj_tilts._version, self.slice_thickness._version, self.obj_tilts.device)
+        if cacheable and self._propagator_cache is not None and self._propagator_cache[0] == key:
+            return self._propagator_cache[1]
+        ky, kx = spatial_frequencies(self.window, self.dx_ang, device=self.obja.device, dtype=self.obja.dtype)
+        prop = fresnel_propagator(ky, kx, self.wavelength_ang, self.slice_thickness, tilts)
+        self._propagator_cache = (key, prop.detach()) if cacheable else None
+        return prop
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """Predicted diffraction intensities (B, ky, kx) for the positions ``indices`` (B,)."""
+        obja, objp = self.obja, self.objp
+        if self.obj_preblur_std:
+            # the loss sees the blurred object, the gradient lands on the sharp one
+            obja = fw.gaussian_blur(obja, self.obj_preblur_std)
+            objp = fw.gaussian_blur(objp, self.obj_preblur_std)
+        flat_idx = fw.patch_indices(self.crop_pos[indices], self.window, obja.shape[-1])
+        trans = fw.transmission(fw.crop_patches(obja, flat_idx), fw.crop_patches(objp, flat_idx))
+        probe = self.probe_complex
+        if self.apply_shifts:
+            probes = fw.fourier_shift(probe, self.probe_pos_shifts[indices])
+        else:
+            probes = probe[None]
+        propagator = self.propagator(indices) if obja.shape[1] > 1 else None
+        exit_waves = fw.multislice_exit_waves(probes, trans, propagator)
+        intensity = fw.farfield_intensity(exit_waves, self.occupancies)
+        if self.detector_blur_std:
+            intensity = fw.gaussian_blur(intensity, self.detector_blur_std)
+        return intensity

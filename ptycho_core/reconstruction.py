@@ -1,0 +1,198 @@
+"""A reconstruction assembled from config + preprocessed data: model, optimizer, data, state.
+
+This is the core's public entry point; the Prefect tasks and the tests both drive it::
+
+    rec = Reconstruction.create(config, prep)          # initialize (or continue init.model_path)
+    rec.resume(read_checkpoint(path))                  # or continue a checkpoint of this run
+    rec.run(to_iteration=50)
+    rec.save(run_dir / "checkpoints" / checkpoint_name(rec.state.iteration))
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_shapes,
+    load_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import ConfigError, PtyflowConfig
+from .engine import EngineState, Problem, build_optimizer, run_iterations
+from .io.preprocess import Preprocessed
+from .model import TENSOR_NAMES, PtychoAD, UpdateRule
+from .physics import aberration_coefficients, make_probe
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("recon_params.device: 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torch.Tensor]:
+    """The six tensors at iteration 0, from the experiment and init settings (float64/complex128)."""
+    obj = config.init.object
+    exp = config.experiment
+    n_pos = prep.measurements.shape[0]
+    canvas = prep.geometry.canvas_shape
+    mean_counts = float(prep.measurements.sum(axis=(-2, -1)).mean())
+    if config.init.probe.source == "file":
+        probe = _probe_from_file(config, prep)
+    else:
+        coeffs = aberration_coefficients(exp.defocus_ang, exp.cs_mm, exp.aberrations)
+        probe = make_probe(
+            prep.window, prep.dx_ang, exp.energy_kev, exp.conv_angle_mrad, coeffs,
+            n_modes=config.init.probe.n_modes, total_intensity=mean_counts, dtype=torch.complex128,
+        )
+    n_tilts = 1 if obj.tilt_mode == "global" else n_pos
+    return {
+        "obja": torch.ones(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64),
+        "objp": torch.zeros(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64),
+        "obj_tilts": torch.tensor([obj.tilt_mrad], dtype=torch.float64).repeat(n_tilts, 1),
+        "slice_thickness": torch.tensor(obj.slice_thickness_ang, dtype=torch.float64),
+        "probe": probe,
+        "probe_pos_shifts": torch.from_numpy(prep.geometry.shifts_px.astype(np.float64)),
+    }
+
+
+def _probe_from_file(config: PtyflowConfig, prep: Preprocessed) -> torch.Tensor:
+    import h5py
+
+    from .io.readers import DataError
+
+    src = config.init.probe
+    try:
+        with h5py.File(src.path, "r") as f:
+            probe = np.asarray(f[src.key][()])
+    except (OSError, KeyError) as exc:
+        raise DataError(f"init.probe.path {src.path}: cannot read '{src.key}' ({exc})") from None
+    if probe.ndim == 2:
+        probe = probe[None]
+    if probe.shape[-2:] != prep.window:
+        raise DataError(f"init.probe.path {src.path}:{src.key}: probe is {probe.shape[-2:]}, patterns are {prep.window}")
+    probe = torch.from_numpy(probe.astype(np.complex128))
+    n_modes = config.init.probe.n_modes
+    if probe.shape[0] < n_modes:
+        raise DataError(f"init.probe.n_modes is {n_modes} but {src.path}:{src.key} holds {probe.shape[0]} mode(s)")
+    return probe[:n_modes]
+
+
+def update_rules(config: PtyflowConfig) -> dict[str, UpdateRule]:
+    params = config.model_params.update_params
+    return {name: UpdateRule(getattr(params, name).start_iter, getattr(params, name).lr) for name in TENSOR_NAMES}
+
+
+class Reconstruction:
+    """Model + optimizer + data + where the run stands."""
+
+    def __init__(self, config: PtyflowConfig, model: PtychoAD, optimizer: torch.optim.Optimizer,
+                 problem: Problem, state: EngineState):
+        self.config = config
+        self.model = model
+        self.optimizer = optimizer
+        self.problem = problem
+        self.state = state
+
+    @classmethod
+    def create(cls, config: PtyflowConfig, prep: Preprocessed) -> "Reconstruction":
+        """Initialize from the config; honours init.model_path and optimizer_params.load_state."""
+        recon = config.recon_params
+        if recon.threads:
+            torch.set_num_threads(recon.threads)
+        device = resolve_device(recon.device)
+        real = getattr(torch, recon.dtype)
+        complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
+        tensors = initial_tensors(config, prep)
+        tensors = {k: v.to(complex_dtype if v.is_complex() else real) for k, v in tensors.items()}
+        obj = config.init.object
+        occ = torch.tensor(obj.occupancies or [1.0] * obj.n_modes, dtype=real)
+        model = PtychoAD(
+            tensors,
+            crop_pos=torch.from_numpy(prep.geometry.crop_pos),
+            occupancies=occ / occ.sum(),
+            dx_ang=prep.dx_ang,
+            wavelength_ang=prep.wavelength_ang,
+            update_rules=update_rules(config),
+            obj_preblur_std=config.model_params.obj_preblur_std,
+            detector_blur_std=config.model_params.detector_blur_std,
+        ).to(device)
+        opt_params = config.model_params.optimizer_params
+        optimizer = build_optimizer(model, opt_params.name, opt_params.configs)
+        problem = Problem(
+            measurements=torch.from_numpy(prep.measurements).to(device=device, dtype=real),
+            loss_weights={name: term.weight for name, term in config.loss_params.active_terms().items()},
+            constraint_params=config.constraint_params,
+            batch_size=recon.batch_size,
+            seed=recon.seed,
+        )
+        rec = cls(config, model, optimizer, problem, EngineState())
+        if config.init.model_path:
+            source = read_checkpoint(config.init.model_path)
+            rec._load_tensors(source, "init.model_path")
+            if config.init.continue_iteration:
+                rec.state = EngineState(iteration=source.iteration, history={k: list(v) for k, v in source.history.items()})
+        if opt_params.load_state:
+            source = read_checkpoint(opt_params.load_state)
+            check_shapes(source, model)
+            load_optimizer_state(optimizer, source)
+        return rec
+
+    def _load_tensors(self, ckpt: Checkpoint, what: str) -> None:
+        check_shapes(ckpt, self.model)
+        self.model.load_tensors({k: v.to(self.model.obja.device) for k, v in ckpt.tensors.items()})
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Continue exactly where ``ckpt`` (a checkpoint of this same run) stopped."""
+        self._load_tensors(ckpt, "checkpoint")
+        load_optimizer_state(self.optimizer, ckpt)
+        if ckpt.rng_state is not None:
+            torch.set_rng_state(ckpt.rng_state)
+        self.state = EngineState(
+            iteration=ckpt.iteration,
+            batch_cursor=ckpt.batch_cursor,
+            partial_loss=dict(ckpt.partial_loss),
+            history={k: list(v) for k, v in ckpt.history.items()},
+        )
+
+    def run(self, to_iteration: int, stop_requested: Callable[[], bool] = lambda: False,
+            on_iteration: Optional[Callable[[EngineState, dict], None]] = None) -> bool:
+        """Iterate up to global iteration ``to_iteration``; True if stopped early by request."""
+        return run_iterations(self.model, self.optimizer, self.problem, self.state, to_iteration,
+                              stop_requested=stop_requested, on_iteration=on_iteration)
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(
+            path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
+            self.state.partial_loss, self.state.history, config_hash=self.config.hash(),
+        )
+
+
+def phase_pearson(phase: np.ndarray, truth: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Pearson correlation of two phase maps over ``mask`` (offsets do not matter to it)."""
+    a = np.asarray(phase, dtype=np.float64)
+    b = np.asarray(truth, dtype=np.float64)
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def scanned_field_mask(positions_px: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
+    """(Ny, Nx) bool: the bounding box of the probe-centre positions on the canvas."""
+    mask = np.zeros(canvas_shape, dtype=bool)
+    lo = np.ceil(positions_px.min(axis=0)).astype(int)
+    hi = np.floor(positions_px.max(axis=0)).astype(int)
+    mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1] = True
+    return mask

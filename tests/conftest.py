@@ -1,0 +1,46 @@
+import os
+import tempfile
+from pathlib import Path
+
+# Prefect state of the test session lives in a throw-away home, quiet and offline.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ptyflow-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ptycho_core.config import load_config  # noqa: E402
+from ptycho_core.io.preprocess import preprocess  # noqa: E402
+from ptycho_core.simulate import simulate  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """config.yaml of the 'small' preset, single slice, simulated once per session."""
+    return simulate("small", tmp_path_factory.mktemp("small"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_multislice(tmp_path_factory) -> Path:
+    return simulate("small", tmp_path_factory.mktemp("small_ms"), seed=2, n_slices=2)
+
+
+@pytest.fixture(scope="session")
+def noise_free_dataset(tmp_path_factory) -> Path:
+    """The 'small' preset without Poisson noise: the loss can go far down."""
+    return simulate("small", tmp_path_factory.mktemp("small_clean"), seed=3, dose_e_per_ang2=None)
+
+
+@pytest.fixture(scope="session")
+def small_prep(small_dataset):
+    return preprocess(load_config(small_dataset))
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons need a single CPU thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -165,7 +165,7 @@ def check_shapes(ckpt: Checkpoint, model: PtychoAD) -> None:
 
 
 # --------------------------------------------------------------------------- write
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -227,7 +227,7 @@ def save_checkpoint(
                 shape_hash=shape_hash(model.parameter_shapes()),
                 config_hash=config_hash,
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                **_versions(),
+                **software_versions(),
             )
             tensors = f.create_group("tensors")
             for name, value in model.tensors().items():

@@ -284,6 +284,21 @@ class PtyflowConfig(_Strict):
         """sha256 of the resolved configuration (key order independent)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
+    def resume_dict(self) -> dict[str, Any]:
+        """The configuration without the settings a resumed run may change (how many iterations,
+        where checkpoints fall, which device/threads): equal resume_dicts give equal results."""
+        data = self.to_dict()
+        for group, keys in _FREE_TO_CHANGE.items():
+            for key in keys:
+                data[group].pop(key, None)
+        return data
+
+    def resume_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
+
+
+_FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads")}
+
 
 def _format_errors(error: ValidationError) -> str:
     lines = []

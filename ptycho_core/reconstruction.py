@@ -19,7 +19,6 @@ import torch
 
 from .checkpoint import (
     Checkpoint,
-    CheckpointError,
     check_shapes,
     load_optimizer_state,
     read_checkpoint,
@@ -139,7 +138,7 @@ class Reconstruction:
         rec = cls(config, model, optimizer, problem, EngineState())
         if config.init.model_path:
             source = read_checkpoint(config.init.model_path)
-            rec._load_tensors(source, "init.model_path")
+            rec._load_tensors(source)
             if config.init.continue_iteration:
                 rec.state = EngineState(iteration=source.iteration, history={k: list(v) for k, v in source.history.items()})
         if opt_params.load_state:
@@ -148,13 +147,13 @@ class Reconstruction:
             load_optimizer_state(optimizer, source)
         return rec
 
-    def _load_tensors(self, ckpt: Checkpoint, what: str) -> None:
+    def _load_tensors(self, ckpt: Checkpoint) -> None:
         check_shapes(ckpt, self.model)
         self.model.load_tensors({k: v.to(self.model.obja.device) for k, v in ckpt.tensors.items()})
 
     def resume(self, ckpt: Checkpoint) -> None:
         """Continue exactly where ``ckpt`` (a checkpoint of this same run) stopped."""
-        self._load_tensors(ckpt, "checkpoint")
+        self._load_tensors(ckpt)
         load_optimizer_state(self.optimizer, ckpt)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
@@ -174,7 +173,7 @@ class Reconstruction:
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
-            self.state.partial_loss, self.state.history, config_hash=self.config.hash(),
+            self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
         )
 
 

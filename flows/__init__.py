@@ -1,0 +1,1 @@
+"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line."""

@@ -1,0 +1,195 @@
+"""The ``ptyflow`` command line: demo, run, simulate, inspect.
+
+User errors end in one line on stderr and a non-zero exit code, never a traceback.
+Prefect is imported only by the commands that run flows, so the others start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Automatic-differentiation electron ptychography, run as Prefect flows.")
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+EXIT_USER_ERROR = 2
+EXIT_NUMERICAL = 3
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Before Prefect is imported: its console shows warnings only (run logs still reach the API)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+class BarReporter:
+    """Progress bar over iterations, plus one line per segment above it."""
+
+    def __init__(self, progress, total: int, done: int):
+        self.progress = progress
+        self.bar = progress.add_task("iterations", total=total, completed=done)
+
+    def iteration_done(self, state, row: dict) -> None:
+        self.progress.update(self.bar, completed=state.iteration, description=f"loss {row['loss']:.4g}")
+
+    def segment_done(self, outcome) -> None:
+        self.progress.console.print(
+            f"iterations {outcome.first_iteration + 1}-{outcome.iteration}: loss {outcome.loss:.5g}, "
+            f"{outcome.seconds_per_iteration:.3f} s/iteration, checkpoint {outcome.checkpoint.name}"
+        )
+
+
+def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
+    """Run the reconstruct flow in this process (embedded Prefect unless a server is configured)."""
+    _quiet_prefect(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flows import progress as progress_hooks
+    from flows.embedded import prefect_backend
+    from flows.reconstruct import reconstruct, resolve_config
+    from ptycho_core.rundir import newest_checkpoint, start_iteration
+
+    cfg = resolve_config(config)
+    done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
+    first = start_iteration(cfg)
+    done = done_ckpt.iteration if done_ckpt else first
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with prefect_backend() as url:
+        if verbose:
+            console.print(f"Prefect API: {url or 'Prefect default'}")
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+            progress_hooks.set_reporter(BarReporter(bar, first + cfg.recon_params.iterations, done))
+            try:
+                return reconstruct(cfg.to_dict(), str(run_dir))
+            finally:
+                progress_hooks.set_reporter(None)
+
+
+def _print_summary(summary: dict, seconds: float) -> None:
+    out.print(f"reconstructed to iteration {summary['iteration']} in {seconds:.1f} s "
+              f"(final loss {summary['final_loss']:.5g}, {summary['median_seconds_per_iteration']:.3f} s/iteration)")
+    if "phase_pearson" in summary:
+        per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
+        out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f} (per slice: {per})")
+    out.print(f"result:  {summary['result']}")
+    out.print(f"figures: {Path(summary['figures'][0]).parent if summary['figures'] else '-'}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="configuration YAML"),
+    run_dir: Path = typer.Option(..., "--run-dir", "-o", help="run directory (created; rerun to resume)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's own log lines"),
+):
+    """Reconstruct the dataset of CONFIG into RUN_DIR (resumes what is already there)."""
+    started = time.perf_counter()
+    summary = _run_flow(str(config), run_dir.resolve(), verbose)
+    _print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("ptyflow-demo"), "--out", help="where the data and the run go"),
+    slices: int = typer.Option(1, help="number of object slices to simulate and reconstruct"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Simulate a small dataset with known truth, reconstruct it through the flow, report quality."""
+    from ptycho_core.simulate import simulate
+
+    started = time.perf_counter()
+    config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
+    out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
+    summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose)
+    _print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def simulate(
+    out_dir: Path = typer.Option(..., "--out", help="folder for data.h5 and config.yaml"),
+    preset: str = typer.Option("small", help="small or medium"),
+    seed: int = typer.Option(0),
+    slices: Optional[int] = typer.Option(None, help="object slices (default: the preset's)"),
+    dose: Optional[float] = typer.Option(None, help="dose in e/Å² for Poisson noise (default: the preset's)"),
+    noise_free: bool = typer.Option(False, "--noise-free", help="no Poisson noise"),
+):
+    """Write a simulated dataset with ground truth and a config that reconstructs it."""
+    from ptycho_core.simulate import PRESETS, simulate as run_simulation
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset: '{preset}' is not one of {', '.join(PRESETS)}")
+    dose_arg = None if noise_free else (dose if dose is not None else "preset")
+    config = run_simulation(preset, out_dir, seed=seed, n_slices=slices, dose_e_per_ang2=dose_arg)
+    out.print(f"wrote {out_dir / 'data.h5'} and {config}")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="a run directory, a checkpoint (.h5/.hdf5) or a result.zarr"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output with stable keys"),
+):
+    """Report what a run directory, checkpoint or export holds."""
+    from ptycho_core.inspect import inspect_path
+
+    report = inspect_path(path)
+    if as_json:
+        out.print_json(json.dumps(report, default=str))
+        return
+    for key, value in report.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            out.print(f"{key}:")
+            for row in value:
+                out.print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        else:
+            out.print(f"{key}: {value}")
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line."""
+
+
+def main() -> None:
+    """Console entry point: run the app and turn known errors into one clear line."""
+    from ptycho_core.checkpoint import CheckpointError
+    from ptycho_core.config import ConfigError
+    from ptycho_core.engine import NumericalError
+    from ptycho_core.io.readers import DataError
+    from ptycho_core.rundir import Preempted, RunDirError
+
+    try:
+        app(standalone_mode=False)
+    except Preempted as exc:
+        console.print(f"[yellow]{exc}[/yellow]; rerun the same command to resume")
+        signal_exit = {"SIGTERM": 143, "SIGINT": 130}
+        sys.exit(next((code for name, code in signal_exit.items() if name in str(exc)), 143))
+    except (ConfigError, DataError, CheckpointError, RunDirError, UserError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except NumericalError as exc:
+        console.print(f"[red]numerical failure:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_NUMERICAL)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The reconstruct flow: preprocess, checkpointed segments, export. Re-running it on the same
+run directory continues from the newest valid checkpoint; nothing finished is redone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from ptycho_core.config import PtyflowConfig, config_from_dict, load_config
+from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_iteration
+from tasks.export import export_results
+from tasks.preprocess import preprocess_data
+from tasks.segment import reconstruct_segment
+
+
+def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
+    """A config file path, a dict (relative paths from the working directory) or a model."""
+    if isinstance(config, PtyflowConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    from ptycho_core.config import resolve_paths
+
+    return resolve_paths(config_from_dict(config), Path.cwd())
+
+
+@flow(name="reconstruct")
+def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
+    """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README)."""
+    logger = get_run_logger()
+    cfg = resolve_config(config)
+    run_dir = str(Path(run_dir).resolve())
+    with run_lock(run_dir):
+        preprocess_data(cfg.to_dict(), run_dir)
+        newest = newest_checkpoint(run_dir, warn=logger.warning)
+        done = newest.iteration if newest else start_iteration(cfg)
+        ends = segment_ends(cfg, done)
+        target = start_iteration(cfg) + cfg.recon_params.iterations
+        logger.info("run %s: at iteration %d of %d, %d segment(s) to go", run_dir, done, target, len(ends))
+        progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
+        for end in ends:
+            reconstruct_segment(run_dir, end)
+            update_progress_artifact(progress_id, 100.0 * end / target)
+        summary = export_results(run_dir)
+    table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
+    create_table_artifact(table, description=f"summary of {run_dir}")
+    return summary

@@ -1,0 +1,68 @@
+"""What a run directory, a checkpoint or a result.zarr holds, as a dict with stable keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import read_checkpoint
+from .rundir import RunDirError, RunPaths, checkpoint_summary, newest_checkpoint, read_run_config, segment_ends
+
+
+def inspect_path(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"{path}: no such file or directory")
+    if path.suffix == ".zarr" or (path / "zarr.json").is_file():
+        from .io.export import read_result_summary
+
+        return {"kind": "result", "path": str(path), **read_result_summary(path)}
+    if path.is_file():
+        ckpt = read_checkpoint(path)
+        return {
+            "kind": "checkpoint",
+            "path": str(path),
+            "iteration": ckpt.iteration,
+            "batch_cursor": ckpt.batch_cursor,
+            "last_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+            "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
+            "optimizer": ckpt.optimizer_name,
+            "optimizer_state_for": sorted(ckpt.optimizer_state),
+            "created": ckpt.attrs.get("created"),
+        }
+    return inspect_run_dir(path)
+
+
+def inspect_run_dir(run_dir: Path) -> dict:
+    paths = RunPaths(run_dir)
+    report = {
+        "kind": "run_dir",
+        "path": str(run_dir),
+        "preprocessed": paths.preprocessed.is_file(),
+        "iteration": 0,
+        "target_iteration": None,
+        "finished": False,
+        "segments_done": 0,
+        "last_loss": None,
+        "checkpoints": checkpoint_summary(run_dir),
+        "export": paths.result.is_dir(),
+        "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
+        "locked_by": None,
+    }
+    try:
+        config = read_run_config(run_dir)
+    except RunDirError:
+        return report
+    ckpt = newest_checkpoint(run_dir, warn=lambda m: None)
+    done = ckpt.iteration if ckpt else 0
+    remaining = segment_ends(config, done)
+    all_ends = segment_ends(config, 0)
+    report.update(
+        iteration=done,
+        target_iteration=all_ends[-1] if all_ends else done,
+        finished=not remaining and ckpt is not None and ckpt.batch_cursor == 0,
+        segments_done=sum(1 for e in all_ends if e <= done),
+        last_loss=ckpt.history["loss"][-1] if ckpt and ckpt.history.get("loss") else None,
+    )
+    if paths.lock.is_file() and paths.lock.read_text().strip():
+        report["locked_by"] = paths.lock.read_text().strip()
+    return report

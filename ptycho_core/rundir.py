@@ -1,0 +1,374 @@
+"""The run directory: the contract that resume relies on.
+
+  <run_dir>/config.yaml                 the fully resolved configuration
+  <run_dir>/preprocessed.h5             measurements as the model uses them, positions, calibration
+  <run_dir>/checkpoints/iter_NNNNNN.h5  model.hdf5 after N iterations (iter_NNNNNN_bBBBB.h5: B batches
+                                        into iteration N+1, written when a run was preempted)
+  <run_dir>/model.hdf5                  the newest checkpoint (a hard link to it)
+  <run_dir>/result.zarr, figures/       the export
+  <run_dir>/.lock                       host and PID of the process working on it
+
+Everything here is plain Python + torch; the Prefect tasks call these functions.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import yaml
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write,
+    checkpoint_name,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
+from .config import PtyflowConfig, config_from_dict
+from .io.preprocess import input_hash, preprocess, read_preprocessed, write_preprocessed
+from .reconstruction import Reconstruction
+
+log = logging.getLogger("ptyflow")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; nothing in it was changed."""
+
+
+class Preempted(RuntimeError):
+    """A segment stopped on SIGTERM/SIGINT after writing its checkpoint."""
+
+    def __init__(self, iteration: int, batch_cursor: int, checkpoint: Path, signal_name: str = "signal"):
+        where = f"iteration {iteration}"
+        if batch_cursor:
+            where += f" (+{batch_cursor} batches of iteration {iteration + 1})"
+        super().__init__(f"preempted at {where} by {signal_name}; checkpoint {checkpoint}")
+        self.iteration = iteration
+        self.batch_cursor = batch_cursor
+        self.checkpoint = checkpoint
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed.h5"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.hdf5"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.zarr"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+# --------------------------------------------------------------------------- lock
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run directory for this process; a second holder is refused with host and PID.
+
+    An flock on .lock is released by the kernel however the holder dies (SIGKILL included); the
+    file's content tells who holds it. A leftover content whose process is gone is a stale lock:
+    it is taken over with a warning.
+    """
+    paths = RunPaths(Path(run_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _read_holder(paths.lock)
+            raise RunDirError(
+                f"{paths.root} is in use by host {holder.get('host', '?')} PID {holder.get('pid', '?')} "
+                f"(since {holder.get('since', '?')}); wait for it to finish or use another run directory"
+            ) from None
+        previous = _read_holder(paths.lock)
+        if previous and not (previous.get("host") == socket.gethostname() and previous.get("pid") == os.getpid()):
+            log.warning(
+                "taking over the stale lock of %s left by host %s PID %s (that process is gone)",
+                paths.root, previous.get("host"), previous.get("pid"),
+            )
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- configuration
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def read_run_config(run_dir: str | Path) -> PtyflowConfig:
+    path = RunPaths(Path(run_dir)).config
+    if not path.is_file():
+        raise RunDirError(f"{path}: missing; the run directory was never preprocessed")
+    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+# --------------------------------------------------------------------------- stages
+@dataclass
+class PrepareOutcome:
+    skipped: bool
+    n_patterns: int
+    window: tuple[int, int]
+    dx_ang: float
+    dk_mrad: float
+    input_hash: str
+
+
+def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
+    """Write config.yaml and preprocessed.h5, or confirm that the existing ones match.
+
+    A run directory that holds a different input or a different configuration is refused
+    (naming what differs) so that two reconstructions never mix in one place.
+    """
+    paths = RunPaths(Path(run_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.config.is_file():
+        old = read_run_config(run_dir)
+        changed = _differences(old.resume_dict(), config.resume_dict())
+        if changed:
+            raise RunDirError(
+                f"{paths.root} holds a reconstruction with a different configuration "
+                f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); use a new run directory"
+            )
+    existing = read_preprocessed(paths.preprocessed)
+    wanted_hash = input_hash(config)
+    if existing is not None:
+        if existing.input_hash != wanted_hash:
+            raise RunDirError(
+                f"{paths.preprocessed} was made from different input data or preprocessing settings; "
+                "use a new run directory"
+            )
+        prep, skipped = existing, True
+    else:
+        prep, skipped = preprocess(config), False
+        write_preprocessed(paths.preprocessed, prep)
+    # config.yaml is (re)written so iterations and other free settings reflect the latest run
+    _write_text_atomic(paths.config, config.to_yaml())
+    return PrepareOutcome(skipped, prep.measurements.shape[0], prep.window, prep.dx_ang, prep.dk_mrad, prep.input_hash)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def newest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = log.warning) -> Optional[Checkpoint]:
+    """The newest valid checkpoint; damaged newer files are reported by name and left in place."""
+    ckpt, skipped = latest_valid_checkpoint(RunPaths(Path(run_dir)).checkpoints)
+    for path, reason in skipped:
+        warn(f"skipping damaged checkpoint {path.name}: {reason}")
+    return ckpt
+
+
+def start_iteration(config: PtyflowConfig) -> int:
+    """Iterations already behind a run before its first own iteration (init.model_path)."""
+    if config.init.model_path and config.init.continue_iteration:
+        return read_checkpoint(config.init.model_path).iteration
+    return 0
+
+
+def segment_ends(config: PtyflowConfig, done_iteration: int) -> list[int]:
+    """Global iterations at which the remaining segments end."""
+    first = start_iteration(config)
+    target = first + config.recon_params.iterations
+    step = config.recon_params.segment_iterations
+    ends = list(range(first + step, target, step)) + [target]
+    return [e for e in ends if e > done_iteration]
+
+
+@dataclass
+class SegmentOutcome:
+    first_iteration: int
+    iteration: int
+    checkpoint: Path
+    seconds: float
+    seconds_per_iteration: float
+    loss: Optional[float]
+    history_tail: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_segment(
+    run_dir: str | Path,
+    to_iteration: int,
+    stop_requested: Callable[[], bool] = lambda: False,
+    on_iteration: Optional[Callable] = None,
+    warn: Callable[[str], None] = log.warning,
+    signal_name: Callable[[], str] = lambda: "signal",
+) -> SegmentOutcome:
+    """Continue the run from its newest valid checkpoint up to ``to_iteration`` and checkpoint.
+
+    If ``stop_requested()`` turns true, the current batch is finished, a checkpoint is written and
+    ``Preempted`` is raised.
+    """
+    paths = RunPaths(Path(run_dir))
+    config = read_run_config(run_dir)
+    prep = read_preprocessed(paths.preprocessed)
+    if prep is None:
+        raise RunDirError(f"{paths.preprocessed}: missing or incomplete; run the preprocess step first")
+    rec = Reconstruction.create(config, prep)
+    ckpt = newest_checkpoint(run_dir, warn)
+    if ckpt is not None:
+        if ckpt.config_hash != config.resume_hash():
+            raise RunDirError(
+                f"{ckpt.path}: written with a different configuration than {paths.config}; "
+                "use a new run directory"
+            )
+        rec.resume(ckpt)
+    first = rec.state.iteration
+    started = time.perf_counter()
+    stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration)
+    seconds = time.perf_counter() - started
+    paths.checkpoints.mkdir(exist_ok=True)
+    path = rec.save(paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor))
+    link_newest(paths, path)
+    if stopped:
+        raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
+    n_done = max(1, rec.state.iteration - first)
+    history = rec.state.history
+    return SegmentOutcome(
+        first_iteration=first,
+        iteration=rec.state.iteration,
+        checkpoint=path,
+        seconds=seconds,
+        seconds_per_iteration=seconds / n_done,
+        loss=history["loss"][-1] if history.get("loss") else None,
+        history_tail={k: v[-(rec.state.iteration - first):] for k, v in history.items()},
+    )
+
+
+def link_newest(paths: RunPaths, checkpoint: Path) -> None:
+    """Point run_dir/model.hdf5 at ``checkpoint`` atomically (hard link; copy where links fail)."""
+    tmp = paths.model.with_name(f".model.hdf5.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, paths.model)
+
+
+def finished(run_dir: str | Path) -> bool:
+    """True when the newest checkpoint has reached the configured number of iterations."""
+    config = read_run_config(run_dir)
+    ckpt = newest_checkpoint(run_dir, warn=lambda m: None)
+    return ckpt is not None and not segment_ends(config, ckpt.iteration) and ckpt.batch_cursor == 0
+
+
+def checkpoint_summary(run_dir: str | Path) -> list[dict]:
+    """Every checkpoint file with its iteration and whether it is valid (for inspect)."""
+    rows = []
+    for path in list_checkpoints(RunPaths(Path(run_dir)).checkpoints):
+        try:
+            ck = read_checkpoint(path)
+            rows.append({"file": path.name, "iteration": ck.iteration, "batch_cursor": ck.batch_cursor, "valid": True})
+        except CheckpointError as exc:
+            rows.append({"file": path.name, "valid": False, "reason": str(exc)})
+    return rows
+
+
+# --------------------------------------------------------------------------- export and quality
+def export_run(run_dir: str | Path, figures: bool = True) -> dict:
+    """Write result.zarr (and figures) from the newest valid checkpoint; returns a summary."""
+    from .checkpoint import software_versions
+    from .io.export import write_result
+    from .io.figures import write_figures
+
+    paths = RunPaths(Path(run_dir))
+    config = read_run_config(run_dir)
+    prep = read_preprocessed(paths.preprocessed)
+    ckpt = newest_checkpoint(run_dir)
+    if ckpt is None or prep is None:
+        raise RunDirError(f"{paths.root}: nothing to export (no valid checkpoint or preprocessed data)")
+    seconds = ckpt.history.get("seconds", [])
+    timings = {"iterations": len(seconds), "seconds_in_iterations": float(sum(seconds)),
+               "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0}
+    write_result(paths.result, ckpt, prep.positions_ang, prep.geometry.positions_px, prep.energy_kev,
+                 config.to_dict(), software_versions(), timings)
+    figure_paths = write_figures(paths.figures, ckpt) if figures else []
+    summary = {
+        "run_dir": str(paths.root),
+        "iteration": ckpt.iteration,
+        "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+        "result": str(paths.result),
+        "figures": [str(p) for p in figure_paths],
+        **timings,
+    }
+    summary.update(quality_vs_truth(run_dir, ckpt, prep, config))
+    return summary
+
+
+def quality_vs_truth(run_dir, ckpt: Checkpoint, prep, config: PtyflowConfig) -> dict:
+    """Phase Pearson against the ground truth, when the data file carries one (simulated data)."""
+    from .reconstruction import phase_pearson, scanned_field_mask
+    from .simulate import read_ground_truth
+
+    try:
+        truth = read_ground_truth(config.data.path)
+    except OSError:
+        return {}
+    objp = ckpt.tensors["objp"].numpy()[0]
+    if "objp" not in truth or truth["objp"][0].shape != objp.shape:
+        return {}
+    mask = scanned_field_mask(prep.geometry.positions_px, prep.geometry.canvas_shape)
+    per_slice = [phase_pearson(objp[z], truth["objp"][0][z], mask) for z in range(objp.shape[0])]
+    return {"phase_pearson": phase_pearson(objp.sum(0), truth["objp"][0].sum(0), mask),
+            "phase_pearson_per_slice": per_slice}

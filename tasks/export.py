@@ -1,0 +1,12 @@
+"""Stage 3: result.zarr and figures from the newest checkpoint."""
+
+from prefect import get_run_logger, task
+
+from ptycho_core.rundir import export_run
+
+
+@task(name="export")
+def export_results(run_dir: str) -> dict:
+    summary = export_run(run_dir)
+    get_run_logger().info("exported iteration %d to %s", summary["iteration"], summary["result"])
+    return summary

@@ -1,0 +1,21 @@
+"""Stage 1: data in the run directory as the model uses it."""
+
+from dataclasses import asdict
+
+from prefect import get_run_logger, task
+
+from ptycho_core.config import config_from_dict
+from ptycho_core.rundir import prepare
+
+
+@task(name="preprocess")
+def preprocess_data(config: dict, run_dir: str) -> dict:
+    """Write run_dir/config.yaml and preprocessed.h5, or confirm the existing ones (skipped)."""
+    outcome = prepare(config_from_dict(config), run_dir)
+    logger = get_run_logger()
+    verb = "reused" if outcome.skipped else "wrote"
+    logger.info(
+        "%s preprocessed.h5: %d patterns of %dx%d, dx %.4f Å, dk %.4f mrad",
+        verb, outcome.n_patterns, *outcome.window, outcome.dx_ang, outcome.dk_mrad,
+    )
+    return asdict(outcome)

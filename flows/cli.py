@@ -7,6 +7,7 @@ Prefect is imported only by the commands that run flows, so the others start fas
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -26,10 +27,27 @@ EXIT_NUMERICAL = 3
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    """Before Prefect is imported: its console shows warnings only (run logs still reach the API)."""
+    """Before Prefect is imported: keep its console handler quiet (run logs still reach the API).
+
+    Failures are reported once by ``main``; warnings of the run (a skipped damaged checkpoint, a
+    stale lock taken over) are printed as single lines by ``_show_run_warnings``.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING:
+            console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False)
+
+
+def _show_run_warnings() -> None:
+    """After Prefect configured its loggers (its dictConfig replaces their handlers)."""
+    handler = _WarningLines()
+    for name in ("ptyflow", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addHandler(handler)
 
 
 class BarReporter:
@@ -59,6 +77,8 @@ def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
     from flows.reconstruct import reconstruct, resolve_config
     from ptycho_core.rundir import newest_checkpoint, start_iteration
 
+    if not verbose:
+        _show_run_warnings()
     cfg = resolve_config(config)
     done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
     first = start_iteration(cfg)

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from ptycho_core.config import PtyflowConfig, config_from_dict, load_config
+from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_iteration
 from tasks.export import export_results
 from tasks.preprocess import preprocess_data
@@ -33,6 +34,7 @@ def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
     logger = get_run_logger()
     cfg = resolve_config(config)
     run_dir = str(Path(run_dir).resolve())
+    check_data_path(cfg.data)
     with run_lock(run_dir):
         preprocess_data(cfg.to_dict(), run_dir)
         newest = newest_checkpoint(run_dir, warn=logger.warning)

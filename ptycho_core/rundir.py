@@ -275,9 +275,14 @@ def run_segment(
     stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration)
     seconds = time.perf_counter() - started
     paths.checkpoints.mkdir(exist_ok=True)
-    path = rec.save(paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor))
+    target = paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor)
+    if target.exists():  # only a damaged file can sit here (valid ones are older): keep it aside
+        aside = target.with_name(f"{target.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(target, aside)
+        warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
+    path = rec.save(target)
     link_newest(paths, path)
-    if stopped:
+    if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
         raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
     n_done = max(1, rec.state.iteration - first)
     history = rec.state.history

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,3 +46,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def cli(*args):
+    """The ptyflow command line, as a subprocess argument list."""
+    return [sys.executable, "-m", "flows.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect server for the CLI runs that do not test the embedded one themselves."""
+    from flows.embedded import prefect_backend
+
+    with prefect_backend() as url:
+        yield url
+
+
+@pytest.fixture
+def run_cli(prefect_api):
+    def run(*args, timeout=300):
+        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+        return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
+    return run

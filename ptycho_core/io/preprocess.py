@@ -75,6 +75,8 @@ class Preprocessed:
 
 
 def _file_digest(path: Path, chunk: int = 1 << 24) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

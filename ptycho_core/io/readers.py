@@ -15,9 +15,15 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file/key and what was expected."""
 
 
+def check_data_path(data) -> None:
+    """Fail early, before a run directory is touched, when the data file is missing."""
+    if not Path(data.path).is_file():
+        raise DataError(f"{data.path}: data file not found (data.path)")
+
+
 def _open_hdf5(path: Path) -> h5py.File:
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(f"{path}: data file not found (data.path)")
     try:
         return h5py.File(path, "r")
     except OSError as exc:

@@ -1,0 +1,206 @@
+"""The Prefect pipeline: staged runs that resume after SIGKILL/SIGTERM, lock, damaged files."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ptycho_core.checkpoint import read_checkpoint
+from ptycho_core.config import load_config
+from ptycho_core.io.preprocess import preprocess
+from ptycho_core.reconstruction import Reconstruction
+from ptycho_core.rundir import RunDirError, run_lock
+
+from conftest import cli
+
+ITERATIONS = 24
+SEGMENT = 4
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory, small_dataset):
+    """The small preset, one thread (bitwise comparisons), short segments, a slower batch size."""
+    raw = yaml.safe_load(Path(small_dataset).read_text())
+    raw["data"]["path"] = str(Path(small_dataset).parent / raw["data"]["path"])
+    raw["recon_params"].update(iterations=ITERATIONS, segment_iterations=SEGMENT, batch_size=8, threads=1)
+    path = tmp_path_factory.mktemp("pipeline") / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline_config):
+    """Tensors of an uninterrupted in-process run of the same config."""
+    before = torch.get_num_threads()
+    cfg = load_config(pipeline_config)
+    rec = Reconstruction.create(cfg, preprocess(cfg))
+    rec.run(ITERATIONS)
+    torch.set_num_threads(before)
+    return {k: v.clone() for k, v in rec.model.tensors().items()}
+
+
+def children_of(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for_checkpoint(run_dir, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((run_dir / "checkpoints").glob("iter_*.h5")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def assert_equal_to_reference(run_dir, reference):
+    final = read_checkpoint(run_dir / "model.hdf5")
+    assert final.iteration == ITERATIONS and final.batch_cursor == 0
+    for name, value in reference.items():
+        assert torch.equal(final.tensors[name], value), name
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, pipeline_config, reference, run_cli):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(cli("run", pipeline_config, "--run-dir", run_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(run_dir, proc)
+    time.sleep(random.uniform(0.0, 1.0))
+    helpers = children_of(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert helpers, "the embedded Prefect server should be a child of the run"
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in helpers), "a process outlived the killed run"
+    done_before = read_checkpoint(run_dir / "model.hdf5").iteration
+    assert done_before < ITERATIONS, "the kill came too late to test anything"
+
+    rerun = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "taking over the stale lock" in rerun.stderr  # the killed holder left its name behind
+    assert_equal_to_reference(run_dir, reference)
+    # finished segments were not redone: their files are the ones written before the kill
+    assert (run_dir / "result.zarr").is_dir() and (run_dir / "figures" / "object_phase.png").is_file()
+
+
+def test_sigterm_checkpoints_reports_and_resumes(tmp_path, pipeline_config, reference, run_cli):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(cli("run", pipeline_config, "--run-dir", run_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(run_dir, proc)
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (stdout, stderr)
+    import re
+
+    match = re.search(r"preempted at iteration (\d+)(?: \(\+(\d+) batches)?", stderr)
+    assert match, stderr
+    assert "Traceback" not in stderr
+    iteration, batches = int(match.group(1)), int(match.group(2) or 0)
+    written = read_checkpoint(run_dir / "model.hdf5")
+    assert (written.iteration, written.batch_cursor) == (iteration, batches)
+    name = f"iter_{iteration:06d}" + (f"_b{batches:04d}" if batches else "") + ".h5"
+    assert (run_dir / "checkpoints" / name).is_file()
+
+    rerun = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_equal_to_reference(run_dir, reference)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, pipeline_config, reference, run_cli):
+    run_dir = tmp_path / "run"
+    first = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert first.returncode == 0, first.stderr
+    newest = run_dir / "checkpoints" / f"iter_{ITERATIONS:06d}.h5"
+    data = newest.read_bytes()
+    os.unlink(run_dir / "model.hdf5")  # the hard link shares the data; damage only the checkpoint
+    newest.write_bytes(data[: len(data) // 3])
+    rerun = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipping damaged checkpoint {newest.name}" in rerun.stderr
+    assert list((run_dir / "checkpoints").glob(f"{newest.name}.damaged-*")), "the damaged file must be kept"
+    assert_equal_to_reference(run_dir, reference)
+
+
+def test_second_run_is_refused_and_stale_lock_taken_over(tmp_path, pipeline_config, run_cli):
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir):
+        with pytest.raises(RunDirError, match=f"in use by host {os.uname().nodename} PID {os.getpid()}"):
+            with run_lock(run_dir):
+                pass
+        refused = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert refused.returncode == 2
+    assert f"in use by host {os.uname().nodename} PID {os.getpid()}" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (run_dir / "config.yaml").exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run_dir / ".lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {gone.pid}, "since": "earlier"}}')
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ptyflow").addHandler(handler)
+    try:
+        with run_lock(run_dir):
+            pass
+    finally:
+        logging.getLogger("ptyflow").removeHandler(handler)
+    assert any(f"PID {gone.pid}" in r.getMessage() and "stale lock" in r.getMessage() for r in records)
+
+
+def test_other_input_in_same_run_dir_is_refused(tmp_path, pipeline_config, noise_free_dataset, run_cli):
+    run_dir = tmp_path / "run"
+    assert run_cli("run", pipeline_config, "--run-dir", run_dir).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    other = run_cli("run", noise_free_dataset, "--run-dir", run_dir)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "different configuration" in other.stderr or "different input" in other.stderr, other.stderr
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert before == after
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path, run_cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: x.h5}\nexperiment: {energy_kev: 300, conv_angle_mrad: 20, dx_ang: 0.3}\n"
+                   "model_params: {update_params: {probe: {start_iter: 1, lr: -1}}}\n")
+    result = run_cli("run", bad, "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert "model_params.update_params.probe.lr: must be >= 0" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(bad.read_text().replace("lr: -1", "lr: 0.001"))
+    result = run_cli("run", missing, "--run-dir", tmp_path / "run")
+    assert result.returncode == 2 and "x.h5: data file not found (data.path)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -56,11 +56,13 @@ class BarReporter:
     def __init__(self, progress, total: int, done: int):
         self.progress = progress
         self.bar = progress.add_task("iterations", total=total, completed=done)
+        self.seconds_in_segments = 0.0
 
     def iteration_done(self, state, row: dict) -> None:
         self.progress.update(self.bar, completed=state.iteration, description=f"loss {row['loss']:.4g}")
 
     def segment_done(self, outcome) -> None:
+        self.seconds_in_segments += outcome.seconds
         self.progress.console.print(
             f"iterations {outcome.first_iteration + 1}-{outcome.iteration}: loss {outcome.loss:.5g}, "
             f"{outcome.seconds_per_iteration:.3f} s/iteration, checkpoint {outcome.checkpoint.name}"
@@ -84,15 +86,24 @@ def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
     first = start_iteration(cfg)
     done = done_ckpt.iteration if done_ckpt else first
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    started = time.perf_counter()
     with prefect_backend() as url:
+        server_seconds = time.perf_counter() - started
         if verbose:
             console.print(f"Prefect API: {url or 'Prefect default'}")
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-            progress_hooks.set_reporter(BarReporter(bar, first + cfg.recon_params.iterations, done))
+            reporter = BarReporter(bar, first + cfg.recon_params.iterations, done)
+            progress_hooks.set_reporter(reporter)
             try:
-                return reconstruct(cfg.to_dict(), str(run_dir))
+                flow_started = time.perf_counter()
+                summary = reconstruct(cfg.to_dict(), str(run_dir))
+                flow_seconds = time.perf_counter() - flow_started
             finally:
                 progress_hooks.set_reporter(None)
+    out.print(f"timing: Prefect server start {server_seconds:.1f} s; flow {flow_seconds:.1f} s, of which "
+              f"{reporter.seconds_in_segments:.1f} s in iterations and {flow_seconds - reporter.seconds_in_segments:.1f} s "
+              "in preprocessing, checkpoints, export and Prefect")
+    return summary
 
 
 def _print_summary(summary: dict, seconds: float) -> None:

@@ -30,12 +30,43 @@ class DataParams(_Strict):
     """Where the measured diffraction patterns and scan positions live."""
 
     path: str = Field(description="file holding the diffraction patterns (relative to the config file)")
-    format: Literal["auto", "hdf5"] = "auto"
-    meas_key: str = Field("/meas", description="dataset of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx)")
+    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad"] = Field(
+        "auto", description="auto: from the extension")
+    meas_key: Optional[str] = Field(
+        None, description="dataset/variable/array of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx); "
+        "null: the format's default (the only 3D/4D dataset of an HDF5 file, CXI's /entry_1/data_1/data)")
+    pos_path: Optional[str] = Field(None, description="file holding the positions; null: the data file")
     pos_key: Optional[str] = Field(
-        None, description="dataset of probe positions (N, 2) as (y, x); null: generate from experiment.scan"
-    )
+        None, description="dataset of probe positions (N, 2) as (y, x); null: generate from experiment.scan "
+        "(CXI: the sample translations)")
     pos_unit: Literal["ang", "px"] = "ang"
+    scan_shape: Optional[tuple[int, int]] = Field(
+        None, description="(scan_y, scan_x) of a flat stack of patterns (needed for EMPAD .raw)")
+    detector_shape: Optional[tuple[int, int]] = Field(
+        None, description="expected (ky, kx) of the raw patterns; a file that differs is refused")
+
+
+class PreprocessParams(_Strict):
+    """How raw patterns become what the model uses (applied in this order)."""
+
+    bad_pixels: list[tuple[int, int]] = Field(
+        default_factory=list, description="(ky, kx) raw-detector pixels replaced by their neighbours' mean")
+    transpose: bool = Field(False, description="swap the detector axes (ky, kx) -> (kx, ky)")
+    flip_y: bool = Field(False, description="flip the detector's first axis (after transpose)")
+    flip_x: bool = Field(False, description="flip the detector's second axis (after transpose)")
+    scan_crop: Optional[tuple[int, int, int, int]] = Field(
+        None, description="keep scan rows y0:y1 and columns x0:x1 (scan indices) of a scan grid")
+    scan_step: int = Field(1, ge=1, description="keep every n-th scan row and column")
+    background: float = Field(0.0, description="counts subtracted from every pixel")
+    clip_negative: bool = Field(True, description="set negative counts to 0")
+    bin: int = Field(1, ge=1, description="sum bin x bin detector pixels (dk grows by bin)")
+    target_size_px: Optional[int] = Field(
+        None, ge=8, description="centre-crop or zero-pad the (binned) patterns to this size")
+    center_bf_disk: bool = Field(False, description="shift all patterns so the mean bright-field disk is centred")
+    dk_from_bf_disk: bool = Field(
+        False, description="measure dk from the bright-field disk radius and conv_angle_mrad")
+    normalize: Literal["none", "mean_sum"] = Field(
+        "none", description="mean_sum: scale so the mean pattern sums to 1 (the probe follows)")
 
 
 # --------------------------------------------------------------------------- experiment
@@ -45,6 +76,8 @@ class ScanGrid(_Strict):
     shape: tuple[int, int] = Field(description="(scan_y, scan_x) number of positions")
     step_ang: float = Field(gt=0, description="scan step (Å)")
     rotation_deg: float = Field(0.0, description="scan rotation relative to the detector (deg)")
+    affine: Optional[tuple[tuple[float, float], tuple[float, float]]] = Field(
+        None, description="2x2 matrix applied to the (y, x) positions after rotation (shear, scale)")
 
 
 _ABERRATION_KEY = re.compile(r"^(C|phi)(\d)(\d)$")
@@ -55,8 +88,8 @@ class ExperimentParams(_Strict):
 
     energy_kev: float = Field(gt=0, description="beam energy (keV)")
     conv_angle_mrad: float = Field(gt=0, description="probe semi-convergence angle (mrad)")
-    dx_ang: Optional[float] = Field(None, gt=0, description="real-space (object) pixel size (Å)")
-    dk_mrad: Optional[float] = Field(None, gt=0, description="detector pixel size (mrad)")
+    dx_ang: Optional[float] = Field(None, gt=0, description="object pixel size (Å) of the preprocessed patterns")
+    dk_mrad: Optional[float] = Field(None, gt=0, description="raw detector pixel size (mrad), before binning")
     defocus_ang: float = Field(
         0.0, description="defocus (Å); positive = focus that far below the entrance surface (C10 = -defocus)"
     )
@@ -81,8 +114,6 @@ class ExperimentParams(_Strict):
     def _one_calibration(self) -> "ExperimentParams":
         if self.dx_ang is not None and self.dk_mrad is not None:
             raise ValueError("give either dx_ang or dk_mrad, not both")
-        if self.dx_ang is None and self.dk_mrad is None:
-            raise ValueError("one of dx_ang (Å) or dk_mrad (mrad) is required")
         return self
 
 
@@ -268,11 +299,23 @@ class ReconParams(_Strict):
 class PtyflowConfig(_Strict):
     data: DataParams
     experiment: ExperimentParams
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     init: InitParams = Field(default_factory=InitParams)
     model_params: ModelParams = Field(default_factory=ModelParams)
     loss_params: LossParams = Field(default_factory=LossParams)
     constraint_params: ConstraintParams = Field(default_factory=ConstraintParams)
     recon_params: ReconParams = Field(default_factory=ReconParams)
+
+    @model_validator(mode="after")
+    def _one_calibration(self) -> "PtyflowConfig":
+        sources = [self.experiment.dx_ang is not None, self.experiment.dk_mrad is not None,
+                   self.preprocess.dk_from_bf_disk]
+        if sum(sources) != 1:
+            raise ValueError(
+                "calibration: give exactly one of experiment.dx_ang, experiment.dk_mrad or "
+                "preprocess.dk_from_bf_disk: true"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -351,6 +394,7 @@ def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:
 
     config = config.model_copy(deep=True)
     config.data.path = absolute(config.data.path)
+    config.data.pos_path = absolute(config.data.pos_path)
     config.init.model_path = absolute(config.init.model_path)
     config.init.probe.path = absolute(config.init.probe.path)
     config.model_params.optimizer_params.load_state = absolute(config.model_params.optimizer_params.load_state)

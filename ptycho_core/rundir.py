@@ -169,6 +169,7 @@ class PrepareOutcome:
     dx_ang: float
     dk_mrad: float
     input_hash: str
+    notes: dict = field(default_factory=dict)
 
 
 def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
@@ -197,11 +198,12 @@ def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
             )
         prep, skipped = existing, True
     else:
-        prep, skipped = preprocess(config), False
+        prep, skipped = preprocess(config, known_hash=wanted_hash), False
         write_preprocessed(paths.preprocessed, prep)
     # config.yaml is (re)written so iterations and other free settings reflect the latest run
     _write_text_atomic(paths.config, config.to_yaml())
-    return PrepareOutcome(skipped, prep.measurements.shape[0], prep.window, prep.dx_ang, prep.dk_mrad, prep.input_hash)
+    return PrepareOutcome(skipped, prep.measurements.shape[0], prep.window, prep.dx_ang, prep.dk_mrad,
+                          prep.input_hash, prep.notes)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

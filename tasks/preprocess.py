@@ -15,7 +15,10 @@ def preprocess_data(config: dict, run_dir: str) -> dict:
     logger = get_run_logger()
     verb = "reused" if outcome.skipped else "wrote"
     logger.info(
-        "%s preprocessed.h5: %d patterns of %dx%d, dx %.4f Å, dk %.4f mrad",
+        "%s preprocessed.h5: %d patterns of %dx%d, dx %.4f Å, dk %.4f mrad, bright-field disk radius %.1f px",
         verb, outcome.n_patterns, *outcome.window, outcome.dx_ang, outcome.dk_mrad,
+        outcome.notes.get("bf_disk_radius_px", float("nan")),
     )
+    if "dk_mrad_measured" in outcome.notes:
+        logger.info("dk measured from the bright-field disk: %.4f mrad/px", outcome.notes["dk_mrad_measured"])
     return asdict(outcome)

@@ -1,11 +1,19 @@
 """Data readers: measured patterns and scan positions from the files microscopists have.
 
-Every problem is a ``DataError`` whose message names the file, the key and what was expected.
+One interface for every format: ``open_patterns(data)`` returns a ``PatternSource`` that knows
+the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of patterns on demand, so
+a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
+(memory-mapped), MATLAB .mat (v5 through scipy, v7.3 through h5py), TIFF stacks (tifffile),
+zarr arrays, and EMPAD .raw. Every problem is a ``DataError`` whose message names the file, the
+key and what was expected.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import h5py
 import numpy as np
@@ -15,19 +23,90 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file/key and what was expected."""
 
 
+EXTENSIONS = {
+    ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".nxs": "hdf5", ".emd": "hdf5", ".cxi": "cxi",
+    ".npy": "npy", ".mat": "mat", ".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr", ".raw": "empad",
+}
+CXI_DATA = "/entry_1/data_1/data"
+CXI_TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
+EMPAD_FRAME = (130, 128)  # rows, columns of one EMPAD frame; the last two rows are metadata
+EMPAD_DETECTOR = (128, 128)
+_MAX_ELEMENTS = 1 << 36  # refuse absurd declared sizes before allocating anything
+
+
 def check_data_path(data) -> None:
     """Fail early, before a run directory is touched, when the data file is missing."""
-    if not Path(data.path).is_file():
+    if not Path(data.path).exists():
         raise DataError(f"{data.path}: data file not found (data.path)")
 
 
+def data_format(data) -> str:
+    if data.format != "auto":
+        return data.format
+    suffix = Path(data.path).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise DataError(
+            f"{data.path}: cannot tell the format from the extension '{suffix}'; set data.format "
+            f"(one of {', '.join(sorted(set(EXTENSIONS.values())))})"
+        )
+    return EXTENSIONS[suffix]
+
+
+@dataclass
+class PatternSource:
+    """Patterns in a file, read in blocks. ``array`` is any sliceable array-like (h5py dataset,
+    memmap, zarr array, ndarray) of shape (N, ky, kx) or (scan_y, scan_x, ky, kx)."""
+
+    path: Path
+    key: str
+    array: Any
+    close: Callable[[], None] = lambda: None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def scan_shape(self) -> Optional[tuple[int, int]]:
+        return self.shape[:2] if len(self.shape) == 4 else None
+
+    @property
+    def n_patterns(self) -> int:
+        return int(np.prod(self.shape[:-2]))
+
+    @property
+    def detector_shape(self) -> tuple[int, int]:
+        return self.shape[-2:]
+
+    def read(self, flat_indices: np.ndarray) -> np.ndarray:
+        """Patterns (len(flat_indices), ky, kx) as float32; indices sorted ascending."""
+        idx = np.asarray(flat_indices)
+        if len(self.shape) == 3:
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            block = np.asarray(self.array[lo:hi])  # one contiguous read, then pick
+            return block[idx - lo].astype(np.float32, copy=False)
+        nx = self.shape[1]
+        rows = idx // nx
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        block = np.asarray(self.array[lo:hi])  # whole scan rows
+        return block.reshape(-1, *self.detector_shape)[idx - lo * nx].astype(np.float32, copy=False)
+
+
+def _check_layout(path: Path, key: str, shape: tuple[int, ...]) -> None:
+    if len(shape) not in (3, 4):
+        raise DataError(f"{path}:{key}: has shape {tuple(shape)}; expected (N, ky, kx) or (scan_y, scan_x, ky, kx)")
+    if int(np.prod(shape, dtype=np.float64)) > _MAX_ELEMENTS:
+        raise DataError(f"{path}:{key}: declared shape {tuple(shape)} is implausibly large; refusing to read it")
+
+
+# --------------------------------------------------------------------------- HDF5 family
 def _open_hdf5(path: Path) -> h5py.File:
     if not path.is_file():
         raise DataError(f"{path}: data file not found (data.path)")
     try:
         return h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+    except OSError:
+        raise DataError(f"{path}: not an HDF5 file (its content does not match the extension)") from None
 
 
 def _datasets(f: h5py.File) -> list[str]:
@@ -42,36 +121,192 @@ def _dataset(f: h5py.File, path: Path, key: str) -> h5py.Dataset:
     return f[key]
 
 
-def read_patterns(data) -> np.ndarray:
-    """Patterns as (N, ky, kx) float32 from data.path at data.meas_key (3D, or 4D scan_y, scan_x, ky, kx)."""
-    path = Path(data.path)
-    with _open_hdf5(path) as f:
-        ds = _dataset(f, path, data.meas_key)
-        if ds.ndim not in (3, 4):
-            raise DataError(
-                f"{path}:{data.meas_key}: has shape {ds.shape}; expected (N, ky, kx) or (scan_y, scan_x, ky, kx)"
-            )
-        meas = np.asarray(ds[()], dtype=np.float32)
-    meas = meas.reshape(-1, *meas.shape[-2:])
-    if not np.isfinite(meas).all():
-        bad = int(np.flatnonzero(~np.isfinite(meas).reshape(len(meas), -1).all(axis=1))[0])
-        raise DataError(f"{path}:{data.meas_key}: pattern {bad} contains NaN or Inf values")
-    return meas
+def _hdf5_source(path: Path, key: str) -> PatternSource:
+    f = _open_hdf5(path)
+    try:
+        ds = _dataset(f, path, key)
+        _check_layout(path, key, ds.shape)
+    except DataError:
+        f.close()
+        raise
+    return PatternSource(path, key, ds, f.close)
 
 
-def read_positions(data, n_patterns: int) -> np.ndarray:
-    """Positions (N, 2) as (y, x) from data.path at data.pos_key, in data.pos_unit."""
-    path = Path(data.path)
+def _only_pattern_dataset(path: Path) -> str:
+    """With no data.meas_key: the file's one 3D/4D dataset, or an error listing the candidates."""
     with _open_hdf5(path) as f:
-        ds = _dataset(f, path, data.pos_key)
-        positions = np.asarray(ds[()], dtype=np.float64)
-    positions = positions.reshape(-1, positions.shape[-1]) if positions.ndim > 2 else positions
-    if positions.ndim != 2 or positions.shape[1] != 2:
-        raise DataError(f"{path}:{data.pos_key}: has shape {positions.shape}; expected (N, 2) as (y, x)")
-    if len(positions) != n_patterns:
+        candidates = [n for n in _datasets(f) if f[n].ndim in (3, 4)]
+    if len(candidates) != 1:
         raise DataError(
-            f"{path}:{data.pos_key}: holds {len(positions)} positions but {data.meas_key} holds {n_patterns} patterns"
+            f"{path}: set data.meas_key to the dataset of patterns; 3D/4D datasets in the file: "
+            f"{', '.join(candidates) or 'none'}"
         )
+    return candidates[0]
+
+
+def _mat_v5(path: Path) -> dict:
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{path}: reading MATLAB v5 files needs scipy (pip install scipy)") from None
+    try:
+        return loadmat(path)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable MATLAB file ({exc})") from None
+
+
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(512 + 8)
+    return b"\x89HDF\r\n\x1a\n" in head
+
+
+def _matlab_key(key: str) -> str:
+    return key.lstrip("/")
+
+
+def open_patterns(data) -> PatternSource:
+    """The configured patterns as a PatternSource (call ``.close()`` when done)."""
+    path = Path(data.path)
+    fmt = data_format(data)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found (data.path)")
+    key = data.meas_key
+    if fmt == "hdf5":
+        return _hdf5_source(path, key or _only_pattern_dataset(path))
+    if fmt == "cxi":
+        return _hdf5_source(path, key or CXI_DATA)
+    if fmt == "npy":
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise DataError(f"{path}: not a .npy file (no NumPy header; its content does not match the extension)")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from None
+        except OSError as exc:
+            raise DataError(f"{path}: not a .npy file ({exc})") from None
+        _check_layout(path, "(array)", array.shape)
+        return PatternSource(path, "(array)", array)
+    if fmt == "mat":
+        if _is_hdf5(path):  # v7.3 files are HDF5; MATLAB writes arrays with reversed axes
+            source = _hdf5_source(path, "/" + _matlab_key(key or "meas"))
+            array = np.asarray(source.array[()]).transpose()
+            source.close()
+            return PatternSource(path, source.key, array)
+        variables = {k: v for k, v in _mat_v5(path).items() if not k.startswith("__")}
+        name = _matlab_key(key or "meas")
+        if name not in variables:
+            raise DataError(f"{path}: no variable '{name}'; variables in the file: {', '.join(variables) or 'none'}")
+        array = np.asarray(variables[name])
+        _check_layout(path, name, array.shape)
+        return PatternSource(path, name, array)
+    if fmt == "tiff":
+        try:
+            import tifffile
+        except ImportError:
+            raise DataError(f"{path}: reading TIFF needs tifffile (pip install tifffile)") from None
+        try:
+            array = tifffile.memmap(path, mode="r") if _tiff_memmappable(path) else tifffile.imread(path)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None
+        _check_layout(path, "(stack)", array.shape)
+        return PatternSource(path, "(stack)", array)
+    if fmt == "zarr":
+        import zarr
+
+        try:
+            node = zarr.open(str(path), mode="r")
+        except Exception as exc:
+            raise DataError(f"{path}: not a zarr store ({exc})") from None
+        if isinstance(node, zarr.Group):
+            inner = (key or "meas").strip("/")
+            if inner not in node:
+                names = sorted(name for name, _ in node.arrays())
+                raise DataError(f"{path}: no array '{inner}'; arrays in the store: {', '.join(names) or 'none'}")
+            node = node[inner]
+        _check_layout(path, key or "(array)", node.shape)
+        return PatternSource(path, key or "(array)", node)
+    if fmt == "empad":
+        return _empad_source(path, data)
+    raise DataError(f"data.format: unknown format '{fmt}'")
+
+
+def _tiff_memmappable(path: Path) -> bool:
+    import tifffile
+
+    with contextlib.suppress(Exception), tifffile.TiffFile(path) as tif:
+        return tif.series[0].dataoffset is not None and not tif.pages[0].compression > 1
+    return False
+
+
+def _empad_source(path: Path, data) -> PatternSource:
+    frame_bytes = EMPAD_FRAME[0] * EMPAD_FRAME[1] * 4
+    size = path.stat().st_size
+    if size % frame_bytes:
+        raise DataError(
+            f"{path}: {size} bytes is not a whole number of EMPAD frames ({EMPAD_FRAME[1]}x{EMPAD_FRAME[0]} "
+            "float32, the last 2 rows metadata)"
+        )
+    n = size // frame_bytes
+    scan = data.scan_shape
+    if scan is None:
+        raise DataError(f"{path}: EMPAD .raw files carry no scan shape; set data.scan_shape [scan_y, scan_x]")
+    if scan[0] * scan[1] != n:
+        raise DataError(f"{path}: holds {n} EMPAD frames but data.scan_shape {list(scan)} needs {scan[0] * scan[1]}")
+    frames = np.memmap(path, dtype="<f4", mode="r", shape=(scan[0], scan[1], *EMPAD_FRAME))
+    return PatternSource(path, "(raw)", frames[:, :, : EMPAD_DETECTOR[0], :])
+
+
+# --------------------------------------------------------------------------- positions
+def read_positions(data, n_patterns: int) -> np.ndarray:
+    """Positions (N, 2) as (y, x) in data.pos_unit from data.pos_path (or the data file) at
+    data.pos_key; for CXI files without pos_key, the sample translations (metres) in Å."""
+    fmt = data_format(data)
+    path = Path(data.pos_path or data.path)
+    key = data.pos_key
+    if fmt == "cxi" and key is None and data.pos_path is None:
+        with _open_hdf5(path) as f:
+            translation = np.asarray(_dataset(f, path, CXI_TRANSLATION)[()], dtype=np.float64)
+        if translation.ndim != 2 or translation.shape[1] < 2:
+            raise DataError(f"{path}:{CXI_TRANSLATION}: has shape {translation.shape}; expected (N, 3) in metres")
+        positions = translation[:, [1, 0]] * 1e10  # CXI stores (x, y, z) in metres
+        key = CXI_TRANSLATION
+    else:
+        positions = _read_array(path, key)
+    if positions.ndim == 3 and positions.shape[-1] == 2:
+        positions = positions.reshape(-1, 2)
+    if positions.ndim != 2 or positions.shape[1] != 2:
+        raise DataError(f"{path}:{key}: has shape {positions.shape}; expected (N, 2) as (y, x)")
+    if len(positions) != n_patterns:
+        raise DataError(f"{path}:{key}: holds {len(positions)} positions but the data hold {n_patterns} patterns")
     if not np.isfinite(positions).all():
-        raise DataError(f"{path}:{data.pos_key}: contains NaN or Inf values")
+        raise DataError(f"{path}:{key}: contains NaN or Inf values")
     return positions
+
+
+def _read_array(path: Path, key: Optional[str]) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise DataError(f"{path}: positions file not found (data.pos_path)")
+    if suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float64)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from None
+    if suffix in (".txt", ".csv", ".dat"):
+        try:
+            return np.loadtxt(path, delimiter="," if suffix == ".csv" else None, dtype=np.float64)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a table of numbers ({exc})") from None
+    if suffix == ".mat" and not _is_hdf5(path):
+        variables = _mat_v5(path)
+        name = _matlab_key(key or "positions")
+        if name not in variables:
+            raise DataError(f"{path}: no variable '{name}' for the positions")
+        return np.asarray(variables[name], dtype=np.float64)
+    if key is None:
+        raise DataError(f"{path}: set data.pos_key to the dataset holding the positions")
+    with _open_hdf5(path) as f:
+        array = np.asarray(_dataset(f, path, key)[()], dtype=np.float64)
+    return array.T if suffix == ".mat" else array

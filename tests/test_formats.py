@@ -1,0 +1,244 @@
+"""Data in: every reader gives the same preprocessed arrays; preprocessing steps; bad input."""
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from ptycho_core.config import config_from_dict
+from ptycho_core.io.preprocess import bf_disk, preprocess
+from ptycho_core.io.readers import DataError
+from ptycho_core.physics import wavelength_ang
+from ptycho_core.rundir import prepare
+
+SCAN = (4, 5)
+DET = 32
+STEP = 0.8
+
+
+def synthetic(seed=0):
+    """(scan_y, scan_x, 32, 32) counts with a bright-field disk, and (N, 2) positions in Å."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:DET, :DET] - DET // 2
+    disk = (yy**2 + xx**2 <= 8**2) * 100.0
+    patterns = rng.poisson(disk + 1.0, size=(*SCAN, DET, DET)).astype(np.float32)
+    iy, ix = np.meshgrid(np.arange(SCAN[0]), np.arange(SCAN[1]), indexing="ij")
+    positions = np.stack([iy.ravel(), ix.ravel()], 1) * STEP
+    return patterns, positions
+
+
+def base_config(path, **data):
+    raw = {
+        "data": {"path": str(path), **data},
+        "experiment": {"energy_kev": 300, "conv_angle_mrad": 20, "dx_ang": 0.3},
+    }
+    return raw
+
+
+def cfg(raw, **dotted):
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    for key, value in dotted.items():
+        node = raw
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(raw)
+
+
+def write_all_formats(tmp_path, patterns, positions):
+    """The same data in every supported layout: {name: (raw config)}."""
+    import scipy.io
+    import tifffile
+    import zarr
+
+    flat = patterns.reshape(-1, DET, DET)
+    configs = {}
+    with h5py.File(tmp_path / "d4.h5", "w") as f:
+        f["entry/patterns"] = patterns
+        f["entry/pos"] = positions
+    configs["hdf5_4d"] = base_config(tmp_path / "d4.h5", meas_key="/entry/patterns", pos_key="/entry/pos")
+    with h5py.File(tmp_path / "d3.h5", "w") as f:
+        f["meas"] = flat
+        f["pos"] = positions
+    configs["hdf5_3d"] = base_config(tmp_path / "d3.h5", pos_key="/pos")  # meas found as the only 3D dataset
+    with h5py.File(tmp_path / "d.cxi", "w") as f:  # CXI 1.6: data and translations (x, y, z) in metres
+        f.attrs["cxi_version"] = 160
+        f["entry_1/data_1/data"] = flat
+        translation = np.zeros((len(positions), 3))
+        translation[:, 0], translation[:, 1] = positions[:, 1] * 1e-10, positions[:, 0] * 1e-10
+        f["entry_1/sample_1/geometry_1/translation"] = translation
+    configs["cxi"] = base_config(tmp_path / "d.cxi")
+    np.save(tmp_path / "d.npy", patterns)
+    np.save(tmp_path / "pos.npy", positions)
+    configs["npy"] = base_config(tmp_path / "d.npy", pos_path=str(tmp_path / "pos.npy"), pos_key="pos")
+    scipy.io.savemat(tmp_path / "d5.mat", {"dp": patterns, "pos": positions})
+    configs["mat_v5"] = base_config(tmp_path / "d5.mat", meas_key="dp", pos_key="pos")
+    with h5py.File(tmp_path / "d73.mat", "w", userblock_size=512) as f:  # MATLAB 7.3: HDF5, axes reversed
+        f["dp"] = patterns.transpose()
+        f["pos"] = positions.transpose()
+    with open(tmp_path / "d73.mat", "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file, written by a test")
+    configs["mat_v73"] = base_config(tmp_path / "d73.mat", meas_key="dp", pos_key="/pos")
+    tifffile.imwrite(tmp_path / "d.tif", flat)
+    np.savetxt(tmp_path / "pos.txt", positions)
+    configs["tiff"] = base_config(tmp_path / "d.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos",
+                                  scan_shape=list(SCAN))
+    zarr.save_array(str(tmp_path / "d.zarr"), patterns, zarr_format=3)
+    configs["zarr"] = base_config(tmp_path / "d.zarr", pos_path=str(tmp_path / "pos.npy"), pos_key="pos")
+    # EMPAD: float32 frames of 130 rows x 128 columns, the last two rows metadata; scan shape from config
+    empad = np.zeros((len(flat), 130, 128), dtype="<f4")
+    empad[:, 48:80, 48:80] = flat  # centred on the 128x128 detector; cropped back to 32x32
+    empad[:, 128:, :] = 7.0e9  # metadata that must not leak into the patterns
+    empad.tofile(tmp_path / "d.raw")
+    configs["empad"] = base_config(tmp_path / "d.raw", pos_path=str(tmp_path / "pos.npy"), pos_key="pos",
+                                   scan_shape=list(SCAN))
+    return configs
+
+
+def test_every_format_gives_identical_preprocessed_arrays(tmp_path):
+    patterns, positions = synthetic()
+    configs = write_all_formats(tmp_path, patterns, positions)
+    results = {}
+    for name, raw in configs.items():
+        overrides = {"preprocess.target_size_px": DET} if name == "empad" else {}
+        results[name] = preprocess(cfg(raw, **overrides))
+    ref = results["hdf5_4d"]
+    assert np.array_equal(ref.measurements, patterns.reshape(-1, DET, DET))
+    for name, prep in results.items():
+        assert np.array_equal(prep.measurements, ref.measurements), name
+        assert np.allclose(prep.positions_ang, ref.positions_ang, atol=1e-9), name
+        assert np.array_equal(prep.geometry.crop_pos, ref.geometry.crop_pos), name
+
+
+def test_preprocessing_steps(tmp_path):
+    patterns, positions = synthetic(1)
+    raw = write_all_formats(tmp_path, patterns, positions)["hdf5_4d"]
+    base = preprocess(cfg(raw)).measurements
+
+    binned = preprocess(cfg(raw, **{"preprocess.bin": 2})).measurements
+    assert binned.shape == (20, 16, 16) and np.allclose(binned, base.reshape(20, 16, 2, 16, 2).sum((2, 4)))
+
+    oriented = preprocess(cfg(raw, **{"preprocess.transpose": True, "preprocess.flip_x": True})).measurements
+    assert np.array_equal(oriented, base.transpose(0, 2, 1)[:, :, ::-1])
+
+    cropped = preprocess(cfg(raw, **{"preprocess.target_size_px": 24})).measurements
+    assert np.array_equal(cropped, base[:, 4:28, 4:28])
+    padded = preprocess(cfg(raw, **{"preprocess.target_size_px": 40, "experiment.dx_ang": 0.3})).measurements
+    assert np.array_equal(padded[:, 4:36, 4:36], base) and padded.sum() == base.sum()
+
+    sub = preprocess(cfg(raw, **{"preprocess.scan_crop": [1, 4, 0, 5], "preprocess.scan_step": 2}))
+    keep = [5, 7, 9, 15, 17, 19]  # rows 1 and 3, columns 0, 2, 4
+    assert np.array_equal(sub.measurements, base[keep])
+    assert np.allclose(sub.positions_ang, positions[keep])
+
+    fixed = preprocess(cfg(raw, **{"preprocess.bad_pixels": [[16, 16]], "preprocess.background": 1.0}))
+    neighbours = [base[:, 16 + dy, 16 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    expected = np.maximum(np.mean(neighbours, axis=0) - 1.0, 0)
+    assert np.allclose(fixed.measurements[:, 16, 16], expected, rtol=1e-6)
+    assert fixed.measurements.min() >= 0 and np.allclose(fixed.measurements[:, 0, 0], np.maximum(base[:, 0, 0] - 1, 0))
+
+    norm = preprocess(cfg(raw, **{"preprocess.normalize": "mean_sum"})).measurements
+    assert math.isclose(norm.sum((1, 2)).mean(), 1.0, rel_tol=1e-5)
+
+
+def test_centring_and_dk_from_the_bright_field_disk(tmp_path):
+    patterns, positions = synthetic(2)
+    shifted = np.roll(patterns, (3, -2), axis=(2, 3))
+    with h5py.File(tmp_path / "off.h5", "w") as f:
+        f["meas"] = shifted
+        f["pos"] = positions
+    raw = base_config(tmp_path / "off.h5", pos_key="/pos")
+    raw["experiment"].pop("dx_ang")
+    prep = preprocess(cfg(raw, **{"preprocess.center_bf_disk": True, "preprocess.dk_from_bf_disk": True}))
+    assert prep.notes["bf_disk_shift_px"] == [-3, 2]
+    radius, centre = bf_disk(prep.measurements.mean(0))
+    assert np.allclose(centre, [16, 16], atol=0.1)
+    # the disk has a radius of 8 px and the config says 20 mrad: 2.5 mrad per pixel
+    assert abs(prep.dk_mrad - 2.5) / 2.5 < 0.03 and prep.notes["dk_mrad_measured"] == prep.dk_mrad
+    assert math.isclose(prep.dx_ang, wavelength_ang(300) / (DET * prep.dk_mrad * 1e-3))
+
+
+# --------------------------------------------------------------------------- bad input
+def bad_inputs(tmp_path):
+    patterns, positions = synthetic(3)
+    configs = write_all_formats(tmp_path, patterns, positions)
+    good = configs["hdf5_4d"]
+    nan = patterns.copy()
+    nan[1, 2, 5, 5] = np.nan
+    with h5py.File(tmp_path / "nan.h5", "w") as f:
+        f["meas"] = nan
+        f["pos"] = positions
+        f["flat"] = patterns[0, 0]
+    (tmp_path / "fake.h5").write_text("this is a text file, not HDF5\n")
+    (tmp_path / "fake.npy").write_text("not numpy either\n")
+    return [
+        ("missing file", cfg(good, **{"data.path": str(tmp_path / "absent.h5")}), "absent.h5: data file not found"),
+        ("key not found", cfg(good, **{"data.meas_key": "/nope"}),
+         "no dataset '/nope'; datasets in the file: /entry/patterns, /entry/pos"),
+        ("wrong ndim", cfg(good, **{"data.path": str(tmp_path / "nan.h5"), "data.meas_key": "/flat", "data.pos_key": "/pos"}),
+         "nan.h5:/flat: has shape (32, 32); expected (N, ky, kx) or (scan_y, scan_x, ky, kx)"),
+        ("NaN", cfg(good, **{"data.path": str(tmp_path / "nan.h5"), "data.meas_key": "/meas", "data.pos_key": "/pos"}),
+         "nan.h5:/meas: pattern 7 contains NaN or Inf values"),
+        ("positions count", cfg(configs["npy"], **{"preprocess.scan_step": 1, "data.pos_path": str(tmp_path / "short.npy")}),
+         "short.npy:pos: holds 19 positions but the data hold 20 patterns"),
+        ("detector size", cfg(good, **{"data.detector_shape": [64, 64]}),
+         "patterns are 32x32 but data.detector_shape is [64, 64]"),
+        ("disk outside", cfg(good, **{"experiment.dx_ang": 3.0}),
+         "experiment.conv_angle_mrad 20.0 mrad at 0.2051 mrad/px puts the bright-field disk radius at 97.5 px, "
+         "outside the 32x32 patterns"),
+        ("not HDF5", cfg(good, **{"data.path": str(tmp_path / "fake.h5")}), "fake.h5: not an HDF5 file"),
+        ("not npy", cfg(configs["npy"], **{"data.path": str(tmp_path / "fake.npy")}), "fake.npy: not a .npy file"),
+        ("unknown extension", cfg(good, **{"data.path": str(tmp_path / "pos.txt")}),
+         "cannot tell the format from the extension '.txt'; set data.format"),
+    ], positions
+
+
+def test_bad_input_is_one_clear_message_and_touches_nothing(tmp_path):
+    cases, positions = bad_inputs(tmp_path)
+    np.save(tmp_path / "short.npy", positions[:-1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("kept")
+    for label, config, message in cases:
+        with pytest.raises(DataError) as info:
+            prepare(config, run_dir)
+        assert message in str(info.value), (label, str(info.value))
+        assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"], label
+
+
+def test_bad_data_through_the_cli_is_one_line(tmp_path, run_cli):
+    patterns, positions = synthetic(4)
+    patterns[0, 0, 0, 0] = np.inf
+    with h5py.File(tmp_path / "inf.h5", "w") as f:
+        f["meas"] = patterns
+        f["pos"] = positions
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base_config(tmp_path / "inf.h5", pos_key="/pos")))
+    result = run_cli("run", tmp_path / "c.yaml", "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'inf.h5'}:/meas: pattern 0 contains NaN or Inf values"
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_peak_memory_stays_near_the_preprocessed_array(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    scan, det = (24, 24), 128
+    yy, xx = np.mgrid[:det, :det] - det // 2
+    disk = ((yy**2 + xx**2) <= 30**2).astype(np.float32) * 50
+    with h5py.File(tmp_path / "big.h5", "w") as f:
+        ds = f.create_dataset("meas", shape=(*scan, det, det), dtype=np.float32, chunks=(1, scan[1], det, det))
+        for row in range(scan[0]):
+            ds[row] = disk + rng.random((scan[1], det, det), dtype=np.float32)
+    raw = base_config(tmp_path / "big.h5")
+    raw["experiment"]["scan"] = {"shape": list(scan), "step_ang": 0.5}
+    config = cfg(raw, **{"preprocess.background": 0.5, "preprocess.center_bf_disk": True})
+    tracemalloc.start()
+    prep = preprocess(config)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert prep.measurements.nbytes == 24 * 24 * det * det * 4
+    assert peak < 1.5 * prep.measurements.nbytes, peak / prep.measurements.nbytes

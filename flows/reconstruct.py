@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Union
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from ptycho_core.config import PtyflowConfig, config_from_dict, load_config
 from ptycho_core.io.readers import check_data_path
@@ -49,4 +54,10 @@ def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
         summary = export_results(run_dir)
     table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
     create_table_artifact(table, description=f"summary of {run_dir}")
+    links = "\n".join(f"- [{Path(p).name}](file://{p})" for p in summary["figures"])
+    create_markdown_artifact(
+        f"## Reconstruction of {run_dir}\n\nIteration {summary['iteration']}, final loss "
+        f"{summary['final_loss']:.5g}.\n\n- result: [{summary['result']}](file://{summary['result']})\n{links}\n",
+        description=f"results of {run_dir}",
+    )
     return summary

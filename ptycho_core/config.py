@@ -293,6 +293,7 @@ class ReconParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
+    segment_figures: bool = Field(True, description="rewrite figures/*.png after every segment, to watch a running job")
 
 
 # --------------------------------------------------------------------------- root
@@ -340,7 +341,7 @@ class PtyflowConfig(_Strict):
         return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
 
 
-_FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads")}
+_FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures")}
 
 
 def _format_errors(error: ValidationError) -> str:

@@ -284,6 +284,10 @@ def run_segment(
         warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
     path = rec.save(target)
     link_newest(paths, path)
+    if config.recon_params.segment_figures and not stopped:
+        from .io.figures import write_figures
+
+        write_figures(paths.figures, read_checkpoint(path), prep.geometry.positions_px)
     if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
         raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
     n_done = max(1, rec.state.iteration - first)
@@ -350,7 +354,7 @@ def export_run(run_dir: str | Path, figures: bool = True) -> dict:
                "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0}
     write_result(paths.result, ckpt, prep.positions_ang, prep.geometry.positions_px, prep.energy_kev,
                  config.to_dict(), software_versions(), timings)
-    figure_paths = write_figures(paths.figures, ckpt) if figures else []
+    figure_paths = write_figures(paths.figures, ckpt, prep.geometry.positions_px) if figures else []
     summary = {
         "run_dir": str(paths.root),
         "iteration": ckpt.iteration,

@@ -1,7 +1,7 @@
 """PNG figures of a checkpoint: object phase, probe modes, loss curve, positions.
 
-The object phase is shown with colour limits taken inside the scanned field (dashed box), since
-the margin that only the probe tails reach is noise.
+The object phase is shown over the scanned field: the margin that only the probe tails reach is
+noise and would set the colour scale.
 """
 
 from __future__ import annotations
@@ -32,14 +32,11 @@ def _scale_bar(ax, dx_ang: float, width_px: int) -> None:
     ax.text(0.05 * width_px + px / 2, 0.89 * ny, f"{length:g} Å", color="white", ha="center", va="bottom", fontsize=9)
 
 
-def _rectangle(lo, hi):
-    from matplotlib.patches import Rectangle
+def write_figures(folder: str | Path, ckpt: Checkpoint, initial_positions_px: np.ndarray | None = None) -> list[Path]:
+    """Write object_phase.png, probe_modes.png, loss.png and positions.png; returns their paths.
 
-    return Rectangle((lo[1] - 0.5, lo[0] - 0.5), hi[1] - lo[1], hi[0] - lo[0], fill=False, ec="C1", lw=0.8, ls="--")
-
-
-def write_figures(folder: str | Path, ckpt: Checkpoint) -> list[Path]:
-    """Write object_phase.png, probe_modes.png, loss.png and positions.png; returns their paths."""
+    initial_positions_px (N, 2): probe centres on the canvas before refinement, to draw the
+    position corrections (magnified); without it none are drawn."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,22 +46,21 @@ def write_figures(folder: str | Path, ckpt: Checkpoint) -> list[Path]:
     phase = t["objp"][0]
     window = np.array(t["probe"].shape[-2:])
     centres = ckpt.crop_pos.numpy() + window // 2
-    lo, hi = centres.min(axis=0), centres.max(axis=0) + 1
-    scanned = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    # show the scanned field (plus a small margin): the rest is lit only by the probe tails
+    lo = np.maximum(centres.min(axis=0) - 4, 0)
+    hi = np.minimum(centres.max(axis=0) + 5, phase.shape[-2:])
+    phase = phase[:, lo[0]:hi[0], lo[1]:hi[1]]
     panels = [("sum over slices", phase.sum(0))] + ([(f"slice {z}", phase[z]) for z in range(len(phase))] if len(phase) > 1 else [])
     panels = panels[:9]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, (title, image) in zip(axes[0], panels):
-        # colour limits from the scanned field: the barely lit margin is noise
-        inside = image[scanned[1:]]
-        vmin, vmax = np.percentile(inside, [0.5, 99.5]) if inside.size else (None, None)
+        vmin, vmax = np.percentile(image, [0.5, 99.5])
         im = ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax)
-        ax.add_patch(_rectangle(lo, hi))
         ax.set_title(f"object phase, {title}")
         ax.set_axis_off()
         _scale_bar(ax, ckpt.dx_ang, image.shape[1])
-        fig.colorbar(im, ax=ax, fraction=0.046, label="rad")
-    fig.suptitle(f"iteration {ckpt.iteration}")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("phase (rad)")
+    fig.suptitle(f"iteration {ckpt.iteration}, scanned field")
     written.append(_save(fig, folder / "object_phase.png", plt))
 
     probe = t["probe"]
@@ -96,10 +92,16 @@ def write_figures(folder: str | Path, ckpt: Checkpoint) -> list[Path]:
     written.append(_save(fig, folder / "loss.png", plt))
 
     refined = ckpt.crop_pos.numpy() + t["probe_pos_shifts"] + window // 2
-    initial = ckpt.crop_pos.numpy() + window // 2
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=6, c="0.6", label="initial grid px")
-    ax.scatter(refined[:, 1] * ckpt.dx_ang, refined[:, 0] * ckpt.dx_ang, s=6, c="C3", label="refined")
+    initial = refined if initial_positions_px is None else np.asarray(initial_positions_px)
+    moved = refined - initial
+    rms = float(np.sqrt((moved**2).sum(axis=1).mean()))
+    magnify = 10.0
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=5, c="0.5", label="initial")
+    ax.quiver(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, magnify * moved[:, 1] * ckpt.dx_ang,
+              magnify * moved[:, 0] * ckpt.dx_ang, angles="xy", scale_units="xy", scale=1, color="C3", width=0.004,
+              label=f"correction x{magnify:g}")
+    ax.set_title(f"probe positions, RMS correction {rms:.3f} px ({rms * ckpt.dx_ang:.3f} Å)")
     ax.set_xlabel("x (Å)")
     ax.set_ylabel("y (Å)")
     ax.invert_yaxis()

@@ -236,6 +236,7 @@ def save_checkpoint(
             buffers.create_dataset("crop_pos", data=model.crop_pos.cpu().numpy())
             buffers.create_dataset("occupancies", data=model.occupancies.cpu().numpy())
             buffers.attrs.update(dx_ang=model.dx_ang, wavelength_ang=model.wavelength_ang)
+            f.attrs["origin_ang"] = np.asarray(getattr(model, "origin_ang", (0.0, 0.0)), dtype=np.float64)
             if optimizer is not None:
                 groups, states = optimizer_state_by_name(optimizer)
                 opt = f.create_group("optimizer")
@@ -299,7 +300,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 rng_state=torch.from_numpy(np.array(f["rng"]["torch_cpu"][()])) if "rng" in f else None,
                 shape_hash=str(attrs.get("shape_hash", "")),
                 config_hash=str(attrs.get("config_hash", "")),
-                attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
+                attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v)
+                       for k, v in attrs.items()},
             )
     except CheckpointError:
         raise

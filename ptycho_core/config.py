@@ -119,19 +119,25 @@ class ExperimentParams(_Strict):
 
 # --------------------------------------------------------------------------- init
 class ProbeInit(_Strict):
-    source: Literal["aberrations", "file"] = "aberrations"
-    path: Optional[str] = Field(None, description="model.hdf5 or .h5 file with a probe, when source is 'file'")
+    source: Literal["aberrations", "file", "previous"] = Field(
+        "aberrations", description="aberrations: from experiment; file: a probe dataset as it is; "
+        "previous: the probe of a model.hdf5 or result.zarr, resampled to this pixel size")
+    path: Optional[str] = Field(None, description="file with a probe, when source is 'file' or 'previous'")
     key: str = Field("/tensors/probe", description="dataset of the probe in that file")
     n_modes: int = Field(1, ge=1, description="number of mixed-state probe modes")
 
     @model_validator(mode="after")
     def _path_for_file(self) -> "ProbeInit":
-        if self.source == "file" and not self.path:
-            raise ValueError("path is required when source is 'file'")
+        if self.source != "aberrations" and not self.path:
+            raise ValueError(f"path is required when source is '{self.source}'")
         return self
 
 
 class ObjectInit(_Strict):
+    source: Literal["uniform", "previous"] = Field(
+        "uniform", description="uniform: amplitude 1, phase 0; previous: the object of a model.hdf5 or "
+        "result.zarr, resampled to this canvas, pixel size and slice count")
+    path: Optional[str] = Field(None, description="the previous run's model.hdf5 or result.zarr")
     n_slices: int = Field(1, ge=1, description="number of multislice slices (nz)")
     slice_thickness_ang: float = Field(1.0, gt=0, description="slice thickness (Å)")
     n_modes: int = Field(1, ge=1, description="number of object modes")
@@ -142,6 +148,8 @@ class ObjectInit(_Strict):
 
     @model_validator(mode="after")
     def _occupancies(self) -> "ObjectInit":
+        if self.source == "previous" and not self.path:
+            raise ValueError("path is required when source is 'previous'")
         if self.occupancies is not None:
             if len(self.occupancies) != self.n_modes:
                 raise ValueError(f"occupancies has {len(self.occupancies)} values for n_modes={self.n_modes}")
@@ -231,11 +239,15 @@ class LossTerm(_Strict):
 class LossParams(_Strict):
     amplitude: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0), description="Gaussian noise on sqrt(I)")
     poisson: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.0), description="Poisson negative log-likelihood")
+    pacbed: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.0),
+                             description="amplitude misfit of the batch-averaged pattern (position-averaged CBED)")
+    phase_sparsity: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.0),
+                                     description="L1 norm of the object phase (favours sparse, atom-like phase)")
 
     @model_validator(mode="after")
     def _something_on(self) -> "LossParams":
-        if all(term.weight == 0 for term in self.active_terms(include_off=True).values()):
-            raise ValueError("every loss weight is 0: nothing to minimize")
+        if all(getattr(self, name).weight == 0 for name in ("amplitude", "poisson", "pacbed")):
+            raise ValueError("amplitude, poisson and pacbed all have weight 0: nothing ties the model to the data")
         return self
 
     def active_terms(self, include_off: bool = False) -> dict[str, LossTerm]:
@@ -277,10 +289,55 @@ class ObjaThreshConstraint(ConstraintSchedule):
     max: Optional[float] = None
 
 
+class FourierProbeMaskConstraint(ConstraintSchedule):
+    """Zero the probe's Fourier transform outside radius_factor x the aperture (conv_angle_mrad)."""
+
+    radius_factor: float = Field(1.2, gt=0)
+
+
+class ObjpThreshConstraint(ConstraintSchedule):
+    """Clip the object phase into [min, max] (min 0: phase positivity)."""
+
+    min: Optional[float] = 0.0
+    max: Optional[float] = None
+
+
+class ObjBlurConstraint(ConstraintSchedule):
+    """Lateral Gaussian filter of object amplitude and phase (std in px)."""
+
+    std_px: float = Field(0.4, gt=0)
+
+
+class DepthBlurConstraint(ConstraintSchedule):
+    """Depth regularization of multislice objects: Gaussian filter along z (std in slices)."""
+
+    std_slices: float = Field(1.0, gt=0)
+
+
+class TiltSmoothConstraint(ConstraintSchedule):
+    """Smooth per-position tilts with a Gaussian of std_ang over the scan positions."""
+
+    std_ang: float = Field(5.0, gt=0)
+
+
+class PositionLimitConstraint(ConstraintSchedule):
+    """Keep every probe-position correction within max_px of its start (0: no limit) and, with
+    remove_drift, subtract the mean correction (a global drift that only shifts the image)."""
+
+    max_px: float = Field(0.0, ge=0)
+    remove_drift: bool = True
+
+
 class ConstraintParams(_Strict):
     probe_ortho: ProbeOrthoConstraint = Field(default_factory=ProbeOrthoConstraint)
     fix_probe_intensity: FixProbeIntensityConstraint = Field(default_factory=FixProbeIntensityConstraint)
+    fourier_probe_mask: FourierProbeMaskConstraint = Field(default_factory=FourierProbeMaskConstraint)
     obja_thresh: ObjaThreshConstraint = Field(default_factory=ObjaThreshConstraint)
+    objp_thresh: ObjpThreshConstraint = Field(default_factory=ObjpThreshConstraint)
+    obj_blur: ObjBlurConstraint = Field(default_factory=ObjBlurConstraint)
+    depth_blur: DepthBlurConstraint = Field(default_factory=DepthBlurConstraint)
+    tilt_smooth: TiltSmoothConstraint = Field(default_factory=TiltSmoothConstraint)
+    position_limit: PositionLimitConstraint = Field(default_factory=lambda: PositionLimitConstraint(start_iter=1))
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -288,7 +345,8 @@ class ReconParams(_Strict):
     iterations: int = Field(50, ge=1, description="iterations this run performs (one pass over all patterns each)")
     segment_iterations: int = Field(10, ge=1, description="iterations per pipeline segment (checkpoint after each)")
     batch_size: int = Field(32, ge=1, description="patterns per optimizer step")
-    batching: Literal["random"] = "random"
+    batching: Literal["random", "compact", "sparse"] = Field(
+        "random", description="random: any positions; compact: spatial neighbours; sparse: spread over the field")
     seed: int = Field(0, ge=0, description="batch order of iteration i depends only on (seed, i)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
@@ -398,6 +456,7 @@ def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:
     config.data.pos_path = absolute(config.data.pos_path)
     config.init.model_path = absolute(config.init.model_path)
     config.init.probe.path = absolute(config.init.probe.path)
+    config.init.object.path = absolute(config.init.object.path)
     config.model_params.optimizer_params.load_state = absolute(config.model_params.optimizer_params.load_state)
     return config
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from .forward import gaussian_blur, gaussian_kernel_1d
 from .model import PtychoAD
 
 CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, dict], None]] = {}
@@ -44,10 +45,83 @@ def fix_probe_intensity(model: PtychoAD, params, context: dict) -> None:
     model.probe.mul_(torch.sqrt(context["mean_pattern_sum"] / power))
 
 
+@register_constraint("fourier_probe_mask")
+def fourier_probe_mask(model: PtychoAD, params, context: dict) -> None:
+    """Remove probe intensity scattered outside the condenser aperture (times radius_factor)."""
+    probe = model.probe_complex
+    ny, nx = probe.shape[-2:]
+    ky = torch.fft.fftfreq(ny, d=model.dx_ang, device=probe.device, dtype=model.obja.dtype)
+    kx = torch.fft.fftfreq(nx, d=model.dx_ang, device=probe.device, dtype=model.obja.dtype)
+    alpha_mrad = model.wavelength_ang * torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) * 1e3
+    mask = alpha_mrad <= params.radius_factor * context["conv_angle_mrad"]
+    masked = torch.fft.ifft2(torch.fft.fft2(probe) * mask)
+    model.probe.copy_(torch.view_as_real(masked))
+
+
 @register_constraint("obja_thresh")
 def threshold_amplitude(model: PtychoAD, params, context: dict) -> None:
     """Clip the object amplitude into [min, max]."""
     model.obja.clamp_(min=params.min, max=params.max)
+
+
+@register_constraint("objp_thresh")
+def threshold_phase(model: PtychoAD, params, context: dict) -> None:
+    """Clip the object phase into [min, max]; min 0 is phase positivity."""
+    model.objp.clamp_(min=params.min, max=params.max)
+
+
+@register_constraint("obj_blur")
+def blur_object(model: PtychoAD, params, context: dict) -> None:
+    """Lateral Gaussian filter on amplitude and phase: damps pixel-scale noise."""
+    model.obja.copy_(gaussian_blur(model.obja, params.std_px))
+    model.objp.copy_(gaussian_blur(model.objp, params.std_px))
+
+
+@register_constraint("depth_blur")
+def blur_depth(model: PtychoAD, params, context: dict) -> None:
+    """Gaussian filter along z: multislice depth resolution is poor, so slice-to-slice noise is
+    mostly artefact. The edges are reflected so the total phase of the column is kept."""
+    n_slices = model.objp.shape[1]
+    if n_slices < 2:
+        return
+    kernel = gaussian_kernel_1d(params.std_slices, model.objp.device, model.objp.dtype)
+    radius = kernel.numel() // 2
+    for tensor in (model.obja, model.objp):
+        o, z, ny, nx = tensor.shape
+        flat = tensor.permute(0, 2, 3, 1).reshape(-1, 1, z)
+        padded = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
+        out = torch.nn.functional.conv1d(padded, kernel.view(1, 1, -1))
+        tensor.copy_(out.reshape(o, ny, nx, z).permute(0, 3, 1, 2))
+
+
+@register_constraint("tilt_smooth")
+def smooth_tilts(model: PtychoAD, params, context: dict) -> None:
+    """Per-position tilts become their Gaussian-weighted mean over neighbouring positions."""
+    tilts = model.obj_tilts
+    if tilts.shape[0] < 2:
+        return
+    positions = context["positions_ang"].to(tilts.device, tilts.dtype)
+    smoothed = torch.empty_like(tilts)
+    for start in range(0, len(positions), 1024):  # chunks keep the distance matrix small
+        d2 = torch.cdist(positions[start:start + 1024], positions).square()
+        weights = torch.exp(-0.5 * d2 / params.std_ang**2)
+        smoothed[start:start + 1024] = weights @ tilts / weights.sum(dim=1, keepdim=True)
+    tilts.copy_(smoothed)
+
+
+@register_constraint("position_limit")
+def limit_positions(model: PtychoAD, params, context: dict) -> None:
+    """Remove the mean position correction (global drift) and cap each correction at max_px."""
+    if not model.update_rules["probe_pos_shifts"].optimized:
+        return
+    initial = context["initial_shifts"].to(model.probe_pos_shifts.device, model.probe_pos_shifts.dtype)
+    moved = model.probe_pos_shifts - initial
+    if params.remove_drift:
+        moved = moved - moved.mean(dim=0, keepdim=True)
+    if params.max_px:
+        length = moved.norm(dim=1, keepdim=True)
+        moved = moved * torch.clamp(params.max_px / (length + 1e-12), max=1.0)
+    model.probe_pos_shifts.copy_(initial + moved)
 
 
 def apply_constraints(model: PtychoAD, constraint_params, iteration: int, context: dict) -> list[str]:

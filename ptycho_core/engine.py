@@ -60,14 +60,53 @@ def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Op
 
 
 # --------------------------------------------------------------------------- batches
-def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int) -> list[torch.Tensor]:
-    """Position indices of each batch of ``iteration``: a permutation drawn from (seed, iteration)
-    alone, split into ceil(N / batch_size) batches of near-equal size."""
+def _generator(seed: int, iteration: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, iteration]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    perm = torch.randperm(n_positions, generator=generator)
-    n_batches = max(1, math.ceil(n_positions / batch_size))
-    return list(torch.tensor_split(perm, n_batches))
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def compact_groups(positions: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """Split positions (N, 2) into spatially compact groups of at most group_size by recursive
+    bisection along the longer extent; deterministic, sizes as equal as possible."""
+    result, pending = [], [np.arange(len(positions))]
+    while pending:
+        group = pending.pop()
+        if len(group) <= group_size:
+            result.append(group)
+            continue
+        pts = positions[group]
+        axis = int(np.argmax(np.ptp(pts, axis=0)))
+        ordered = group[np.lexsort((pts[:, 1 - axis], pts[:, axis]))]
+        n_parts = math.ceil(len(group) / group_size)
+        cut = round(len(group) * (n_parts // 2) / n_parts)
+        pending += [ordered[cut:], ordered[:cut]]
+    return sorted(result, key=lambda g: int(g.min()))
+
+
+def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int, mode: str = "random",
+                positions: Optional[np.ndarray] = None) -> list[torch.Tensor]:
+    """Position indices of each batch of ``iteration``, drawn from (seed, iteration) alone.
+
+    random: a permutation split into ceil(N / batch_size) batches of near-equal size.
+    compact: spatially compact groups of batch_size neighbours, in random order.
+    sparse: batch_size spatial clusters; batch j takes one random member of each, so each batch
+    is spread over the whole field.
+    """
+    generator = _generator(seed, iteration)
+    if mode == "random" or positions is None:
+        perm = torch.randperm(n_positions, generator=generator)
+        n_batches = max(1, math.ceil(n_positions / batch_size))
+        return list(torch.tensor_split(perm, n_batches))
+    if mode == "compact":
+        groups = compact_groups(positions, batch_size)
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        return [torch.from_numpy(groups[k]) for k in order]
+    if mode == "sparse":
+        clusters = compact_groups(positions, math.ceil(n_positions / batch_size))
+        shuffled = [torch.from_numpy(c)[torch.randperm(len(c), generator=generator)] for c in clusters]
+        n_batches = max(len(c) for c in shuffled)
+        return [torch.stack([c[j] for c in shuffled if j < len(c)]) for j in range(n_batches)]
+    raise ValueError(f"recon_params.batching: unknown mode '{mode}'")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -95,10 +134,12 @@ class Problem:
     constraint_params: object
     batch_size: int
     seed: int
+    batching: str = "random"
+    positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
+    context: dict = field(default_factory=dict)  # what constraints need (conv angle, positions, ...)
 
-    @property
-    def mean_pattern_sum(self) -> torch.Tensor:
-        return self.measurements.sum(dim=(-2, -1)).mean()
+    def __post_init__(self) -> None:
+        self.context.setdefault("mean_pattern_sum", self.measurements.sum(dim=(-2, -1)).mean())
 
 
 def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
@@ -124,12 +165,12 @@ def run_iterations(
     """Run until ``state.iteration == last_iteration`` or until ``stop_requested()`` is true after a
     batch. Updates ``state`` in place; returns True when it stopped early."""
     closure_needed = isinstance(optimizer, torch.optim.LBFGS)
-    context = {"mean_pattern_sum": problem.mean_pattern_sum}
+    context = problem.context
     n = model.n_positions
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
         model.set_iteration(iteration)
-        batches = batch_order(problem.seed, iteration, n, problem.batch_size)
+        batches = batch_order(problem.seed, iteration, n, problem.batch_size, problem.batching, problem.positions_px)
         started = time.perf_counter()
         for b in range(state.batch_cursor, len(batches)):
             indices = batches[b].to(problem.measurements.device)
@@ -139,7 +180,7 @@ def run_iterations(
             def closure():
                 optimizer.zero_grad(set_to_none=True)
                 pred = model(indices)
-                loss, parts = total_loss(pred, meas, problem.loss_weights)
+                loss, parts = total_loss(pred, meas, problem.loss_weights, model)
                 parts_holder.clear()
                 parts_holder.update(parts, total=loss.detach())
                 loss.backward()

@@ -90,10 +90,12 @@ def make_probe(
 ) -> torch.Tensor:
     """Probe modes (pmode, ky, kx), complex, centred in the window.
 
-    Mode 0 is the aberrated aperture. Further modes multiply it by low-order polynomials in
-    (y, x) (y, x, xy, y^2-x^2, ...), Gram-Schmidt orthogonalized; mode 0 carries 80 % of the
-    power and the others share the rest with powers halving from mode to mode. The summed
-    intensity over all modes equals ``total_intensity``.
+    Mode 0 is the aberrated aperture. Further modes multiply its Fourier transform by low-order
+    polynomials in the scattering vector (|k|^2, ky, kx, ky*kx, ky^2-kx^2, |k|^4, ...), Gram-Schmidt
+    orthogonalized: these are the directions in which partial coherence spreads a probe (defocus
+    spread, finite source size), and they stay inside the aperture. Mode 0 carries 90 % of the power
+    and the others share the rest with powers halving from mode to mode. The summed intensity over
+    all modes equals ``total_intensity``.
     """
     real = torch.float64
     wavelength = wavelength_ang(energy_kev)
@@ -103,17 +105,15 @@ def make_probe(
     # a linear phase ramp puts the probe at the window centre instead of the corner
     ny, nx = shape
     centring = torch.exp(-2j * math.pi * (ky * (ny // 2) * dx_ang + kx * (nx // 2) * dx_ang))
-    probe0 = torch.fft.ifft2(ap * torch.exp(-1j * chi) * centring)
-
-    y = (torch.arange(ny, dtype=real) - ny // 2)[:, None] * dx_ang
-    x = (torch.arange(nx, dtype=real) - nx // 2)[None, :] * dx_ang
-    polynomials = [torch.ones_like(y * x), y + 0 * x, x + 0 * y, x * y, y**2 - x**2, y**2 + x**2]
+    probe0_k = ap * torch.exp(-1j * chi) * centring
+    k2 = ky**2 + kx**2
+    polynomials = [torch.ones_like(k2), k2, ky, kx, ky * kx, ky**2 - kx**2, k2**2, ky * k2, kx * k2]
     while len(polynomials) < n_modes:
         k = len(polynomials)
-        polynomials.append(y ** (k % 3 + 1) * x ** (k // 3))
+        polynomials.append(ky ** (k % 3 + 1) * kx ** (k // 3))
     modes: list[torch.Tensor] = []
     for poly in polynomials[:n_modes]:
-        mode = probe0 * poly
+        mode = probe0_k * poly
         for other in modes:
             mode = mode - torch.sum(other.conj() * mode) * other
         modes.append(mode / torch.linalg.vector_norm(mode))
@@ -121,8 +121,9 @@ def make_probe(
         powers = [1.0]
     else:
         rest = [0.5**j for j in range(n_modes - 1)]
-        powers = [0.8] + [0.2 * r / sum(rest) for r in rest]
-    probe = torch.stack([m * math.sqrt(p * total_intensity) for m, p in zip(modes, powers)])
+        powers = [0.9] + [0.1 * r / sum(rest) for r in rest]
+    # the orthonormal inverse FFT keeps each mode's norm, so the powers carry over to real space
+    probe = torch.stack([torch.fft.ifft2(m, norm="ortho") * math.sqrt(p * total_intensity) for m, p in zip(modes, powers)])
     return probe.to(dtype)
 
 

@@ -29,6 +29,7 @@ from .engine import EngineState, Problem, build_optimizer, run_iterations
 from .io.preprocess import Preprocessed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
 from .physics import aberration_coefficients, make_probe
+from .resample import read_previous, resample_object, resample_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,8 +47,12 @@ def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torc
     n_pos = prep.measurements.shape[0]
     canvas = prep.geometry.canvas_shape
     mean_counts = float(prep.measurements.sum(axis=(-2, -1)).mean())
+    origin = canvas_origin_ang(prep)
     if config.init.probe.source == "file":
         probe = _probe_from_file(config, prep)
+    elif config.init.probe.source == "previous":
+        prev = read_previous(config.init.probe.path)
+        probe = resample_probe(prev.probe, prev.dx_ang, prep.dx_ang, prep.window, config.init.probe.n_modes, mean_counts)
     else:
         coeffs = aberration_coefficients(exp.defocus_ang, exp.cs_mm, exp.aberrations)
         probe = make_probe(
@@ -55,14 +60,24 @@ def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torc
             n_modes=config.init.probe.n_modes, total_intensity=mean_counts, dtype=torch.complex128,
         )
     n_tilts = 1 if obj.tilt_mode == "global" else n_pos
+    if obj.source == "previous":
+        obja, objp = resample_object(read_previous(obj.path), canvas, prep.dx_ang, origin, obj.n_slices, obj.n_modes)
+    else:
+        obja = torch.ones(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64)
+        objp = torch.zeros(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64)
     return {
-        "obja": torch.ones(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64),
-        "objp": torch.zeros(obj.n_modes, obj.n_slices, *canvas, dtype=torch.float64),
+        "obja": obja,
+        "objp": objp,
         "obj_tilts": torch.tensor([obj.tilt_mrad], dtype=torch.float64).repeat(n_tilts, 1),
         "slice_thickness": torch.tensor(obj.slice_thickness_ang, dtype=torch.float64),
         "probe": probe,
         "probe_pos_shifts": torch.from_numpy(prep.geometry.shifts_px.astype(np.float64)),
     }
+
+
+def canvas_origin_ang(prep: Preprocessed) -> np.ndarray:
+    """Physical (y, x) in Å of canvas pixel (0, 0): ties canvases of different runs together."""
+    return prep.positions_ang[0] - prep.geometry.positions_px[0] * prep.dx_ang
 
 
 def _probe_from_file(config: PtyflowConfig, prep: Preprocessed) -> torch.Tensor:
@@ -126,6 +141,7 @@ class Reconstruction:
             obj_preblur_std=config.model_params.obj_preblur_std,
             detector_blur_std=config.model_params.detector_blur_std,
         ).to(device)
+        model.origin_ang = canvas_origin_ang(prep)
         opt_params = config.model_params.optimizer_params
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs)
         problem = Problem(
@@ -134,6 +150,13 @@ class Reconstruction:
             constraint_params=config.constraint_params,
             batch_size=recon.batch_size,
             seed=recon.seed,
+            batching=recon.batching,
+            positions_px=prep.geometry.positions_px,
+            context={
+                "conv_angle_mrad": config.experiment.conv_angle_mrad,
+                "positions_ang": torch.from_numpy(prep.positions_ang),
+                "initial_shifts": torch.from_numpy(prep.geometry.shifts_px),
+            },
         )
         rec = cls(config, model, optimizer, problem, EngineState())
         if config.init.model_path:

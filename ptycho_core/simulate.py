@@ -41,6 +41,10 @@ class Preset:
     pad_px: int = 8
     iterations: int = 30
     batch_size: int = 16
+    tilt_mrad: tuple[float, float] = (0.0, 0.0)  # true global object tilt (y, x)
+    position_jitter_ang: float = 0.0  # true positions = nominal grid + Gaussian jitter of this std
+    defocus_spread_ang: float = 0.0  # partial coherence: incoherent sum over a Gaussian defocus spread
+    crystal: bool = False  # every slice the same (atom columns straight through the sample)
 
 
 PRESETS = {
@@ -71,28 +75,44 @@ def atom_object(canvas: tuple[int, int], dx_ang: float, preset: Preset, n_slices
 
 
 def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices: Optional[int] = None,
-             dose_e_per_ang2: Optional[float] | str = "preset") -> Path:
-    """Simulate a dataset with ground truth into out_dir; returns out_dir/config.yaml."""
+             dose_e_per_ang2: Optional[float] | str = "preset", **changes) -> Path:
+    """Simulate a dataset with ground truth into out_dir; returns out_dir/config.yaml.
+
+    ``changes`` replace preset fields (e.g. tilt_mrad=(2, 0), position_jitter_ang=0.1)."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if n_slices is not None:
         p = replace(p, n_slices=n_slices)
     if dose_e_per_ang2 != "preset":
         p = replace(p, dose_e_per_ang2=dose_e_per_ang2)
+    p = replace(p, **changes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     window = (p.window_px, p.window_px)
     positions = raster_positions_ang(p.scan_shape, p.step_ang)
-    geometry = scan_geometry(positions, p.dx_ang, window, p.pad_px)
-    phase = atom_object(geometry.canvas_shape, p.dx_ang, p, p.n_slices, rng)
+    true_positions = positions + rng.normal(0, p.position_jitter_ang, positions.shape) if p.position_jitter_ang else positions
+    geometry = scan_geometry(true_positions, p.dx_ang, window, p.pad_px)
+    if p.crystal:
+        phase = np.repeat(atom_object(geometry.canvas_shape, p.dx_ang, p, 1, rng), p.n_slices, axis=0) / math.sqrt(p.n_slices)
+    else:
+        phase = atom_object(geometry.canvas_shape, p.dx_ang, p, p.n_slices, rng)
     amplitude = np.exp(-0.1 * phase)  # weak absorption where the atoms are
     counts = (p.dose_e_per_ang2 or 1.0e6) * p.step_ang**2
-    probe = make_probe(window, p.dx_ang, p.energy_kev, p.conv_angle_mrad,
-                       aberration_coefficients(p.defocus_ang), total_intensity=counts, dtype=torch.complex128)
+    if p.defocus_spread_ang:
+        # partial temporal coherence: probes at 7 defoci with Gaussian weights, summed incoherently
+        offsets = np.linspace(-2, 2, 7) * p.defocus_spread_ang
+        weights = np.exp(-0.5 * (offsets / p.defocus_spread_ang) ** 2)
+        weights /= weights.sum()
+        probe = torch.cat([
+            make_probe(window, p.dx_ang, p.energy_kev, p.conv_angle_mrad, aberration_coefficients(p.defocus_ang + d),
+                       total_intensity=counts * w, dtype=torch.complex128) for d, w in zip(offsets, weights)])
+    else:
+        probe = make_probe(window, p.dx_ang, p.energy_kev, p.conv_angle_mrad,
+                           aberration_coefficients(p.defocus_ang), total_intensity=counts, dtype=torch.complex128)
     tensors = {
         "obja": torch.from_numpy(amplitude[None]),
         "objp": torch.from_numpy(phase[None]),
-        "obj_tilts": torch.zeros(1, 2, dtype=torch.float64),
+        "obj_tilts": torch.tensor([p.tilt_mrad], dtype=torch.float64),
         "slice_thickness": torch.tensor(p.slice_thickness_ang, dtype=torch.float64),
         "probe": probe,
         "probe_pos_shifts": torch.from_numpy(geometry.shifts_px),
@@ -123,7 +143,8 @@ def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices:
             gt.create_dataset("obja", data=amplitude[None].astype(np.float32))
             gt.create_dataset("probe", data=probe.numpy().astype(np.complex64))
             gt.create_dataset("positions_px", data=geometry.positions_px)
-            gt.attrs.update(slice_thickness_ang=p.slice_thickness_ang, pad_px=p.pad_px,
+            gt.create_dataset("positions_ang", data=true_positions)
+            gt.attrs.update(slice_thickness_ang=p.slice_thickness_ang, pad_px=p.pad_px, tilt_mrad=list(p.tilt_mrad),
                             note="object on the canvas a reconstruction with init.object.pad_px = pad_px uses")
             f.attrs["preset"] = yaml.safe_dump(asdict(p))
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from .forward import gaussian_blur, gaussian_kernel_1d
+from .forward import gaussian_blur
 from .model import PtychoAD
 
 CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, dict], None]] = {}
@@ -80,18 +80,19 @@ def blur_object(model: PtychoAD, params, context: dict) -> None:
 @register_constraint("depth_blur")
 def blur_depth(model: PtychoAD, params, context: dict) -> None:
     """Gaussian filter along z: multislice depth resolution is poor, so slice-to-slice noise is
-    mostly artefact. The edges are reflected so the total phase of the column is kept."""
+    mostly artefact. The filter matrix is made doubly stochastic (Sinkhorn), so a uniform column
+    stays uniform and the total phase of every column is kept."""
     n_slices = model.objp.shape[1]
     if n_slices < 2:
         return
-    kernel = gaussian_kernel_1d(params.std_slices, model.objp.device, model.objp.dtype)
-    radius = kernel.numel() // 2
+    z = torch.arange(n_slices, device=model.objp.device, dtype=torch.float64)
+    weights = torch.exp(-0.5 * ((z[:, None] - z[None, :]) / params.std_slices) ** 2)
+    for _ in range(100):
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        weights = weights / weights.sum(dim=0, keepdim=True)
+    weights = weights.to(model.objp.dtype)
     for tensor in (model.obja, model.objp):
-        o, z, ny, nx = tensor.shape
-        flat = tensor.permute(0, 2, 3, 1).reshape(-1, 1, z)
-        padded = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
-        out = torch.nn.functional.conv1d(padded, kernel.view(1, 1, -1))
-        tensor.copy_(out.reshape(o, ny, nx, z).permute(0, 3, 1, 2))
+        tensor.copy_(torch.einsum("zw,owyx->ozyx", weights, tensor))
 
 
 @register_constraint("tilt_smooth")

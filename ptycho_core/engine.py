@@ -89,8 +89,8 @@ def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int, mo
 
     random: a permutation split into ceil(N / batch_size) batches of near-equal size.
     compact: spatially compact groups of batch_size neighbours, in random order.
-    sparse: batch_size spatial clusters; batch j takes one random member of each, so each batch
-    is spread over the whole field.
+    sparse: batch_size spatial clusters; each batch takes the member of one rank from every
+    cluster, so each batch is spread evenly over the whole field.
     """
     generator = _generator(seed, iteration)
     if mode == "random" or positions is None:
@@ -103,9 +103,12 @@ def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int, mo
         return [torch.from_numpy(groups[k]) for k in order]
     if mode == "sparse":
         clusters = compact_groups(positions, math.ceil(n_positions / batch_size))
-        shuffled = [torch.from_numpy(c)[torch.randperm(len(c), generator=generator)] for c in clusters]
-        n_batches = max(len(c) for c in shuffled)
-        return [torch.stack([c[j] for c in shuffled if j < len(c)]) for j in range(n_batches)]
+        # members in raster order inside each cluster; batch j takes the member of the same rank in
+        # every cluster, so its members sit about one cluster width apart (ranks shuffled per iteration)
+        ranked = [c[np.lexsort((positions[c][:, 1], positions[c][:, 0]))] for c in clusters]
+        n_batches = max(len(c) for c in ranked)
+        ranks = torch.randperm(n_batches, generator=generator).tolist()
+        return [torch.from_numpy(np.array([c[r] for c in ranked if r < len(c)])) for r in ranks]
     raise ValueError(f"recon_params.batching: unknown mode '{mode}'")
 
 

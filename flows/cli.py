@@ -111,7 +111,7 @@ def _print_summary(summary: dict, seconds: float) -> None:
               f"(final loss {summary['final_loss']:.5g}, {summary['median_seconds_per_iteration']:.3f} s/iteration)")
     if "phase_pearson" in summary:
         per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
-        out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f} (per slice: {per})")
+        out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f}" + (f" (per slice: {per})" if per else ""))
     out.print(f"result:  {summary['result']}")
     out.print(f"figures: {Path(summary['figures'][0]).parent if summary['figures'] else '-'}")
 
@@ -142,6 +142,33 @@ def demo(
     out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
     summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose)
     _print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def sweep(
+    base_config: Path = typer.Argument(..., help="configuration YAML every point starts from"),
+    spec: Path = typer.Argument(..., help="sweep spec YAML: mode, parameters (dotted keys -> values), n"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the points' run directories and the table"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Reconstruct every point of a parameter sweep (embedded: one after the other)."""
+    _quiet_prefect(verbose)
+    from flows.embedded import prefect_backend
+    from flows.sweep import sweep as sweep_flow
+    from ptycho_core.sweep import load_sweep_spec
+
+    if not verbose:
+        _show_run_warnings()
+    spec_model = load_sweep_spec(spec)
+    with prefect_backend():
+        rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()))
+    keys = list(spec_model.parameters)
+    for row in rows:
+        values = ", ".join(f"{k}={row[k]}" for k in keys)
+        loss = f"{row['final_loss']:.5g}" if row.get("final_loss") is not None else "-"
+        quality = f", phase Pearson {row['phase_pearson']:.3f}" if row.get("phase_pearson") is not None else ""
+        out.print(f"{row['point']}: {values}: {row['state']}, loss {loss}{quality}")
+    out.print(f"table: {out_dir / 'sweep.csv'}   figure: {out_dir / 'sweep_phases.png'}")
 
 
 @app.command()

@@ -349,19 +349,32 @@ def export_run(run_dir: str | Path, figures: bool = True) -> dict:
     ckpt = newest_checkpoint(run_dir)
     if ckpt is None or prep is None:
         raise RunDirError(f"{paths.root}: nothing to export (no valid checkpoint or preprocessed data)")
-    seconds = ckpt.history.get("seconds", [])
-    timings = {"iterations": len(seconds), "seconds_in_iterations": float(sum(seconds)),
-               "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0}
+    summary = run_summary(run_dir, ckpt, prep, config)
+    timings = {k: summary[k] for k in ("iterations", "seconds_in_iterations", "median_seconds_per_iteration")}
     write_result(paths.result, ckpt, prep.positions_ang, prep.geometry.positions_px, prep.energy_kev,
                  config.to_dict(), software_versions(), timings)
     figure_paths = write_figures(paths.figures, ckpt, prep.geometry.positions_px) if figures else []
+    summary.update(result=str(paths.result), figures=[str(p) for p in figure_paths])
+    return summary
+
+
+def run_summary(run_dir: str | Path, ckpt: Optional[Checkpoint] = None, prep=None,
+                config: Optional[PtyflowConfig] = None) -> dict:
+    """Iteration, final loss, timings and (for simulated data) quality of a run directory."""
+    paths = RunPaths(Path(run_dir))
+    config = config or read_run_config(run_dir)
+    prep = prep or read_preprocessed(paths.preprocessed)
+    ckpt = ckpt or newest_checkpoint(run_dir, warn=lambda m: None)
+    if ckpt is None or prep is None:
+        raise RunDirError(f"{paths.root}: no valid checkpoint or preprocessed data yet")
+    seconds = ckpt.history.get("seconds", [])
     summary = {
         "run_dir": str(paths.root),
         "iteration": ckpt.iteration,
         "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
-        "result": str(paths.result),
-        "figures": [str(p) for p in figure_paths],
-        **timings,
+        "iterations": len(seconds),
+        "seconds_in_iterations": float(sum(seconds)),
+        "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0,
     }
     summary.update(quality_vs_truth(run_dir, ckpt, prep, config))
     return summary
@@ -377,9 +390,10 @@ def quality_vs_truth(run_dir, ckpt: Checkpoint, prep, config: PtyflowConfig) -> 
     except OSError:
         return {}
     objp = ckpt.tensors["objp"].numpy()[0]
-    if "objp" not in truth or truth["objp"][0].shape != objp.shape:
-        return {}
+    if "objp" not in truth or truth["objp"][0].shape[1:] != objp.shape[1:]:
+        return {}  # another canvas (other pixel size or padding): no pixel-to-pixel comparison
+    true_phase = truth["objp"][0]
     mask = scanned_field_mask(prep.geometry.positions_px, prep.geometry.canvas_shape)
-    per_slice = [phase_pearson(objp[z], truth["objp"][0][z], mask) for z in range(objp.shape[0])]
-    return {"phase_pearson": phase_pearson(objp.sum(0), truth["objp"][0].sum(0), mask),
-            "phase_pearson_per_slice": per_slice}
+    per_slice = ([phase_pearson(objp[z], true_phase[z], mask) for z in range(objp.shape[0])]
+                 if true_phase.shape == objp.shape else [])
+    return {"phase_pearson": phase_pearson(objp.sum(0), true_phase.sum(0), mask), "phase_pearson_per_slice": per_slice}

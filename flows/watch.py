@@ -1,0 +1,75 @@
+"""The watch flow: reconstruct each complete dataset of an inbox exactly once.
+
+Deployed on a schedule, every run polls the inbox. A complete dataset (marker file, or a size
+that held still) is reconstructed into ``<outbox>/<dataset name>/``: through the `reconstruct`
+deployment with an idempotency key made from its content hash when a server has it (so two
+watchers never start two runs for one dataset), inline otherwise. A dataset whose reconstruction
+fails is retried up to ``max_attempts`` times in later polls, then reported as failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from flows.reconstruct import reconstruct, resolve_config
+from flows.sweep import RECONSTRUCT_DEPLOYMENT, _deployment_exists
+from ptycho_core.inbox import claim_due_datasets, record, report
+
+
+def _settle_submitted(outbox: str, max_attempts: int) -> None:
+    """Turn finished child runs into done / retry / failed."""
+    pending = [e for e in report(outbox) if e.get("status") == "submitted"]
+    if not pending:
+        return
+    with get_client(sync_client=True) as client:
+        for entry in pending:
+            run = client.read_flow_run(entry["flow_run_id"])
+            if not (run.state and run.state.is_final()):
+                continue
+            if run.state.is_completed():
+                record(outbox, entry["dataset"], status="done")
+            else:
+                attempts = entry.get("attempts", 0) + 1
+                record(outbox, entry["dataset"], attempts=attempts, error=f"flow run {run.name}: {run.state.name}",
+                       status="failed" if attempts >= max_attempts else "retry")
+
+
+@flow(name="watch")
+def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: float = 30.0,
+          marker_suffix: str = ".done", max_attempts: int = 2,
+          deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
+    """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces."""
+    logger = get_run_logger()
+    template = resolve_config(config)
+    use_workers = bool(deployment) and _deployment_exists(deployment)
+    if use_workers:
+        _settle_submitted(outbox, max_attempts)
+    for entry in claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts):
+        cfg = template.model_copy(deep=True)
+        cfg.data.path = entry["path"]
+        run_dir = str(Path(outbox).resolve() / entry["name"])
+        if use_workers:
+            run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": run_dir},
+                                 flow_run_name=f"watch-{entry['name']}", timeout=0, as_subflow=True,
+                                 idempotency_key=f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
+            record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
+            logger.info("submitted %s as flow run %s", entry["name"], run.name)
+            continue
+        state = reconstruct(cfg.to_dict(), run_dir, return_state=True)
+        if state.is_completed():
+            record(outbox, entry["name"], status="done", run_dir=run_dir)
+        else:
+            attempts = entry["attempts"] + 1
+            record(outbox, entry["name"], attempts=attempts, error=str(state.message)[:500], run_dir=run_dir,
+                   status="failed" if attempts >= max_attempts else "retry")
+            logger.warning("reconstruction of %s failed (attempt %d of %d): %s", entry["name"], attempts,
+                           max_attempts, state.message)
+    rows = report(outbox)
+    create_table_artifact([{k: str(v) for k, v in row.items()} for row in rows], description=f"inbox {inbox}")
+    return rows

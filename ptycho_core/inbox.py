@@ -3,7 +3,8 @@
 State lives in ``<outbox>/.watch-state.json`` and is changed only under an exclusive file lock,
 so several watchers can poll the same inbox. A dataset counts as complete when a marker file
 (``<name><marker_suffix>``, e.g. ``scan1.h5.done``) exists, or when its size has not changed for
-``stable_seconds``. Each dataset is keyed by its content hash.
+``stable_seconds``. Each dataset is keyed by its content hash: a second file with the same bytes
+is recorded as a duplicate of the first and not reconstructed again.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
     with locked_state(outbox) as state:
         for path in candidates(inbox):
             entry = state["datasets"].setdefault(path.name, {"status": "arriving", "attempts": 0})
-            if entry["status"] in ("done", "failed", "submitted"):
+            if entry["status"] in ("done", "failed", "submitted", "duplicate"):
                 continue
             if entry["status"] == "claimed" and now - entry.get("claimed_at", 0) < CLAIM_TIMEOUT_S:
                 continue
@@ -94,8 +95,13 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
             if entry["attempts"] >= max_attempts:
                 entry["status"] = "failed"
                 continue
-            entry.update(path=str(path), hash=entry.get("hash") or content_hash(path), status="claimed",
-                         claimed_at=now)
+            digest = entry.get("hash") or content_hash(path)
+            twin = next((name for name, other in state["datasets"].items() if name != path.name
+                         and other.get("hash") == digest and other.get("status") in ("claimed", "submitted", "done")), None)
+            if twin is not None:  # the same bytes under another name: one reconstruction serves both
+                entry.update(path=str(path), hash=digest, status="duplicate", duplicate_of=twin)
+                continue
+            entry.update(path=str(path), hash=digest, status="claimed", claimed_at=now)
             due.append({"name": path.name, **entry})
     return due
 

@@ -55,14 +55,15 @@ def test_bad_sweep_spec_names_the_problem(tmp_path, small_dataset, in_prefect):
     assert not any(tmp_path.iterdir())
 
 
-def test_watch_reconstructs_each_dataset_once_and_gives_up_on_bad_ones(tmp_path, small_dataset, in_prefect):
+def test_watch_reconstructs_each_dataset_once_and_gives_up_on_bad_ones(tmp_path, small_dataset, noise_free_dataset,
+                                                                     in_prefect):
     from flows.watch import watch
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()
     shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_a.h5")
     (inbox / "scan_a.h5.done").touch()
-    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_b.h5")  # no marker: needs a stable size
+    shutil.copy(noise_free_dataset.parent / "data.h5", inbox / "scan_b.h5")  # no marker: needs a stable size
     (inbox / "broken.h5").write_text("not HDF5")
     (inbox / "broken.h5.done").touch()
     template = short_config(small_dataset)
@@ -82,3 +83,16 @@ def test_watch_reconstructs_each_dataset_once_and_gives_up_on_bad_ones(tmp_path,
     assert {k: v["status"] for k, v in third.items()} == {"scan_a.h5": "done", "scan_b.h5": "done", "broken.h5": "failed"}
     assert (outbox / "scan_a.h5" / "model.hdf5").stat().st_mtime_ns == stamp
     assert (outbox / "scan_a.h5" / "result.zarr").is_dir() and (outbox / "scan_b.h5" / "result.zarr").is_dir()
+
+
+def test_a_copy_of_a_reconstructed_dataset_is_recorded_as_duplicate(tmp_path, small_dataset, in_prefect):
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    for name in ("a_first.h5", "b_copy.h5"):  # claimed in name order
+        shutil.copy(small_dataset.parent / "data.h5", inbox / name)
+        (inbox / f"{name}.done").touch()
+    rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0)}
+    assert rows["b_copy.h5"]["status"] == "duplicate" and rows["b_copy.h5"]["duplicate_of"] == "a_first.h5"
+    assert rows["a_first.h5"]["status"] == "done" and not (outbox / "b_copy.h5").exists()

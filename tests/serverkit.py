@@ -1,0 +1,110 @@
+"""Helpers for the slow tests that run a real Prefect server and workers on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect(*args, env, **kw):
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def processes():
+    """{pid: (ppid, cmdline)} of this machine."""
+    out = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        out[int(d.name)] = (ppid, cmd)
+    return out
+
+
+def descendants(root):
+    table = processes()
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, cmd) in table.items():
+            if ppid == parent:
+                found.append((pid, cmd))
+                frontier.append(pid)
+    return found
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait(healthy, 90, "the Prefect server")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def final_states(env, flow_run_id):
+    """Names of the run's states in order once it is final, else None."""
+    code = (
+        "import asyncio, sys\n"
+        "from uuid import UUID\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        f"        run = await c.read_flow_run(UUID('{flow_run_id}'))\n"
+        "        if not run.state.is_final(): return\n"
+        f"        states = await c.read_flow_run_states(UUID('{flow_run_id}'))\n"
+        "        print(' '.join(s.name.replace(' ', '') for s in states))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return out.stdout.split() or None
+
+
+def deploy_all(env, tmp_path):
+    """Create both work pools and deploy every flow of deployments/prefect.yaml."""
+    for pool in ("ptyflow", "ptyflow-control"):
+        assert prefect("work-pool", "create", pool, "--type", "process", env=env).returncode == 0
+    inbox_env = {"PTYFLOW_INBOX": str(tmp_path / "inbox"), "PTYFLOW_OUTBOX": str(tmp_path / "outbox"),
+                 "PTYFLOW_WATCH_CONFIG": str(tmp_path / "watch.yaml")}
+    deploy = prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all",
+                     env={**env, "PTYFLOW_WORKDIR": str(REPO), **inbox_env}, cwd=REPO)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr

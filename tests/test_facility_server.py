@@ -1,0 +1,160 @@
+"""Sweeps and the watched inbox on a real Prefect server with a real process worker (slow)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import yaml
+
+from ptycho_core.simulate import simulate
+
+from serverkit import deploy_all, prefect, server, wait  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def flow_runs(env, flow_name):
+    """[(name, state, expected_start, start, end, parameters)] of every run of a flow, via the API."""
+    code = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
+        "with get_client(sync_client=True) as c:\n"
+        f"    runs = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=['{flow_name}'])))\n"
+        "    print(json.dumps([dict(name=r.name, state=r.state.name if r.state else None,\n"
+        "        expected=r.expected_start_time.timestamp() if r.expected_start_time else None,\n"
+        "        start=r.start_time.timestamp() if r.start_time else None,\n"
+        "        end=r.end_time.timestamp() if r.end_time else None, run_dir=r.parameters.get('run_dir'))\n"
+        "        for r in runs]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # a process worker stops at once on the second SIGTERM
+    proc.wait(timeout=60)
+
+
+def short_config(small_dataset, tmp_path, iterations=6):
+    raw = yaml.safe_load(small_dataset.read_text())
+    raw["data"]["path"] = str(small_dataset.parent / raw["data"]["path"])
+    raw["recon_params"].update(iterations=iterations, segment_iterations=3)
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_sweep_on_a_server_respects_the_concurrency_limit(tmp_path, server, small_dataset):
+    env = server
+    base = short_config(small_dataset, tmp_path)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    assert prefect("work-pool", "set-concurrency-limit", "ptyflow", "2", env=env).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        # ---- a 3-point sweep, pool concurrency 2: three child runs, never more than two at once
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"mode": "list", "parameters": {
+            "model_params.update_params.objp.lr": [2e-3, 5e-3, 1e-2]}}))
+        started = time.time()
+        sweep = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(base), str(spec), "--out",
+                                str(tmp_path / "sweep")], env=env, capture_output=True, text=True, timeout=600)
+        sweep_seconds = time.time() - started
+        assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+        assert sweep.stdout.count(": Completed, loss") == 3, sweep.stdout
+        children = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/sweep/" in r["run_dir"]]
+        assert len(children) == 3 and {r["state"] for r in children} == {"Completed"}
+        events = sorted([(r["start"], 1) for r in children] + [(r["end"], -1) for r in children])
+        running, most = 0, 0
+        for _, step in events:
+            running += step
+            most = max(most, running)
+        assert most == 2, events
+        assert (tmp_path / "sweep" / "sweep.csv").is_file() and (tmp_path / "sweep" / "sweep_phases.png").is_file()
+        latency = [r["start"] - r["expected"] for r in children]
+        overhead = [r["end"] - r["start"] for r in children]
+        print(f"sweep: {sweep_seconds:.1f} s wall; trigger-to-running {min(latency):.1f}-{max(latency):.1f} s; "
+              f"child run wall {min(overhead):.1f}-{max(overhead):.1f} s")
+
+    finally:
+        stop(worker)
+
+
+def test_watch_on_a_server_reconstructs_each_dataset_once(tmp_path, server, small_dataset):
+    env = server
+    base = short_config(small_dataset, tmp_path)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        # ---- two datasets dropped into an inbox, one written slowly, two watchers polling
+        inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+        inbox.mkdir()
+        watcher_code = (
+            "import sys, time\n"
+            "from flows.watch import watch\n"
+            "end = time.time() + float(sys.argv[4])\n"
+            "while time.time() < end:\n"
+            "    watch(sys.argv[1], sys.argv[2], sys.argv[3], stable_seconds=3.0)\n"
+            "    time.sleep(0.5)\n"
+        )
+        quiet = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+        watchers = [subprocess.Popen([sys.executable, "-c", watcher_code, str(inbox), str(outbox),
+                                      str(tmp_path / "watch.yaml"), "300"], env=quiet, cwd=tmp_path,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    for _ in range(2)]
+        shutil.copy(small_dataset.parent / "data.h5", inbox / "fast.h5")
+        other = simulate("small", tmp_path / "other", seed=11)  # another dataset (other content hash)
+        data = (other.parent / "data.h5").read_bytes()
+        with open(inbox / "slow.h5", "wb") as fh:  # arrives over ~8 s
+            for i in range(8):
+                fh.write(data[i * len(data) // 8:(i + 1) * len(data) // 8])
+                fh.flush()
+                os.fsync(fh.fileno())
+                time.sleep(1.0)
+        written = time.time()
+        try:
+            def both_done():
+                runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/outbox/" in r["run_dir"]]
+                return runs if len(runs) >= 2 and all(r["state"] == "Completed" for r in runs) else None
+            try:
+                runs = wait(both_done, 240, "both inbox datasets to be reconstructed")
+            except AssertionError:
+                print("state:", (outbox / ".watch-state.json").read_text() if (outbox / ".watch-state.json").is_file() else None)
+                print("runs:", flow_runs(env, "reconstruct"), flow_runs(env, "watch")[:3])
+                raise
+            time.sleep(5)  # let the watchers poll a few more times: nothing may start again
+            runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/outbox/" in r["run_dir"]]
+        finally:
+            for w in watchers:
+                w.kill()
+                w.wait(timeout=30)
+                errors = w.stderr.read()
+                if errors.strip():
+                    print("watcher stderr:", errors[-3000:])
+        # one more poll settles the bookkeeping of the finished child runs
+        final = subprocess.run([sys.executable, "-c", watcher_code, str(inbox), str(outbox),
+                                str(tmp_path / "watch.yaml"), "0.1"], env=quiet, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0, final.stderr
+        assert sorted(os.path.basename(r["run_dir"]) for r in runs) == ["fast.h5", "slow.h5"], runs
+        slow = next(r for r in runs if r["run_dir"].endswith("slow.h5"))
+        assert (outbox / "slow.h5" / "result.zarr").is_dir() and (outbox / "fast.h5" / "result.zarr").is_dir()
+        state = json.loads((outbox / ".watch-state.json").read_text())
+        assert {k: v["status"] for k, v in state["datasets"].items()} == {"fast.h5": "done", "slow.h5": "done"}
+        assert slow["expected"] >= written  # not started on a partial file
+    finally:
+        stop(worker)

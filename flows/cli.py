@@ -24,6 +24,7 @@ out = Console(soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL = 3
+EXIT_STORAGE = 4
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -82,6 +83,9 @@ def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
     if not verbose:
         _show_run_warnings()
     cfg = resolve_config(config)
+    from ptycho_core.io.readers import check_data_path
+
+    check_data_path(cfg.data)
     done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
     first = start_iteration(cfg)
     done = done_ckpt.iteration if done_ckpt else first
@@ -211,13 +215,17 @@ def inspect(
             out.print(f"{key}: {value}")
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 class UserError(Exception):
     """A problem the user can fix; reported as one line."""
 
 
 def main() -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
-    from ptycho_core.checkpoint import CheckpointError
+    from ptycho_core.checkpoint import CheckpointError, StorageError
     from ptycho_core.config import ConfigError
     from ptycho_core.engine import NumericalError
     from ptycho_core.io.readers import DataError
@@ -230,11 +238,14 @@ def main() -> None:
         signal_exit = {"SIGTERM": 143, "SIGINT": 130}
         sys.exit(next((code for name, code in signal_exit.items() if name in str(exc)), 143))
     except (ConfigError, DataError, CheckpointError, RunDirError, UserError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {_one_line(exc)}", highlight=False)
         sys.exit(EXIT_USER_ERROR)
     except NumericalError as exc:
         console.print(f"[red]numerical failure:[/red] {exc}", highlight=False)
         sys.exit(EXIT_NUMERICAL)
+    except StorageError as exc:
+        console.print(f"[red]storage error:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_STORAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 import torch
 
+from .faults import pause_point
 from .model import TENSOR_NAMES, PtychoAD
 
 FORMAT = "ptyflow-model"
@@ -37,6 +38,10 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A model.hdf5 that cannot be used; the message names the file (and tensor, if any)."""
+
+
+class StorageError(RuntimeError):
+    """A file could not be written (disk full, permissions); the previous version is intact."""
 
 
 @dataclass
@@ -82,6 +87,19 @@ def parse_checkpoint_name(name: str) -> Optional[tuple[int, int]]:
     return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
+# Refuse absurd declared sizes before allocating (a crafted file can declare petabytes).
+MAX_ELEMENTS = 1 << 34
+
+
+def _array(ds: h5py.Dataset) -> np.ndarray:
+    """A dataset's values, after checking it holds plain numbers of a plausible size."""
+    if ds.dtype.kind not in "fciub":
+        raise CheckpointError(f"dataset {ds.name} has type {ds.dtype}; only numbers are read from model files")
+    if ds.size > MAX_ELEMENTS:
+        raise CheckpointError(f"dataset {ds.name} declares {ds.shape} = {ds.size} elements; refusing to allocate it")
+    return np.array(ds[()])
+
+
 # --------------------------------------------------------------------------- generic values
 def _write_value(group: h5py.Group, key: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
@@ -106,13 +124,16 @@ def _write_value(group: h5py.Group, key: str, value: Any) -> None:
 def _read_value(node: h5py.Dataset | h5py.Group) -> Any:
     kind = node.attrs.get("kind")
     if kind == "tensor":
-        return torch.from_numpy(np.array(node[()])).to(getattr(torch, node.attrs["torch_dtype"]))
+        dtype = getattr(torch, str(node.attrs["torch_dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{node.name}: unknown torch dtype {node.attrs['torch_dtype']!r}")
+        return torch.from_numpy(_array(node)).to(dtype)
     if kind == "list":
         return [_read_value(node[str(i)]) for i in range(len(node))]
     if kind == "none":
         return None
     if kind in ("bool", "int", "float"):
-        return {"bool": bool, "int": int, "float": float}[kind](node[()])
+        return {"bool": bool, "int": int, "float": float}[kind](_array(node))
     raise CheckpointError(f"unknown stored value kind {kind!r} at {node.name}")
 
 
@@ -192,6 +213,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        pause_point("checkpoint_write")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -199,6 +221,8 @@ def atomic_write(path: Path, write) -> None:
             os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}; what was there before is intact") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -273,7 +297,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 raise CheckpointError(f"{path}: not a ptyflow model file (format attribute {attrs.get('format')!r})")
             if not attrs.get("complete", False):
                 raise CheckpointError(f"{path}: incomplete model file (no completeness mark; the write was interrupted)")
-            tensors = {name: torch.from_numpy(np.array(f["tensors"][name][()])) for name in f["tensors"]}
+            tensors = {name: torch.from_numpy(_array(f["tensors"][name])) for name in f["tensors"]}
             buffers = f["buffers"]
             optimizer_name, groups, states = None, [], {}
             if "optimizer" in f:
@@ -289,22 +313,24 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 iteration=int(attrs["iteration"]),
                 batch_cursor=int(attrs.get("batch_cursor", 0)),
                 partial_loss={k: float(v) for k, v in f["partial_loss"].attrs.items()},
-                history={k: f["history"][k][()].tolist() for k in f["history"]},
-                crop_pos=torch.from_numpy(np.array(buffers["crop_pos"][()])),
-                occupancies=torch.from_numpy(np.array(buffers["occupancies"][()])),
+                history={k: _array(f["history"][k]).tolist() for k in f["history"]},
+                crop_pos=torch.from_numpy(_array(buffers["crop_pos"])),
+                occupancies=torch.from_numpy(_array(buffers["occupancies"])),
                 dx_ang=float(buffers.attrs["dx_ang"]),
                 wavelength_ang=float(buffers.attrs["wavelength_ang"]),
                 optimizer_name=optimizer_name,
                 optimizer_groups=groups,
                 optimizer_state=states,
-                rng_state=torch.from_numpy(np.array(f["rng"]["torch_cpu"][()])) if "rng" in f else None,
+                rng_state=torch.from_numpy(_array(f["rng"]["torch_cpu"])) if "rng" in f else None,
                 shape_hash=str(attrs.get("shape_hash", "")),
                 config_hash=str(attrs.get("config_hash", "")),
                 attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v)
                        for k, v in attrs.items()},
             )
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from None
     except Exception as exc:  # h5py raises OSError/KeyError/... for damaged files
         raise CheckpointError(f"{path}: damaged or unreadable model file ({type(exc).__name__}: {exc})") from None
 

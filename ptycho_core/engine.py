@@ -8,6 +8,7 @@ its checkpoint repeats exactly what an uninterrupted run does.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class Problem:
     seed: int
     batching: str = "random"
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
+    micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     context: dict = field(default_factory=dict)  # what constraints need (conv angle, positions, ...)
 
     def __post_init__(self) -> None:
@@ -164,6 +166,7 @@ def run_iterations(
     last_iteration: int,
     stop_requested: Callable[[], bool] = lambda: False,
     on_iteration: Optional[Callable[[EngineState, dict], None]] = None,
+    warn: Callable[[str], None] = logging.getLogger("ptyflow").warning,
 ) -> bool:
     """Run until ``state.iteration == last_iteration`` or until ``stop_requested()`` is true after a
     batch. Updates ``state`` in place; returns True when it stopped early."""
@@ -181,19 +184,41 @@ def run_iterations(
             parts_holder: dict[str, torch.Tensor] = {}
 
             def closure():
+                # micro_batches > 1 after an out-of-memory error: the same step, gradients summed
                 optimizer.zero_grad(set_to_none=True)
-                pred = model(indices)
-                loss, parts = total_loss(pred, meas, problem.loss_weights, model)
+                totals: dict[str, torch.Tensor] = {}
+                loss_sum = None
+                for chunk in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches):
+                    if len(chunk) == 0:
+                        continue
+                    pred = model(indices[chunk])
+                    loss, parts = total_loss(pred, meas[chunk], problem.loss_weights, model)
+                    weight = len(chunk) / len(indices)
+                    (loss * weight).backward()
+                    loss_sum = loss.detach() * weight if loss_sum is None else loss_sum + loss.detach() * weight
+                    for key, value in parts.items():
+                        totals[key] = totals.get(key, 0.0) + value * weight
                 parts_holder.clear()
-                parts_holder.update(parts, total=loss.detach())
-                loss.backward()
-                return loss
+                parts_holder.update(totals, total=loss_sum)
+                return loss_sum
 
-            if closure_needed:
-                optimizer.step(closure)
-            else:
-                closure()
-                optimizer.step()
+            while True:
+                try:
+                    if closure_needed:
+                        optimizer.step(closure)
+                    else:
+                        closure()
+                        optimizer.step()
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if problem.micro_batches >= len(indices):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    problem.micro_batches *= 2
+                    warn(f"out of memory at iteration {iteration}: splitting each batch into "
+                         f"{problem.micro_batches} parts (same steps, gradients summed)")
             _check_finite(model, parts_holder["total"], iteration)
             weight = indices.numel() / n
             for key, value in parts_holder.items():

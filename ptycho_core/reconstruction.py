@@ -188,10 +188,12 @@ class Reconstruction:
         )
 
     def run(self, to_iteration: int, stop_requested: Callable[[], bool] = lambda: False,
-            on_iteration: Optional[Callable[[EngineState, dict], None]] = None) -> bool:
+            on_iteration: Optional[Callable[[EngineState, dict], None]] = None,
+            warn: Optional[Callable[[str], None]] = None) -> bool:
         """Iterate up to global iteration ``to_iteration``; True if stopped early by request."""
+        extra = {"warn": warn} if warn is not None else {}
         return run_iterations(self.model, self.optimizer, self.problem, self.state, to_iteration,
-                              stop_requested=stop_requested, on_iteration=on_iteration)
+                              stop_requested=stop_requested, on_iteration=on_iteration, **extra)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(

@@ -274,7 +274,7 @@ def run_segment(
         rec.resume(ckpt)
     first = rec.state.iteration
     started = time.perf_counter()
-    stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration)
+    stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration, warn=warn)
     seconds = time.perf_counter() - started
     paths.checkpoints.mkdir(exist_ok=True)
     target = paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor)

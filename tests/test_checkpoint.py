@@ -7,6 +7,7 @@ import torch
 
 from ptycho_core.checkpoint import (
     CheckpointError,
+    StorageError,
     atomic_write,
     checkpoint_name,
     latest_valid_checkpoint,
@@ -125,9 +126,9 @@ def test_failed_write_leaves_previous_file_and_no_temp(tmp_path):
 
     def broken(tmp):
         tmp.write_bytes(b"half")
-        raise OSError("No space left on device")
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="x.h5: No space left on device; what was there before is intact"):
         atomic_write(target, broken)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, StorageError
+from ..faults import pause_point
 
 RESULT_FORMAT = "ptyflow-result"
 PYRAMID_LEVELS = 3
@@ -70,8 +71,8 @@ def _write_ome_image(root: zarr.Group, name: str, image: np.ndarray, axes: list[
     }
 
 
-def write_result(
-    path: str | Path,
+def _write_result(
+    path: Path,
     ckpt: Checkpoint,
     positions_ang: np.ndarray,
     positions_px_initial: np.ndarray,
@@ -80,8 +81,6 @@ def write_result(
     versions: dict[str, str],
     timings: dict[str, float],
 ) -> Path:
-    """Write result.zarr from a checkpoint; the old export is replaced only once the new is whole."""
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -124,6 +123,7 @@ def write_result(
         "timings": timings,
         "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
     }
+    pause_point("export")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     if path.exists():
         os.replace(path, old)
@@ -131,6 +131,19 @@ def write_result(
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def write_result(path: str | Path, *args, **kwargs) -> Path:
+    """Write result.zarr from a checkpoint; the old export is replaced only once the new is whole.
+    A write that fails (disk full, permissions) is a StorageError and leaves the old export."""
+    path = Path(path)
+    try:
+        return _write_result(path, *args, **kwargs)
+    except OSError as exc:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}; the previous export is intact") from exc
 
 
 def read_result_summary(path: str | Path) -> dict[str, Any]:

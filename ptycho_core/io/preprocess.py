@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..faults import pause_point
 from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
 from .readers import DataError, PatternSource, data_format, open_patterns, read_positions
@@ -249,6 +250,7 @@ def preprocess(config: PtyflowConfig, chunk_bytes: int = 64 << 20, known_hash: O
                 raise DataError(f"{source.path}:{source.key}: pattern {bad} contains NaN or Inf values")
             out[done:done + len(take)] = _process_block(block, pp, fill_plan)
             done += len(take)
+            pause_point("preprocess")
         n_total = source.n_patterns
     finally:
         source.close()

@@ -1,0 +1,204 @@
+"""Speed and memory of ptyflow per iteration and per pattern, side by side with PtyRAD and the FFT
+floor, measured in one run. Not run by CI.
+
+    python benchmarks/run.py [--iterations 6] [--cases small,medium,multislice] [--ptyrad-python PATH]
+                             [--device cpu|cuda] [--out benchmarks/results]
+
+Every measurement runs in its own subprocess so that peak memory (RSS on CPU,
+max_memory_allocated on CUDA) belongs to that case alone. Times are medians over iterations
+2..N. Writes results.json and results.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# name: (scan shape, detector px, slices, probe modes, batch size)
+CASES = {
+    "small": ((16, 16), 64, 1, 1, 32),
+    "medium": ((32, 32), 64, 1, 1, 32),
+    "multislice": ((32, 32), 64, 8, 4, 32),
+}
+
+
+def make_dataset(name: str, folder: Path) -> Path:
+    """Simulated data for a case (ptycho_core.simulate), returns its config.yaml."""
+    from ptycho_core.simulate import PRESETS, simulate
+
+    scan, det, slices, modes, batch = CASES[name]
+    preset = PRESETS["small"]
+    config = simulate(preset, folder / name, seed=0, n_slices=slices, scan_shape=scan, window_px=det,
+                      slice_thickness_ang=10.0 if slices > 1 else preset.slice_thickness_ang)
+    return config
+
+
+def equivalent_overrides(iterations: int, device: str, modes: int, batch: int) -> dict:
+    """ptyflow settings that do the work PtyRAD 1.0.0 does by default per iteration: Adam with the
+    reference learning rates, object, probe and positions optimized from iteration 1, and its
+    default constraints (probe-mode orthogonalization, fixed probe intensity, lateral object blur
+    0.4 px, depth blur 1 slice, position recentring)."""
+    return {
+        "recon_params.iterations": iterations,
+        "recon_params.segment_iterations": iterations,
+        "recon_params.batch_size": batch,
+        "recon_params.device": device,
+        "recon_params.segment_figures": False,
+        "init.probe.n_modes": modes,
+        "model_params.update_params.obja": {"start_iter": 1, "lr": 5e-4},
+        "model_params.update_params.objp": {"start_iter": 1, "lr": 5e-4},
+        "model_params.update_params.probe": {"start_iter": 1, "lr": 1e-4},
+        "model_params.update_params.probe_pos_shifts": {"start_iter": 1, "lr": 1e-4},
+        "constraint_params.obj_blur": {"start_iter": 1, "std_px": 0.4},
+        "constraint_params.depth_blur": {"start_iter": 1, "std_slices": 1.0},
+    }
+
+
+def child(kind: str, config: str, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
+    """Runs in a fresh interpreter: one measurement, printed as JSON."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    import yaml
+
+    from ptycho_core.config import config_from_dict, resolve_paths
+    from ptycho_core.io.preprocess import preprocess
+    from ptycho_core.reconstruction import Reconstruction
+
+    raw = yaml.safe_load(Path(config).read_text())
+    for key, value in equivalent_overrides(iterations, device, modes, batch).items():
+        node = raw
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
+    prep = preprocess(cfg)
+    rec = Reconstruction.create(cfg, prep)
+    n_patterns = prep.measurements.shape[0]
+    if kind == "fft_floor":
+        seconds = fft_floor(rec, iterations)
+    else:
+        rec.run(iterations)
+        seconds = rec.state.history["seconds"][1:]
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    median = float(np.median(seconds))
+    return {"seconds_per_iteration": median, "seconds_per_pattern": median / n_patterns, "peak_bytes": int(peak),
+            "n_patterns": n_patterns, "iterations_timed": len(seconds)}
+
+
+def fft_floor(rec, iterations: int) -> list[float]:
+    """Seconds per iteration of the FFTs an iteration cannot avoid, on the same tensors:
+    per batch, the probe shift (fft + ifft), 2 FFTs per propagation between slices and the
+    far-field FFT, each for every probe x object mode, and as many again in the backward pass."""
+    import torch
+
+    model = rec.model
+    n, (ny, nx) = model.n_positions, model.window
+    p, o, z = model.probe.shape[0], model.obja.shape[0], model.obja.shape[1]
+    batch = rec.problem.batch_size
+    ffts_per_batch = 2 * (2 + 2 * (z - 1) + 1)  # forward and backward
+    wave = torch.randn(batch, p, o, ny, nx, dtype=torch.complex64, device=model.obja.device)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        for _ in range((n + batch - 1) // batch):
+            x = wave
+            for _ in range(ffts_per_batch // 2):
+                x = torch.fft.ifft2(torch.fft.fft2(x))
+        if wave.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def run_child(kind, config, iterations, device, modes, batch, threads) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import run; "
+            f"print('RESULT' + json.dumps(run.child({kind!r}, {str(config)!r}, {iterations}, {device!r}, {modes}, "
+            f"{batch}, {threads})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"{kind} failed: {out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT"):])
+
+
+def run_ptyrad(python: str, config: Path, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
+    out = subprocess.run([python, str(HERE / "ptyrad_driver.py"), str(config), str(iterations), device, str(modes),
+                          str(batch), str(threads)], capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"PtyRAD failed: {out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT"):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--ptyrad-python", default=None, help="python of a venv with ptyrad 1.0.0")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            scan, det, slices, modes, batch = CASES[name]
+            config = make_dataset(name, Path(tmp))
+            row = {"case": name, "patterns": scan[0] * scan[1], "detector": det, "slices": slices,
+                   "probe_modes": modes, "batch": batch}
+            row["ptyflow"] = run_child("ptyflow", config, args.iterations, args.device, modes, batch, args.threads)
+            row["fft_floor"] = run_child("fft_floor", config, args.iterations, args.device, modes, batch, args.threads)
+            if args.ptyrad_python:
+                try:
+                    row["ptyrad"] = run_ptyrad(args.ptyrad_python, config, args.iterations, args.device, modes,
+                                               batch, args.threads)
+                except RuntimeError as exc:
+                    row["ptyrad_error"] = str(exc)[-500:]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"python": platform.python_version(), "machine": platform.machine(), "device": args.device,
+            "threads": args.threads, "iterations": args.iterations, "date": time.strftime("%Y-%m-%d %H:%M")}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "results.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Device {meta['device']}, {meta['threads']} threads, median of iterations 2..{meta['iterations']}, "
+             f"{meta['date']}.", "",
+             "| case | patterns | slices | modes | ptyflow s/it | ms/pattern | PtyRAD s/it | PtyRAD / ptyflow "
+             "| FFT floor s/it | ptyflow / floor | ptyflow peak MB | PtyRAD peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, floor, peer = r["ptyflow"], r["fft_floor"], r.get("ptyrad")
+        lines.append(
+            f"| {r['case']} | {r['patterns']} | {r['slices']} | {r['probe_modes']} | {ours['seconds_per_iteration']:.3f} "
+            f"| {1e3 * ours['seconds_per_pattern']:.3f} | {peer['seconds_per_iteration']:.3f} " if peer else
+            f"| {r['case']} | {r['patterns']} | {r['slices']} | {r['probe_modes']} | {ours['seconds_per_iteration']:.3f} "
+            f"| {1e3 * ours['seconds_per_pattern']:.3f} | - ")
+        lines[-1] += (f"| {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:.2f} " if peer else "| - ")
+        lines[-1] += (f"| {floor['seconds_per_iteration']:.3f} | {ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f} "
+                      f"| {ours['peak_bytes'] / 1e6:.0f} | {peer['peak_bytes'] / 1e6:.0f} |" if peer else
+                      f"| {floor['seconds_per_iteration']:.3f} | {ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f} "
+                      f"| {ours['peak_bytes'] / 1e6:.0f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -133,7 +133,7 @@ class EngineState:
 class Problem:
     """What the loop needs besides the model: the data and the settings that shape the steps."""
 
-    measurements: torch.Tensor  # (N, ky, kx), on the model's device
+    measurements: torch.Tensor  # (N, ky, kx) in FFT order (DC at [0, 0]), on the model's device
     loss_weights: dict[str, float]
     constraint_params: object
     batch_size: int
@@ -191,7 +191,7 @@ def run_iterations(
                 for chunk in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches):
                     if len(chunk) == 0:
                         continue
-                    pred = model(indices[chunk])
+                    pred = model(indices[chunk], centered=False)
                     loss, parts = total_loss(pred, meas[chunk], problem.loss_weights, model)
                     weight = len(chunk) / len(indices)
                     (loss * weight).backward()

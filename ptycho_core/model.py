@@ -140,15 +140,22 @@ class PtychoAD(torch.nn.Module):
         self._propagator_cache = (key, prop.detach()) if cacheable else None
         return prop
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        """Predicted diffraction intensities (B, ky, kx) for the positions ``indices`` (B,)."""
+    def forward(self, indices: torch.Tensor, centered: bool = True) -> torch.Tensor:
+        """Predicted diffraction intensities (B, ky, kx) for the positions ``indices`` (B,).
+
+        centered: DC at the pattern centre, as measured; False returns FFT order (the engine keeps
+        its measurements in FFT order, saving two shifts per batch)."""
         obja, objp = self.obja, self.objp
         if self.obj_preblur_std:
             # the loss sees the blurred object, the gradient lands on the sharp one
             obja = fw.gaussian_blur(obja, self.obj_preblur_std)
             objp = fw.gaussian_blur(objp, self.obj_preblur_std)
         flat_idx = fw.patch_indices(self.crop_pos[indices], self.window, obja.shape[-1])
-        trans = fw.transmission(fw.crop_patches(obja, flat_idx), fw.crop_patches(objp, flat_idx))
+        if obja[0, 0].numel() < flat_idx.numel():
+            # a canvas smaller than the batch's patches: one polar on the canvas, one complex gather
+            trans = fw.crop_patches(fw.transmission(obja, objp), flat_idx)
+        else:
+            trans = fw.transmission(fw.crop_patches(obja, flat_idx), fw.crop_patches(objp, flat_idx))
         probe = self.probe_complex
         if self.apply_shifts:
             probes = fw.fourier_shift(probe, self.probe_pos_shifts[indices])
@@ -156,7 +163,10 @@ class PtychoAD(torch.nn.Module):
             probes = probe[None]
         propagator = self.propagator(indices) if obja.shape[1] > 1 else None
         exit_waves = fw.multislice_exit_waves(probes, trans, propagator)
-        intensity = fw.farfield_intensity(exit_waves, self.occupancies)
-        if self.detector_blur_std:
+        blur = bool(self.detector_blur_std)
+        intensity = fw.farfield_intensity(exit_waves, self.occupancies, centered=centered or blur)
+        if blur:
             intensity = fw.gaussian_blur(intensity, self.detector_blur_std)
+            if not centered:
+                intensity = torch.fft.ifftshift(intensity, dim=(-2, -1))
         return intensity

@@ -145,7 +145,9 @@ class Reconstruction:
         opt_params = config.model_params.optimizer_params
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs)
         problem = Problem(
-            measurements=torch.from_numpy(prep.measurements).to(device=device, dtype=real),
+            # FFT order, like the model's uncentred predictions: no shift per batch
+            measurements=torch.fft.ifftshift(torch.from_numpy(prep.measurements).to(device=device, dtype=real),
+                                              dim=(-2, -1)),
             loss_weights={name: term.weight for name, term in config.loss_params.active_terms().items()},
             constraint_params=config.constraint_params,
             batch_size=recon.batch_size,

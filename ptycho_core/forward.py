@@ -49,12 +49,13 @@ def multislice_exit_waves(probes: torch.Tensor, trans: torch.Tensor, propagator:
     needed when Z > 1. Returns (B, P, O, ny, nx).
     """
     psi = probes[:, :, None]  # (B, P, 1, ny, nx)
-    n_slices = trans.shape[2]
-    if n_slices > 1:
+    # unbind, not trans[:, :, z]: each indexed slice would cost a zero-filled full-size gradient
+    layers = trans.unbind(dim=2)
+    if len(layers) > 1:
         prop = propagator[:, None, None]  # (T, 1, 1, ny, nx)
-    for z in range(n_slices):
-        psi = psi * trans[:, None, :, z]
-        if z < n_slices - 1:
+    for z, layer in enumerate(layers):
+        psi = psi * layer[:, None]
+        if z < len(layers) - 1:
             psi = torch.fft.ifft2(torch.fft.fft2(psi) * prop)
     return psi
 

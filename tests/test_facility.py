@@ -7,7 +7,6 @@ import shutil
 import pytest
 import yaml
 
-from ptycho_core.simulate import simulate
 
 
 @pytest.fixture

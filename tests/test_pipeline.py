@@ -4,12 +4,9 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 import yaml

@@ -1,9 +1,7 @@
 """Reconstructions recover the known object of simulated data."""
 
 import numpy as np
-import pytest
 
-from ptycho_core.config import load_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction, phase_pearson, scanned_field_mask
 from ptycho_core.simulate import read_ground_truth

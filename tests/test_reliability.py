@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from ptycho_core.checkpoint import CheckpointError, StorageError, read_checkpoint
 from ptycho_core.engine import NumericalError
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import export_run, prepare, read_run_config, run_segment
+from ptycho_core.rundir import export_run, prepare, run_segment
 
 from helpers import config_with
 
@@ -111,10 +110,10 @@ def test_out_of_memory_splits_batches_and_carries_on(small_dataset, small_prep, 
     rec = Reconstruction.create(cfg, small_prep)
     forward = rec.model.forward
 
-    def small_memory(indices):
+    def small_memory(indices, **kwargs):
         if len(indices) > 16:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(indices)
+        return forward(indices, **kwargs)
 
     monkeypatch.setattr(rec.model, "forward", small_memory)
     warnings = []

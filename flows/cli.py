@@ -85,7 +85,7 @@ def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
     cfg = resolve_config(config)
     from ptycho_core.io.readers import check_data_path
 
-    check_data_path(cfg.data)
+    check_data_path(cfg.data)  # before a Prefect server starts: a missing file fails in a second
     done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
     first = start_iteration(cfg)
     done = done_ckpt.iteration if done_ckpt else first

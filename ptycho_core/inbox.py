@@ -10,13 +10,14 @@ is recorded as a duplicate of the first and not reconstructed again.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .io.preprocess import content_digest
 
 DATA_SUFFIXES = {".h5", ".hdf5", ".hdf", ".cxi", ".emd", ".nxs", ".npy", ".mat", ".tif", ".tiff", ".zarr", ".raw"}
 
@@ -33,18 +34,6 @@ def size_of(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for item in files:
-        if path.is_dir():
-            digest.update(str(item.relative_to(path)).encode())
-        with open(item, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -95,7 +84,7 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
             if entry["attempts"] >= max_attempts:
                 entry["status"] = "failed"
                 continue
-            digest = entry.get("hash") or content_hash(path)
+            digest = entry.get("hash") or content_digest(path)
             twin = next((name for name, other in state["datasets"].items() if name != path.name
                          and other.get("hash") == digest and other.get("status") in ("claimed", "submitted", "done")), None)
             if twin is not None:  # the same bytes under another name: one reconstruction serves both

@@ -81,7 +81,8 @@ class Preprocessed:
         return tuple(self.measurements.shape[-2:])
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+def content_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, or of a folder's files (names and bytes, e.g. a zarr store)."""
     if not path.exists():
         raise DataError(f"{path}: data file not found (data.path)")
     digest = hashlib.sha256()
@@ -103,9 +104,9 @@ def input_hash(config: PtyflowConfig) -> str:
         "preprocess": config.preprocess.model_dump(mode="json"),
         "pad_px": config.init.object.pad_px,
     }
-    text = _file_digest(Path(config.data.path))
+    text = content_digest(Path(config.data.path))
     if config.data.pos_path:
-        text += _file_digest(Path(config.data.pos_path))
+        text += content_digest(Path(config.data.pos_path))
     text += json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import read_checkpoint
-from .rundir import RunDirError, RunPaths, checkpoint_summary, newest_checkpoint, read_run_config, segment_ends
+from .rundir import (
+    RunDirError,
+    RunPaths,
+    checkpoint_summary,
+    is_finished,
+    newest_checkpoint,
+    read_run_config,
+    segment_ends,
+)
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -54,12 +62,11 @@ def inspect_run_dir(run_dir: Path) -> dict:
         return report
     ckpt = newest_checkpoint(run_dir, warn=lambda m: None)
     done = ckpt.iteration if ckpt else 0
-    remaining = segment_ends(config, done)
     all_ends = segment_ends(config, 0)
     report.update(
         iteration=done,
         target_iteration=all_ends[-1] if all_ends else done,
-        finished=not remaining and ckpt is not None and ckpt.batch_cursor == 0,
+        finished=is_finished(config, ckpt),
         segments_done=sum(1 for e in all_ends if e <= done),
         last_loss=ckpt.history["loss"][-1] if ckpt and ckpt.history.get("loss") else None,
     )

@@ -215,6 +215,14 @@ def phase_pearson(phase: np.ndarray, truth: np.ndarray, mask: Optional[np.ndarra
     return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
 
 
+def scanned_field_box(positions_px: np.ndarray, canvas_shape: tuple[int, int], margin_px: int = 0
+                      ) -> tuple[slice, slice]:
+    """(rows, cols) slices covering every probe centre (N, 2) plus margin_px, within the canvas."""
+    lo = np.maximum(np.floor(positions_px.min(axis=0)).astype(int) - margin_px, 0)
+    hi = np.minimum(np.ceil(positions_px.max(axis=0)).astype(int) + 1 + margin_px, canvas_shape)
+    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
+
+
 def scanned_field_mask(positions_px: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
     """(Ny, Nx) bool: the bounding box of the probe-centre positions on the canvas."""
     mask = np.zeros(canvas_shape, dtype=bool)

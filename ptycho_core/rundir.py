@@ -319,8 +319,10 @@ def link_newest(paths: RunPaths, checkpoint: Path) -> None:
 
 def finished(run_dir: str | Path) -> bool:
     """True when the newest checkpoint has reached the configured number of iterations."""
-    config = read_run_config(run_dir)
-    ckpt = newest_checkpoint(run_dir, warn=lambda m: None)
+    return is_finished(read_run_config(run_dir), newest_checkpoint(run_dir, warn=lambda m: None))
+
+
+def is_finished(config: PtyflowConfig, ckpt: Optional[Checkpoint]) -> bool:
     return ckpt is not None and not segment_ends(config, ckpt.iteration) and ckpt.batch_cursor == 0
 
 

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import ConfigError, PtyflowConfig, config_from_dict, set_dotted
+from .reconstruction import scanned_field_box
 
 
 class SweepSpec(BaseModel):
@@ -122,10 +123,7 @@ def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> N
         if result.is_dir():
             root = zarr.open_group(str(result), mode="r")
             phase = np.asarray(root["object_phase"][0]).sum(0)
-            positions = np.asarray(root["positions_px_initial"][:])
-            lo = np.floor(positions.min(0)).astype(int)
-            hi = np.ceil(positions.max(0)).astype(int) + 1
-            image = phase[lo[0]:hi[0], lo[1]:hi[1]]
+            image = phase[scanned_field_box(np.asarray(root["positions_px_initial"][:]), phase.shape)]
             ax.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
         label = "\n".join(f"{k.split('.')[-2] if k.count('.') else ''}.{k.split('.')[-1]}={row.get(k)}".lstrip(".")
                           for k in keys)

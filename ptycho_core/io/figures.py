@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..reconstruction import scanned_field_box
 
 
 def _pyplot():
@@ -47,9 +48,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint, initial_positions_px: np
     window = np.array(t["probe"].shape[-2:])
     centres = ckpt.crop_pos.numpy() + window // 2
     # show the scanned field (plus a small margin): the rest is lit only by the probe tails
-    lo = np.maximum(centres.min(axis=0) - 4, 0)
-    hi = np.minimum(centres.max(axis=0) + 5, phase.shape[-2:])
-    phase = phase[:, lo[0]:hi[0], lo[1]:hi[1]]
+    phase = phase[(slice(None), *scanned_field_box(centres, phase.shape[-2:], margin_px=4))]
     panels = [("sum over slices", phase.sum(0))] + ([(f"slice {z}", phase[z]) for z in range(len(phase))] if len(phase) > 1 else [])
     panels = panels[:9]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False, layout="constrained")

@@ -100,16 +100,17 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
 
 
 def fft_floor(rec, iterations: int) -> list[float]:
-    """Seconds per iteration of the FFTs an iteration cannot avoid, on the same tensors:
-    per batch, the probe shift (fft + ifft), 2 FFTs per propagation between slices and the
-    far-field FFT, each for every probe x object mode, and as many again in the backward pass."""
+    """Seconds per iteration of the FFTs an iteration cannot avoid, on the same tensors: per batch,
+    the inverse FFT that puts the shifted probe back in real space (the probe's own FFT is one per
+    mode, not per pattern), 2 FFTs per propagation between slices and the far-field FFT, each for
+    every probe x object mode, and as many again in the backward pass: 4 * slices per batch."""
     import torch
 
     model = rec.model
     n, (ny, nx) = model.n_positions, model.window
     p, o, z = model.probe.shape[0], model.obja.shape[0], model.obja.shape[1]
     batch = rec.problem.batch_size
-    ffts_per_batch = 2 * (2 + 2 * (z - 1) + 1)  # forward and backward
+    ffts_per_batch = 2 * (1 + 2 * (z - 1) + 1)  # forward and backward
     wave = torch.randn(batch, p, o, ny, nx, dtype=torch.complex64, device=model.obja.device)
     times = []
     for _ in range(iterations):

@@ -11,35 +11,73 @@ import math
 import torch
 
 
-def patch_indices(crop_pos: torch.Tensor, window: tuple[int, int], canvas_nx: int) -> torch.Tensor:
-    """Flat canvas indices (B, ny, nx) of the windows whose top-left corners are crop_pos (B, 2)."""
+def patch_indices(crop_pos: torch.Tensor, window: tuple[int, int], canvas_shape: tuple[int, ...]) -> torch.Tensor:
+    """Flat indices (B, *lead, ny, nx) into canvas.reshape(-1) of the windows whose top-left corners
+    are crop_pos (B, 2), for a canvas of shape (*lead, Ny, Nx) (lead: object modes and slices)."""
     ny, nx = window
-    rows = crop_pos[:, 0, None] + torch.arange(ny, device=crop_pos.device)  # (B, ny)
-    cols = crop_pos[:, 1, None] + torch.arange(nx, device=crop_pos.device)  # (B, nx)
-    return rows[:, :, None] * canvas_nx + cols[:, None, :]
+    *lead, canvas_ny, canvas_nx = canvas_shape
+    device = crop_pos.device
+    layer_start = torch.arange(math.prod(lead), device=device).view(*lead, 1, 1) * (canvas_ny * canvas_nx)
+    offsets = (layer_start + torch.arange(ny, device=device)[:, None] * canvas_nx
+               + torch.arange(nx, device=device))  # (*lead, ny, nx), small
+    corner = crop_pos[:, 0] * canvas_nx + crop_pos[:, 1]  # (B,)
+    return corner.view(-1, *[1] * offsets.dim()) + offsets
 
 
 def crop_patches(canvas: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
-    """Gather windows from a canvas (..., Ny, Nx) at flat_idx (B, ny, nx) -> (B, ..., ny, nx)."""
-    flat = canvas.reshape(*canvas.shape[:-2], -1)
-    patches = flat[..., flat_idx]  # (..., B, ny, nx)
-    return patches.movedim(-3, 0)
+    """Gather windows from a canvas (*lead, Ny, Nx) at flat_idx from patch_indices -> (B, *lead, ny, nx).
+
+    One 1D index_select: its output is already batch-major (no transposing copy, forward or
+    backward) and its backward is an index_add, cheaper than the accumulating index_put that
+    advanced indexing differentiates to."""
+    return canvas.reshape(-1).index_select(0, flat_idx.reshape(-1)).view(flat_idx.shape)
+
+
+def shift_ramps(shifts_px: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable Fourier phase ramps exp(-2 pi i k s) of sub-pixel shifts (B, 2) (y, x) pixels:
+    (B, ny, 1) and (B, 1, nx), in FFT order."""
+    ny, nx = window
+    ky = torch.fft.fftfreq(ny, device=shifts_px.device, dtype=shifts_px.dtype)
+    kx = torch.fft.fftfreq(nx, device=shifts_px.device, dtype=shifts_px.dtype)
+    phase_y = (-2 * math.pi) * shifts_px[:, 0, None] * ky  # (B, ny)
+    phase_x = (-2 * math.pi) * shifts_px[:, 1, None] * kx  # (B, nx)
+    return (torch.polar(torch.ones_like(phase_y), phase_y)[:, :, None],
+            torch.polar(torch.ones_like(phase_x), phase_x)[:, None, :])
 
 
 def fourier_shift(field: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     """Shift complex fields (P, ny, nx) by shifts_px (B, 2) (y, x) pixels -> (B, P, ny, nx)."""
-    ny, nx = field.shape[-2:]
-    real_dtype = shifts_px.dtype
-    ky = torch.fft.fftfreq(ny, device=field.device, dtype=real_dtype)
-    kx = torch.fft.fftfreq(nx, device=field.device, dtype=real_dtype)
-    phase = -2 * math.pi * (shifts_px[:, 0, None, None] * ky[:, None] + shifts_px[:, 1, None, None] * kx[None, :])
-    ramp = torch.polar(torch.ones_like(phase), phase)  # (B, ny, nx)
+    ramp_y, ramp_x = shift_ramps(shifts_px, field.shape[-2:])
+    # the ramp is an outer product: two 1D polars instead of one full-size polar per pattern
+    ramp = ramp_y * ramp_x  # (B, ny, nx)
     return torch.fft.ifft2(torch.fft.fft2(field)[None] * ramp[:, None])
+
+
+class _Transmission(torch.autograd.Function):
+    """amplitude * exp(i phase) with a backward of one complex and one real multiply.
+
+    torch.polar's own backward goes through sgn(result), a division per element. With
+    w = grad * exp(-i phase): d/d amplitude = Re(w), d/d phase = amplitude * Im(w).
+    """
+
+    @staticmethod
+    def forward(ctx, amplitude, phase):
+        unit = torch.polar(torch.ones_like(phase), phase)
+        ctx.save_for_backward(amplitude, unit)
+        return unit * amplitude
+
+    @staticmethod
+    def backward(ctx, grad):
+        amplitude, unit = ctx.saved_tensors
+        w = grad * unit.conj()
+        grad_amplitude = w.real.contiguous() if ctx.needs_input_grad[0] else None
+        grad_phase = w.imag * amplitude if ctx.needs_input_grad[1] else None
+        return grad_amplitude, grad_phase
 
 
 def transmission(obja: torch.Tensor, objp: torch.Tensor) -> torch.Tensor:
     """Complex transmission amplitude * exp(i phase); same shape as the inputs."""
-    return torch.polar(obja, objp)
+    return _Transmission.apply(obja, objp)
 
 
 def multislice_exit_waves(probes: torch.Tensor, trans: torch.Tensor, propagator: torch.Tensor | None) -> torch.Tensor:
@@ -49,8 +87,9 @@ def multislice_exit_waves(probes: torch.Tensor, trans: torch.Tensor, propagator:
     needed when Z > 1. Returns (B, P, O, ny, nx).
     """
     psi = probes[:, :, None]  # (B, P, 1, ny, nx)
-    # unbind, not trans[:, :, z]: each indexed slice would cost a zero-filled full-size gradient
-    layers = trans.unbind(dim=2)
+    # unbind, not trans[:, :, z]: each indexed slice would cost a zero-filled full-size gradient;
+    # one slice is a view (unbind's backward would stack a copy)
+    layers = [trans.squeeze(2)] if trans.shape[2] == 1 else trans.unbind(dim=2)
     if len(layers) > 1:
         prop = propagator[:, None, None]  # (T, 1, 1, ny, nx)
     for z, layer in enumerate(layers):
@@ -58,6 +97,32 @@ def multislice_exit_waves(probes: torch.Tensor, trans: torch.Tensor, propagator:
         if z < len(layers) - 1:
             psi = torch.fft.ifft2(torch.fft.fft2(psi) * prop)
     return psi
+
+
+class _FarFieldIntensity(torch.autograd.Function):
+    """sum over modes of occupancy * |FFT(exit wave)|^2, differentiated by hand.
+
+    Autograd of the same expression spends more time in view_as_real, square and a sum over a
+    size-2 axis than in the FFT. The adjoint of the orthonormal FFT is its inverse, so
+    d/d psi = ifft2(2 * weight * grad * F).
+    """
+
+    @staticmethod
+    def forward(ctx, exit_waves, occupancies):
+        far = torch.fft.fft2(exit_waves, norm="ortho")  # (B, P, O, ny, nx)
+        amp2 = far.real.square() + far.imag.square()
+        if amp2.shape[2] == 1:
+            intensity = amp2[:, :, 0].sum(dim=1) * occupancies[0]
+        else:
+            intensity = torch.einsum("bpoyx,o->byx", amp2, occupancies)
+        ctx.save_for_backward(far, occupancies)
+        return intensity
+
+    @staticmethod
+    def backward(ctx, grad):
+        far, occupancies = ctx.saved_tensors
+        scale = 2 * grad[:, None, None] * occupancies[:, None, None]  # (B, 1, O, ny, nx)
+        return torch.fft.ifft2(far * scale, norm="ortho"), None
 
 
 def farfield_intensity(exit_waves: torch.Tensor, occupancies: torch.Tensor, centered: bool = True) -> torch.Tensor:
@@ -68,12 +133,7 @@ def farfield_intensity(exit_waves: torch.Tensor, occupancies: torch.Tensor, cent
     centered: DC at the centre (as measured); False keeps FFT order, which saves two shifts per
     batch when the measurements are stored in FFT order too.
     """
-    far = torch.view_as_real(torch.fft.fft2(exit_waves, norm="ortho"))
-    amp2 = far.square().sum(dim=-1)  # re^2 + im^2: cheaper than |.|^2 and its backward
-    if amp2.shape[2] == 1:
-        intensity = amp2[:, :, 0].sum(dim=1) * occupancies[0]
-    else:
-        intensity = torch.einsum("bpoyx,o->byx", amp2, occupancies)
+    intensity = _FarFieldIntensity.apply(exit_waves, occupancies)
     return torch.fft.fftshift(intensity, dim=(-2, -1)) if centered else intensity
 
 

@@ -150,8 +150,8 @@ class PtychoAD(torch.nn.Module):
             # the loss sees the blurred object, the gradient lands on the sharp one
             obja = fw.gaussian_blur(obja, self.obj_preblur_std)
             objp = fw.gaussian_blur(objp, self.obj_preblur_std)
-        flat_idx = fw.patch_indices(self.crop_pos[indices], self.window, obja.shape[-1])
-        if obja[0, 0].numel() < flat_idx.numel():
+        flat_idx = fw.patch_indices(self.crop_pos[indices], self.window, tuple(obja.shape))  # (B, O, Z, ny, nx)
+        if obja.numel() < flat_idx.numel():
             # a canvas smaller than the batch's patches: one polar on the canvas, one complex gather
             trans = fw.crop_patches(fw.transmission(obja, objp), flat_idx)
         else:

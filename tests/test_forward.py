@@ -73,9 +73,10 @@ def make_model(case, crop, occ, **kw):
 
 @pytest.mark.parametrize("tilts", [1, 5])
 @pytest.mark.parametrize("blur", [(None, None), (0.8, 0.6)])
-def test_forward_matches_explicit_loops(tilts, blur):
+@pytest.mark.parametrize("n_pos", [5, 3])  # 5 windows outsize the canvas (transmit the canvas), 3 do not
+def test_forward_matches_explicit_loops(tilts, blur, n_pos):
     rng = np.random.default_rng(3)
-    case, crop, occ = random_case(rng, tilts=tilts)
+    case, crop, occ = random_case(rng, n_pos=n_pos, tilts=n_pos if tilts > 1 else 1)
     model = make_model(case, crop, occ, obj_preblur_std=blur[0], detector_blur_std=blur[1])
     got = model(torch.arange(len(crop))).detach().numpy()
     want = reference_intensity(case, crop, occ, *blur)
@@ -92,12 +93,17 @@ def test_forward_conserves_probe_intensity_for_a_pure_phase_object():
     assert torch.allclose(total, torch.full_like(total, power), rtol=1e-10)
 
 
-def test_gradcheck_double_precision():
+@pytest.mark.parametrize("n_pos, canvas, obj_modes, slices", [
+    (2, 10, 1, 2),  # windows smaller than the canvas: transmit the patches
+    (4, 8, 2, 1),  # windows larger than the canvas: transmit the canvas, then gather
+])
+def test_gradcheck_double_precision(n_pos, canvas, obj_modes, slices):
     rng = np.random.default_rng(5)
-    case, crop, occ = random_case(rng, n_pos=2, window=6, canvas=10, probe_modes=2, obj_modes=1, slices=2)
+    case, crop, occ = random_case(rng, n_pos=n_pos, window=6, canvas=canvas, probe_modes=2, obj_modes=obj_modes,
+                                  slices=slices)
     model = make_model(case, crop, occ, detector_blur_std=0.5)
     model.set_iteration(1)
-    idx = torch.arange(2)
+    idx = torch.arange(n_pos)
     names = list(TENSOR_NAMES)
 
     def f(*values):

@@ -11,6 +11,7 @@ This is the core's public entry point; the Prefect tasks and the tests both driv
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -100,6 +101,18 @@ def _probe_from_file(config: PtyflowConfig, prep: Preprocessed) -> torch.Tensor:
     if probe.shape[0] < n_modes:
         raise DataError(f"init.probe.n_modes is {n_modes} but {src.path}:{src.key} holds {probe.shape[0]} mode(s)")
     return probe[:n_modes]
+
+
+@dataclass(frozen=True)
+class ResultView:
+    """The state of a reconstruction that figures and summaries read, in memory and on the CPU.
+    A Checkpoint has the same fields, so either can be drawn."""
+
+    tensors: dict[str, torch.Tensor]  # user-facing shapes, see PtychoAD.tensors()
+    crop_pos: torch.Tensor  # (N, 2)
+    dx_ang: float
+    iteration: int
+    history: dict[str, list[float]]
 
 
 def update_rules(config: PtyflowConfig) -> dict[str, UpdateRule]:
@@ -196,6 +209,14 @@ class Reconstruction:
         extra = {"warn": warn} if warn is not None else {}
         return run_iterations(self.model, self.optimizer, self.problem, self.state, to_iteration,
                               stop_requested=stop_requested, on_iteration=on_iteration, **extra)
+
+    def view(self) -> ResultView:
+        """The current tensors and history, without a round trip through a checkpoint file."""
+        return ResultView(
+            tensors={name: t.cpu() for name, t in self.model.tensors().items()},
+            crop_pos=self.model.crop_pos.cpu(), dx_ang=self.model.dx_ang, iteration=self.state.iteration,
+            history={k: list(v) for k, v in self.state.history.items()},
+        )
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(

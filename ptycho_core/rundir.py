@@ -287,7 +287,7 @@ def run_segment(
     if config.recon_params.segment_figures and not stopped:
         from .io.figures import write_figures
 
-        write_figures(paths.figures, read_checkpoint(path), prep.geometry.positions_px)
+        write_figures(paths.figures, rec.view(), prep.geometry.positions_px)
     if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
         raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
     n_done = max(1, rec.state.iteration - first)

@@ -9,12 +9,14 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ptyflow-test-pref
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ptycho_core.config import load_config  # noqa: E402
 from ptycho_core.io.preprocess import preprocess  # noqa: E402
 from ptycho_core.simulate import simulate  # noqa: E402
+from serverkit import free_port, wait  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +70,26 @@ def run_cli(prefect_api):
         env = {**os.environ, "PREFECT_API_URL": prefect_api}
         return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
     return run
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real Prefect server on a free local port; yields the environment that points at it."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait(healthy, 90, "the Prefect server")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

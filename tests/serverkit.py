@@ -1,14 +1,11 @@
-"""Helpers for the slow tests that run a real Prefect server and workers on 127.0.0.1."""
+"""Helpers for tests that run real processes: a Prefect server and workers on 127.0.0.1, process trees."""
 
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +44,15 @@ def processes():
     return out
 
 
+def alive(pid):
+    """True while pid exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def descendants(root):
     table = processes()
     found, frontier = [], [root]
@@ -57,28 +63,6 @@ def descendants(root):
                 found.append((pid, cmd))
                 frontier.append(pid)
     return found
-
-
-@pytest.fixture
-def server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def healthy():
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait(healthy, 90, "the Prefect server")
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def final_states(env, flow_run_id):

@@ -13,7 +13,7 @@ import yaml
 
 from ptycho_core.simulate import simulate
 
-from serverkit import deploy_all, prefect, server, wait  # noqa: F401
+from serverkit import deploy_all, prefect, wait
 
 pytestmark = pytest.mark.slow
 

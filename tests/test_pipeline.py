@@ -18,6 +18,7 @@ from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.rundir import RunDirError, run_lock
 
 from conftest import cli
+from serverkit import alive, descendants
 
 ITERATIONS = 24
 SEGMENT = 4
@@ -45,26 +46,6 @@ def reference(pipeline_config):
     return {k: v.clone() for k, v in rec.model.tensors().items()}
 
 
-def children_of(pid):
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def wait_for_checkpoint(run_dir, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,7 +70,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, pipeline_conf
                             stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(run_dir, proc)
     time.sleep(random.uniform(0.0, 1.0))
-    helpers = children_of(proc.pid)
+    helpers = [pid for pid, _ in descendants(proc.pid)]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert helpers, "the embedded Prefect server should be a child of the run"

@@ -17,7 +17,7 @@ from ptycho_core.config import load_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction
 
-from serverkit import REPO, deploy_all, descendants, final_states, prefect, server, wait  # noqa: F401
+from serverkit import deploy_all, descendants, final_states, prefect, wait
 
 pytestmark = pytest.mark.slow
 

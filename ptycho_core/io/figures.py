@@ -1,4 +1,4 @@
-"""PNG figures of a checkpoint: object phase, probe modes, loss curve, positions.
+"""PNG figures of a reconstruction (in memory or a checkpoint): object phase, probe modes, loss, positions.
 
 The object phase is shown over the scanned field: the margin that only the probe tails reach is
 noise and would set the colour scale.
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..reconstruction import scanned_field_box
+from ..reconstruction import ResultView, scanned_field_box
 
 
 def _pyplot():
@@ -33,8 +33,11 @@ def _scale_bar(ax, dx_ang: float, width_px: int) -> None:
     ax.text(0.05 * width_px + px / 2, 0.89 * ny, f"{length:g} Å", color="white", ha="center", va="bottom", fontsize=9)
 
 
-def write_figures(folder: str | Path, ckpt: Checkpoint, initial_positions_px: np.ndarray | None = None) -> list[Path]:
+def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None = None
+                  ) -> list[Path]:
     """Write object_phase.png, probe_modes.png, loss.png and positions.png; returns their paths.
+
+    ckpt: a checkpoint read from disk, or Reconstruction.view() of a running reconstruction.
 
     initial_positions_px (N, 2): probe centres on the canvas before refinement, to draw the
     position corrections (magnified); without it none are drawn."""

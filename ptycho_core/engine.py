@@ -178,6 +178,11 @@ def run_iterations(
         model.set_iteration(iteration)
         batches = batch_order(problem.seed, iteration, n, problem.batch_size, problem.batching, problem.positions_px)
         started = time.perf_counter()
+        # loss sums stay on the device until the iteration ends (or stops): no host sync per batch.
+        # float64, continuing from the floats a mid-iteration checkpoint holds, so a resumed
+        # iteration adds up exactly as an uninterrupted one.
+        sums = {k: torch.tensor(v, dtype=torch.float64, device=problem.measurements.device)
+                for k, v in state.partial_loss.items()}
         for b in range(state.batch_cursor, len(batches)):
             indices = batches[b].to(problem.measurements.device)
             meas = problem.measurements[indices]
@@ -219,16 +224,22 @@ def run_iterations(
                     problem.micro_batches *= 2
                     warn(f"out of memory at iteration {iteration}: splitting each batch into "
                          f"{problem.micro_batches} parts (same steps, gradients summed)")
-            _check_finite(model, parts_holder["total"], iteration)
             weight = indices.numel() / n
             for key, value in parts_holder.items():
-                state.partial_loss[key] = state.partial_loss.get(key, 0.0) + float(value) * weight
+                weighted = value.detach().to(torch.float64) * weight
+                sums[key] = sums[key] + weighted if key in sums else weighted
             state.batch_cursor = b + 1
             if stop_requested() and state.batch_cursor < len(batches):
+                # a non-finite state must not reach the checkpoint the caller writes next
+                _check_finite(model, sums["total"], iteration)
+                state.partial_loss = {k: float(v) for k, v in sums.items()}
                 return True
+        # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
+        _check_finite(model, sums["total"], iteration)
+        totals = {k: float(v) for k, v in sums.items()}
         apply_constraints(model, problem.constraint_params, iteration, context)
-        row = {"iteration": iteration, "loss": state.partial_loss.pop("total")}
-        row.update({f"loss_{k}": v for k, v in state.partial_loss.items()})
+        row = {"iteration": iteration, "loss": totals.pop("total")}
+        row.update({f"loss_{k}": v for k, v in totals.items()})
         row["seconds"] = time.perf_counter() - started
         state.iteration, state.batch_cursor, state.partial_loss = iteration, 0, {}
         state.record(row)

@@ -5,7 +5,6 @@ Runs inside PtyRAD's own virtual environment (see benchmarks/README.md):
 """
 
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 import yaml
+from memory import peak_rss_bytes
 
 
 def load_ptyrad():
@@ -67,7 +67,7 @@ def main():
     solver.run()
     model = solver.reconstruct_results
     times = [float(t) for t in model.iter_times][1:]
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     median = float(np.median(times))
     n = scan_y * scan_x
     print("RESULT" + json.dumps({"seconds_per_iteration": median, "seconds_per_pattern": median / n,

@@ -2,11 +2,13 @@
 floor, measured in one run. Not run by CI.
 
     python benchmarks/run.py [--iterations 6] [--cases small,medium,multislice] [--ptyrad-python PATH]
-                             [--device cpu|cuda] [--out benchmarks/results]
+                             [--device cpu|cuda] [--threads 2] [--no-scaling] [--out benchmarks/results]
 
-Every measurement runs in its own subprocess so that peak memory (RSS on CPU,
-max_memory_allocated on CUDA) belongs to that case alone. Times are medians over iterations
-2..N. Writes results.json and results.md to --out.
+Every measurement runs in its own subprocess so that peak memory (the process's own peak RSS,
+VmHWM, on CPU; max_memory_allocated on CUDA) belongs to that case alone. Times are medians over
+iterations 2..N. After the side-by-side cases, a scaling table (ptyflow and the floor only) changes
+one factor at a time from the small case: patterns, batch size, slices, probe modes
+(--no-scaling skips it). Writes results.json and results.md to --out.
 """
 
 from __future__ import annotations
@@ -29,14 +31,27 @@ CASES = {
     "multislice": ((32, 32), 64, 8, 4, 32),
 }
 
+# How ptyflow's time grows: one factor at a time from the small case (ptyflow and the floor only).
+SCALING = {
+    "patterns": [("scan", (8, 8)), ("scan", (16, 16)), ("scan", (32, 32))],
+    "batch size": [("batch", 8), ("batch", 16), ("batch", 32), ("batch", 64), ("batch", 128)],
+    "slices": [("slices", 1), ("slices", 2), ("slices", 4), ("slices", 8)],
+    "probe modes": [("modes", 1), ("modes", 2), ("modes", 4), ("modes", 8)],
+}
 
-def make_dataset(name: str, folder: Path) -> Path:
-    """Simulated data for a case (ptycho_core.simulate), returns its config.yaml."""
+
+def make_dataset(name: str, folder: Path, scan=None, det=None, slices=None) -> Path:
+    """Simulated data for a case (ptycho_core.simulate), optionally with the scan shape, detector
+    size or slice count replaced; returns its config.yaml."""
     from ptycho_core.simulate import PRESETS, simulate
 
-    scan, det, slices, modes, batch = CASES[name]
+    case_scan, case_det, case_slices, _, _ = CASES[name]
+    scan, det, slices = scan or case_scan, det or case_det, slices or case_slices
     preset = PRESETS["small"]
-    config = simulate(preset, folder / name, seed=0, n_slices=slices, scan_shape=scan, window_px=det,
+    folder = folder / f"{name}-{scan[0]}x{scan[1]}-{det}px-{slices}z"
+    if (folder / "config.yaml").exists():
+        return folder / "config.yaml"
+    config = simulate(preset, folder, seed=0, n_slices=slices, scan_shape=scan, window_px=det,
                       slice_thickness_ang=10.0 if slices > 1 else preset.slice_thickness_ang)
     return config
 
@@ -64,14 +79,13 @@ def equivalent_overrides(iterations: int, device: str, modes: int, batch: int) -
 
 def child(kind: str, config: str, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
     """Runs in a fresh interpreter: one measurement, printed as JSON."""
-    import resource
-
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     import yaml
 
+    from memory import peak_rss_bytes
     from ptycho_core.config import config_from_dict, resolve_paths
     from ptycho_core.io.preprocess import preprocess
     from ptycho_core.reconstruction import Reconstruction
@@ -92,8 +106,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     else:
         rec.run(iterations)
         seconds = rec.state.history["seconds"][1:]
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     median = float(np.median(seconds))
     return {"seconds_per_iteration": median, "seconds_per_pattern": median / n_patterns, "peak_bytes": int(peak),
             "n_patterns": n_patterns, "iterations_timed": len(seconds)}
@@ -153,6 +166,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--no-scaling", action="store_true", help="skip the one-factor-at-a-time scaling table")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,11 +187,48 @@ def main() -> None:
                     row["ptyrad_error"] = str(exc)[-500:]
             rows.append(row)
             print(json.dumps(row), flush=True)
+        scaling = [] if args.no_scaling else measure_scaling(Path(tmp), args)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "device": args.device,
             "threads": args.threads, "iterations": args.iterations, "date": time.strftime("%Y-%m-%d %H:%M")}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "results.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "scaling": scaling}, indent=1))
+    text = markdown(rows, meta) + (scaling_markdown(scaling) if scaling else "")
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+def measure_scaling(tmp: Path, args) -> list[dict]:
+    """ptyflow and the FFT floor with one factor changed at a time from the small case."""
+    base_scan, det, base_slices, base_modes, base_batch = CASES["small"]
+    rows = []
+    for factor, variants in SCALING.items():
+        for key, value in variants:
+            scan, slices, modes, batch = base_scan, base_slices, base_modes, base_batch
+            scan = value if key == "scan" else scan
+            slices = value if key == "slices" else slices
+            modes = value if key == "modes" else modes
+            batch = value if key == "batch" else batch
+            config = make_dataset("small", tmp, scan=scan, slices=slices)
+            row = {"factor": factor, "value": f"{value[0]}x{value[1]}" if key == "scan" else value,
+                   "patterns": scan[0] * scan[1], "slices": slices, "probe_modes": modes, "batch": batch}
+            row["ptyflow"] = run_child("ptyflow", config, args.iterations, args.device, modes, batch, args.threads)
+            row["fft_floor"] = run_child("fft_floor", config, args.iterations, args.device, modes, batch, args.threads)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def scaling_markdown(rows: list[dict]) -> str:
+    lines = ["", "How ptyflow's time grows, one factor at a time from the small case (same run):", "",
+             "| factor | value | patterns | batch | slices | modes | s/it | ms/pattern | FFT floor s/it "
+             "| ptyflow / floor | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, floor = r["ptyflow"], r["fft_floor"]
+        lines.append(f"| {r['factor']} | {r['value']} | {r['patterns']} | {r['batch']} | {r['slices']} "
+                     f"| {r['probe_modes']} | {ours['seconds_per_iteration']:.3f} "
+                     f"| {1e3 * ours['seconds_per_pattern']:.3f} | {floor['seconds_per_iteration']:.3f} "
+                     f"| {ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f} "
+                     f"| {ours['peak_bytes'] / 1e6:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

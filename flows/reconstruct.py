@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Union
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -13,6 +14,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.states import Crashed
 
 from ptycho_core.config import PtyflowConfig, config_from_dict, load_config
 from ptycho_core.io.readers import check_data_path
@@ -33,6 +38,24 @@ def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
     return resolve_paths(config_from_dict(config), Path.cwd())
 
 
+def close_abandoned_run(flow_run_id: str, holder: dict, run_dir: str, logger) -> None:
+    """Mark Crashed the flow run of a process that died holding ``run_dir`` (SIGKILL, power loss).
+
+    Nothing else would: a killed `ptyflow run` takes its embedded server down with it, and a
+    worker that died too never reports the run, so it would show as Running forever."""
+    with get_client(sync_client=True) as client:
+        try:
+            abandoned = client.read_flow_run(UUID(flow_run_id))
+        except (ObjectNotFound, ValueError):
+            return  # recorded by another server, or not an id
+        if abandoned.state is None or abandoned.state.is_final():
+            return
+        reason = (f"its process (host {holder.get('host')}, PID {holder.get('pid')}) died holding {run_dir}; "
+                  f"flow run {flow_run.id} continues from the last checkpoint")
+        client.set_flow_run_state(abandoned.id, Crashed(message=reason), force=True)
+    logger.warning("marked flow run %s (%s) Crashed: %s", abandoned.name, flow_run_id, reason)
+
+
 @flow(name="reconstruct")
 def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
     """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README)."""
@@ -40,7 +63,10 @@ def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
     cfg = resolve_config(config)
     run_dir = str(Path(run_dir).resolve())
     check_data_path(cfg.data)
-    with run_lock(run_dir):
+    me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
+    with run_lock(run_dir, owner=me) as stale:
+        if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):
+            close_abandoned_run(stale["flow_run_id"], stale, run_dir, logger)
         preprocess_data(cfg.to_dict(), run_dir)
         newest = newest_checkpoint(run_dir, warn=logger.warning)
         done = newest.iteration if newest else start_iteration(cfg)

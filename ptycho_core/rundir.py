@@ -95,12 +95,14 @@ class RunPaths:
 
 # --------------------------------------------------------------------------- lock
 @contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
+def run_lock(run_dir: str | Path, owner: Optional[dict] = None) -> Iterator[dict]:
     """Hold the run directory for this process; a second holder is refused with host and PID.
 
     An flock on .lock is released by the kernel however the holder dies (SIGKILL included); the
-    file's content tells who holds it. A leftover content whose process is gone is a stale lock:
-    it is taken over with a warning.
+    file's content tells who holds it (host, PID, start time, plus ``owner``, e.g. the flow run).
+    A leftover content whose process is gone is a stale lock: it is taken over with a warning.
+    Yields that stale holder's record ({} when the last holder let go normally), so the caller
+    can close whatever the dead holder left open.
     """
     paths = RunPaths(Path(run_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -117,17 +119,20 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
                 f"(since {holder.get('since', '?')}); wait for it to finish or use another run directory"
             ) from None
         previous = _read_holder(paths.lock)
-        if previous and not (previous.get("host") == socket.gethostname() and previous.get("pid") == os.getpid()):
+        if previous and previous.get("host") == socket.gethostname() and previous.get("pid") == os.getpid():
+            previous = {}  # this process's own record, not a dead holder's
+        if previous:
             log.warning(
                 "taking over the stale lock of %s left by host %s PID %s (that process is gone)",
                 paths.root, previous.get("host"), previous.get("pid"),
             )
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **(owner or {})}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
         try:
-            yield
+            yield previous
         finally:
             os.ftruncate(fd, 0)
     finally:

@@ -1,5 +1,6 @@
 """The Prefect pipeline: staged runs that resume after SIGKILL/SIGTERM, lock, damaged files."""
 
+import json
 import os
 import random
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -112,6 +114,31 @@ def test_sigterm_checkpoints_reports_and_resumes(tmp_path, pipeline_config, refe
     rerun = run_cli("run", pipeline_config, "--run-dir", run_dir)
     assert rerun.returncode == 0, rerun.stderr
     assert_equal_to_reference(run_dir, reference)
+
+
+def test_run_killed_under_a_server_is_marked_crashed_by_the_next_run(tmp_path, pipeline_config, reference,
+                                                                     prefect_api, run_cli):
+    """A SIGKILLed run leaves its flow run Running on a server that outlives it; the next run of the
+    same directory finds it in the stale lock and closes it as Crashed."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(cli("run", pipeline_config, "--run-dir", run_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((run_dir / ".lock").read_text())["flow_run_id"]
+
+    def state_of(flow_run_id):
+        return httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]
+
+    assert state_of(killed)["type"] == "RUNNING"
+    rerun = run_cli("run", pipeline_config, "--run-dir", run_dir)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_equal_to_reference(run_dir, reference)
+    state = state_of(killed)
+    assert state["type"] == "CRASHED" and "died holding" in state["message"], state
+    assert (run_dir / ".lock").read_text() == "", "a run that ends normally leaves no holder behind"
 
 
 def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, pipeline_config, reference, run_cli):

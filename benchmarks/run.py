@@ -79,6 +79,8 @@ def equivalent_overrides(iterations: int, device: str, modes: int, batch: int) -
 
 def child(kind: str, config: str, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
     """Runs in a fresh interpreter: one measurement, printed as JSON."""
+    import time
+
     import numpy as np
     import torch
 
@@ -91,7 +93,9 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     from ptycho_core.reconstruction import Reconstruction
 
     raw = yaml.safe_load(Path(config).read_text())
-    for key, value in equivalent_overrides(iterations, device, modes, batch).items():
+    overrides = equivalent_overrides(iterations, device, modes, batch)
+    overrides["recon_params.compile"] = kind == "ptyflow_compiled"
+    for key, value in overrides.items():
         node = raw
         *head, last = key.split(".")
         for part in head:
@@ -104,12 +108,18 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     if kind == "fft_floor":
         seconds = fft_floor(rec, iterations)
     else:
+        started = time.perf_counter()
         rec.run(iterations)
+        first = rec.state.history["seconds"][0]
         seconds = rec.state.history["seconds"][1:]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     median = float(np.median(seconds))
-    return {"seconds_per_iteration": median, "seconds_per_pattern": median / n_patterns, "peak_bytes": int(peak),
-            "n_patterns": n_patterns, "iterations_timed": len(seconds)}
+    result = {"seconds_per_iteration": median, "seconds_per_pattern": median / n_patterns, "peak_bytes": int(peak),
+              "n_patterns": n_patterns, "iterations_timed": len(seconds)}
+    if kind != "fft_floor":  # the first iteration carries the start-up (and any compiling)
+        result["first_iteration_seconds"] = first
+        result["run_seconds"] = time.perf_counter() - started
+    return result
 
 
 def fft_floor(rec, iterations: int) -> list[float]:
@@ -167,6 +177,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--no-scaling", action="store_true", help="skip the one-factor-at-a-time scaling table")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure ptyflow with recon_params.compile (torch.compile) in each case")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +191,9 @@ def main() -> None:
                    "probe_modes": modes, "batch": batch}
             row["ptyflow"] = run_child("ptyflow", config, args.iterations, args.device, modes, batch, args.threads)
             row["fft_floor"] = run_child("fft_floor", config, args.iterations, args.device, modes, batch, args.threads)
+            if args.compile:
+                row["ptyflow_compiled"] = run_child("ptyflow_compiled", config, args.iterations, args.device, modes,
+                                                    batch, args.threads)
             if args.ptyrad_python:
                 try:
                     row["ptyrad"] = run_ptyrad(args.ptyrad_python, config, args.iterations, args.device, modes,
@@ -191,7 +206,7 @@ def main() -> None:
     meta = {"python": platform.python_version(), "machine": platform.machine(), "device": args.device,
             "threads": args.threads, "iterations": args.iterations, "date": time.strftime("%Y-%m-%d %H:%M")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "scaling": scaling}, indent=1))
-    text = markdown(rows, meta) + (scaling_markdown(scaling) if scaling else "")
+    text = markdown(rows, meta) + compile_markdown(rows) + (scaling_markdown(scaling) if scaling else "")
     (out / "results.md").write_text(text)
     print(text)
 
@@ -215,6 +230,25 @@ def measure_scaling(tmp: Path, args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def compile_markdown(rows: list[dict]) -> str:
+    """recon_params.compile against eager, per case, with what compiling costs up front."""
+    rows = [r for r in rows if "ptyflow_compiled" in r]
+    if not rows:
+        return ""
+    lines = ["", "torch.compile (recon_params.compile) against eager, same run:", "",
+             "| case | eager s/it | compiled s/it | eager / compiled | first iteration eager s | "
+             "first iteration compiled s | iterations to repay the compiling |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager, comp = r["ptyflow"], r["ptyflow_compiled"]
+        gain = eager["seconds_per_iteration"] - comp["seconds_per_iteration"]
+        cost = comp["first_iteration_seconds"] - eager["first_iteration_seconds"]
+        repay = f"{cost / gain:.0f}" if gain > 0 else "never"
+        lines.append(f"| {r['case']} | {eager['seconds_per_iteration']:.3f} | {comp['seconds_per_iteration']:.3f} "
+                     f"| {eager['seconds_per_iteration'] / comp['seconds_per_iteration']:.2f} "
+                     f"| {eager['first_iteration_seconds']:.1f} | {comp['first_iteration_seconds']:.1f} | {repay} |")
+    return "\n".join(lines) + "\n"
 
 
 def scaling_markdown(rows: list[dict]) -> str:

@@ -352,6 +352,10 @@ class ReconParams(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
     segment_figures: bool = Field(True, description="rewrite figures/*.png after every segment, to watch a running job")
+    compile: bool = Field(False, description=(
+        "torch.compile the forward model and loss. Compiling takes tens of seconds per process and "
+        "inductor generates no code for complex arithmetic, so it pays only on long runs; measure it "
+        "with benchmarks/run.py --compile"))
 
 
 # --------------------------------------------------------------------------- root
@@ -399,7 +403,8 @@ class PtyflowConfig(_Strict):
         return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
 
 
-_FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures")}
+_FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",
+                                      "compile")}
 
 
 def _format_errors(error: ValidationError) -> str:

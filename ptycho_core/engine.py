@@ -27,6 +27,35 @@ class NumericalError(RuntimeError):
     """The loss or a tensor became NaN/Inf."""
 
 
+def forward_loss(model: PtychoAD, indices: torch.Tensor, meas: torch.Tensor, weights: dict[str, float]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Predict the patterns of ``indices`` (in FFT order, like ``meas``) and score them."""
+    return total_loss(model(indices, centered=False), meas, weights, model)
+
+
+def compiled_forward_loss() -> Callable:
+    """forward_loss under torch.compile (recon_params.compile). Compiling happens at the first call;
+    a failure there (no C++ compiler, an unsupported torch) is a ConfigError, not a crash."""
+    compiled = torch.compile(forward_loss)
+    first_call = True
+
+    def call(*args):
+        nonlocal first_call
+        if not first_call:
+            return compiled(*args)
+        try:
+            result = compiled(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler stack raises
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"recon_params.compile: torch.compile failed ({reason}); set it to false") from None
+        first_call = False
+        return result
+
+    return call
+
+
 # --------------------------------------------------------------------------- optimizer
 def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Optimizer:
     """torch.optim.<name> over the tensors that are ever optimized, one param group each.
@@ -142,6 +171,7 @@ class Problem:
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
     micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     context: dict = field(default_factory=dict)  # what constraints need (conv angle, positions, ...)
+    forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
 
     def __post_init__(self) -> None:
         self.context.setdefault("mean_pattern_sum", self.measurements.sum(dim=(-2, -1)).mean())
@@ -196,8 +226,7 @@ def run_iterations(
                 for chunk in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches):
                     if len(chunk) == 0:
                         continue
-                    pred = model(indices[chunk], centered=False)
-                    loss, parts = total_loss(pred, meas[chunk], problem.loss_weights, model)
+                    loss, parts = problem.forward_loss(model, indices[chunk], meas[chunk], problem.loss_weights)
                     weight = len(chunk) / len(indices)
                     (loss * weight).backward()
                     loss_sum = loss.detach() * weight if loss_sum is None else loss_sum + loss.detach() * weight

@@ -26,7 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, PtyflowConfig
-from .engine import EngineState, Problem, build_optimizer, run_iterations
+from .engine import EngineState, Problem, build_optimizer, compiled_forward_loss, forward_loss, run_iterations
 from .io.preprocess import Preprocessed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
 from .physics import aberration_coefficients, make_probe
@@ -172,6 +172,7 @@ class Reconstruction:
                 "positions_ang": torch.from_numpy(prep.positions_ang),
                 "initial_shifts": torch.from_numpy(prep.geometry.shifts_px),
             },
+            forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
         )
         rec = cls(config, model, optimizer, problem, EngineState())
         if config.init.model_path:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import torch
 import yaml
-from memory import peak_rss_bytes
+from memory import current_rss_bytes, peak_rss_bytes
 
 
 def load_ptyrad():
@@ -62,6 +62,7 @@ def main():
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     load_params, solver_cls = load_ptyrad()
+    baseline = 0 if device == "cuda" else current_rss_bytes()  # interpreter, torch and PtyRAD imported
     loaded = load_params(str(work / "params.yaml"), validate=True)
     solver = solver_cls(loaded, device=device)
     solver.run()
@@ -71,7 +72,8 @@ def main():
     median = float(np.median(times))
     n = scan_y * scan_x
     print("RESULT" + json.dumps({"seconds_per_iteration": median, "seconds_per_pattern": median / n,
-                                 "peak_bytes": int(peak), "n_patterns": n, "iterations_timed": len(times)}))
+                                 "peak_bytes": int(peak), "baseline_bytes": int(baseline), "n_patterns": n,
+                                 "iterations_timed": len(times)}))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     torch.set_num_threads(threads)
     import yaml
 
-    from memory import peak_rss_bytes
+    from memory import current_rss_bytes, peak_rss_bytes
     from ptycho_core.config import config_from_dict, resolve_paths
     from ptycho_core.io.preprocess import preprocess
     from ptycho_core.reconstruction import Reconstruction
@@ -102,6 +102,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
             node = node.setdefault(part, {})
         node[last] = value
     cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
+    baseline = 0 if device == "cuda" else current_rss_bytes()  # interpreter, torch and ptyflow imported
     prep = preprocess(cfg)
     rec = Reconstruction.create(cfg, prep)
     n_patterns = prep.measurements.shape[0]
@@ -115,7 +116,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     median = float(np.median(seconds))
     result = {"seconds_per_iteration": median, "seconds_per_pattern": median / n_patterns, "peak_bytes": int(peak),
-              "n_patterns": n_patterns, "iterations_timed": len(seconds)}
+              "baseline_bytes": int(baseline), "n_patterns": n_patterns, "iterations_timed": len(seconds)}
     if kind != "fft_floor":  # the first iteration carries the start-up (and any compiling)
         result["first_iteration_seconds"] = first
         result["run_seconds"] = time.perf_counter() - started
@@ -265,24 +266,29 @@ def scaling_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_pattern_kb(result: dict) -> float:
+    """Peak memory above the start-up baseline (imports, runtime), per diffraction pattern."""
+    return (result["peak_bytes"] - result.get("baseline_bytes", 0)) / result["n_patterns"] / 1e3
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device {meta['device']}, {meta['threads']} threads, median of iterations 2..{meta['iterations']}, "
-             f"{meta['date']}.", "",
+             f"{meta['date']}. Peak kB/pattern: peak memory above the start-up baseline, per pattern.", "",
              "| case | patterns | slices | modes | ptyflow s/it | ms/pattern | PtyRAD s/it | PtyRAD / ptyflow "
-             "| FFT floor s/it | ptyflow / floor | ptyflow peak MB | PtyRAD peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| FFT floor s/it | ptyflow / floor | ptyflow peak MB | PtyRAD peak MB | ptyflow peak kB/pattern "
+             "| PtyRAD peak kB/pattern |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, floor, peer = r["ptyflow"], r["fft_floor"], r.get("ptyrad")
-        lines.append(
-            f"| {r['case']} | {r['patterns']} | {r['slices']} | {r['probe_modes']} | {ours['seconds_per_iteration']:.3f} "
-            f"| {1e3 * ours['seconds_per_pattern']:.3f} | {peer['seconds_per_iteration']:.3f} " if peer else
-            f"| {r['case']} | {r['patterns']} | {r['slices']} | {r['probe_modes']} | {ours['seconds_per_iteration']:.3f} "
-            f"| {1e3 * ours['seconds_per_pattern']:.3f} | - ")
-        lines[-1] += (f"| {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:.2f} " if peer else "| - ")
-        lines[-1] += (f"| {floor['seconds_per_iteration']:.3f} | {ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f} "
-                      f"| {ours['peak_bytes'] / 1e6:.0f} | {peer['peak_bytes'] / 1e6:.0f} |" if peer else
-                      f"| {floor['seconds_per_iteration']:.3f} | {ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f} "
-                      f"| {ours['peak_bytes'] / 1e6:.0f} | - |")
+        cells = [r["case"], r["patterns"], r["slices"], r["probe_modes"], f"{ours['seconds_per_iteration']:.3f}",
+                 f"{1e3 * ours['seconds_per_pattern']:.3f}",
+                 f"{peer['seconds_per_iteration']:.3f}" if peer else "-",
+                 f"{peer['seconds_per_iteration'] / ours['seconds_per_iteration']:.2f}" if peer else "-",
+                 f"{floor['seconds_per_iteration']:.3f}",
+                 f"{ours['seconds_per_iteration'] / floor['seconds_per_iteration']:.2f}",
+                 f"{ours['peak_bytes'] / 1e6:.0f}", f"{peer['peak_bytes'] / 1e6:.0f}" if peer else "-",
+                 f"{per_pattern_kb(ours):.0f}", f"{per_pattern_kb(peer):.0f}" if peer else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip the one-factor-at-a-time scaling table")
     parser.add_argument("--compile", action="store_true",
                         help="also measure ptyflow with recon_params.compile (torch.compile) in each case")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every code this many times, interleaved, and keep each one's median run "
+                             "(on a shared machine a single run can be off by 2x)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,22 +193,35 @@ def main() -> None:
             config = make_dataset(name, Path(tmp))
             row = {"case": name, "patterns": scan[0] * scan[1], "detector": det, "slices": slices,
                    "probe_modes": modes, "batch": batch}
-            row["ptyflow"] = run_child("ptyflow", config, args.iterations, args.device, modes, batch, args.threads)
-            row["fft_floor"] = run_child("fft_floor", config, args.iterations, args.device, modes, batch, args.threads)
-            if args.compile:
-                row["ptyflow_compiled"] = run_child("ptyflow_compiled", config, args.iterations, args.device, modes,
-                                                    batch, args.threads)
-            if args.ptyrad_python:
-                try:
-                    row["ptyrad"] = run_ptyrad(args.ptyrad_python, config, args.iterations, args.device, modes,
-                                               batch, args.threads)
-                except RuntimeError as exc:
-                    row["ptyrad_error"] = str(exc)[-500:]
+            kinds = ["ptyflow", "fft_floor"] + (["ptyflow_compiled"] if args.compile else [])
+            kinds += ["ptyrad"] if args.ptyrad_python else []
+            measured: dict[str, list[dict]] = {kind: [] for kind in kinds}
+            for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every code
+                for kind in kinds:
+                    try:
+                        if kind == "ptyrad":
+                            result = run_ptyrad(args.ptyrad_python, config, args.iterations, args.device, modes,
+                                                batch, args.threads)
+                        else:
+                            result = run_child(kind, config, args.iterations, args.device, modes, batch,
+                                               args.threads)
+                    except RuntimeError as exc:
+                        if kind != "ptyrad":
+                            raise
+                        row["ptyrad_error"] = str(exc)[-500:]
+                        continue
+                    measured[kind].append(result)
+            for kind, results in measured.items():
+                if results:
+                    results.sort(key=lambda r: r["seconds_per_iteration"])
+                    row[kind] = {**results[len(results) // 2],
+                                 "repeats_seconds_per_iteration": [r["seconds_per_iteration"] for r in results]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         scaling = [] if args.no_scaling else measure_scaling(Path(tmp), args)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "device": args.device,
-            "threads": args.threads, "iterations": args.iterations, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "threads": args.threads, "iterations": args.iterations, "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "scaling": scaling}, indent=1))
     text = markdown(rows, meta) + compile_markdown(rows) + (scaling_markdown(scaling) if scaling else "")
     (out / "results.md").write_text(text)
@@ -273,7 +289,8 @@ def per_pattern_kb(result: dict) -> float:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device {meta['device']}, {meta['threads']} threads, median of iterations 2..{meta['iterations']}, "
-             f"{meta['date']}. Peak kB/pattern: peak memory above the start-up baseline, per pattern.", "",
+             f"median of {meta.get('repeats', 1)} interleaved run(s) per code, {meta['date']}. "
+             "Peak kB/pattern: peak memory above the start-up baseline, per pattern.", "",
              "| case | patterns | slices | modes | ptyflow s/it | ms/pattern | PtyRAD s/it | PtyRAD / ptyflow "
              "| FFT floor s/it | ptyflow / floor | ptyflow peak MB | PtyRAD peak MB | ptyflow peak kB/pattern "
              "| PtyRAD peak kB/pattern |",

@@ -224,10 +224,29 @@ class OptimizerParams(_Strict):
         return value
 
 
+class LrSchedule(_Strict):
+    """Learning rates as a function of the iteration alone (so a resumed run repeats them exactly):
+    every tensor's lr (update_params.<tensor>.lr, or LBFGS's configs.lr) times a factor."""
+
+    kind: Literal["constant", "step", "exponential"] = Field(
+        "constant", description="constant: factor 1; step: gamma every step_iterations; exponential: gamma each iteration")
+    gamma: float = Field(0.5, gt=0, le=1, description="factor per step (step) or per iteration (exponential)")
+    step_iterations: int = Field(20, ge=1, description="iterations between steps (step)")
+    min_factor: float = Field(0.0, ge=0, le=1, description="the factor never falls below this")
+
+    def factor(self, iteration: int) -> float:
+        """lr multiplier of ``iteration`` (1-based)."""
+        if self.kind == "constant":
+            return 1.0
+        steps = (iteration - 1) // self.step_iterations if self.kind == "step" else iteration - 1
+        return max(self.gamma ** steps, self.min_factor)
+
+
 class ModelParams(_Strict):
     obj_preblur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (px) on the object before the forward pass")
     detector_blur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (detector px) on the predicted pattern")
     optimizer_params: OptimizerParams = Field(default_factory=OptimizerParams)
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
     update_params: UpdateParams = Field(default_factory=UpdateParams)
 
 

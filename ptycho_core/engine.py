@@ -84,7 +84,10 @@ def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Op
             {"params": [getattr(model, n)], "lr": model.update_rules[n].lr, "names": [n]} for n in names
         ]
     try:
-        return cls(groups, **configs)
+        optimizer = cls(groups, **configs)
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]  # what Problem.lr_factor scales
+        return optimizer
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model_params.optimizer_params.configs: torch.optim.{name} refused them: {exc}") from None
 
@@ -172,6 +175,7 @@ class Problem:
     micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     context: dict = field(default_factory=dict)  # what constraints need (conv angle, positions, ...)
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
+    lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
 
     def __post_init__(self) -> None:
         self.context.setdefault("mean_pattern_sum", self.measurements.sum(dim=(-2, -1)).mean())
@@ -206,6 +210,9 @@ def run_iterations(
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
         model.set_iteration(iteration)
+        factor = problem.lr_factor(iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("base_lr", group["lr"]) * factor
         batches = batch_order(problem.seed, iteration, n, problem.batch_size, problem.batching, problem.positions_px)
         started = time.perf_counter()
         # loss sums stay on the device until the iteration ends (or stops): no host sync per batch.

@@ -173,6 +173,7 @@ class Reconstruction:
                 "initial_shifts": torch.from_numpy(prep.geometry.shifts_px),
             },
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
+            lr_factor=config.model_params.lr_schedule.factor,
         )
         rec = cls(config, model, optimizer, problem, EngineState())
         if config.init.model_path:

@@ -56,8 +56,9 @@ def test_load_state_continues_bitwise(tmp_path, small_dataset, small_prep, one_t
     assert second.state.history["loss"] == full.state.history["loss"]
 
 
-def test_resume_mid_iteration_is_bitwise(tmp_path, small_dataset, small_prep, one_thread):
-    cfg = config_with(small_dataset, **BASE)
+@pytest.mark.parametrize("schedule", [{"kind": "constant"}, {"kind": "step", "gamma": 0.5, "step_iterations": 1}])
+def test_resume_mid_iteration_is_bitwise(tmp_path, small_dataset, small_prep, one_thread, schedule):
+    cfg = config_with(small_dataset, **BASE, **{"model_params.lr_schedule": schedule})
     full = run(cfg, small_prep, 4)
 
     first = Reconstruction.create(cfg, small_prep)

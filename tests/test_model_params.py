@@ -102,3 +102,31 @@ def test_nothing_to_optimize_is_an_error(small_dataset, small_prep):
     cfg = config_with(small_dataset, **{f"{UP}.{n}": frozen for n in ("obja", "objp", "probe")})
     with pytest.raises(ConfigError, match="no tensor is optimized"):
         Reconstruction.create(cfg, small_prep)
+
+
+def test_lr_schedule_scales_every_lr_by_a_factor_of_the_iteration(small_dataset, small_prep):
+    schedule = {"kind": "step", "gamma": 0.5, "step_iterations": 2, "min_factor": 0.3}
+    cfg = config_with(small_dataset, **{"model_params.lr_schedule": schedule})
+    rec = Reconstruction.create(cfg, small_prep)
+    base = {g["names"][0]: g["lr"] for g in rec.optimizer.param_groups}
+    seen = []
+    rec.run(5, on_iteration=lambda st, row: seen.append({g["names"][0]: g["lr"] for g in rec.optimizer.param_groups}))
+    for iteration, factor in zip(range(1, 6), [1.0, 1.0, 0.5, 0.5, 0.3]):  # 0.25 is held at min_factor
+        assert seen[iteration - 1] == pytest.approx({k: v * factor for k, v in base.items()}), iteration
+
+
+def test_a_decaying_lr_settles_where_a_constant_one_drifts(noise_free_dataset):
+    """Near convergence Adam's steps stay lr-sized, so with a constant lr the loss of noise-free
+    data climbs again; stepping the lr down keeps it falling."""
+    final = {}
+    for kind in ("constant", "step"):
+        cfg = config_with(noise_free_dataset, **{
+            "model_params.lr_schedule": {"kind": kind, "gamma": 0.3, "step_iterations": 10},
+            "recon_params.iterations": 40,
+        })
+        rec = Reconstruction.create(cfg, preprocess(cfg))
+        rec.run(40)
+        final[kind] = rec.state.history["loss"]
+    constant, step = final["constant"], final["step"]
+    assert constant[-1] > 1.2 * min(constant), "the constant lr should drift up from its best"
+    assert step[-1] < 0.8 * constant[-1] and step[-1] <= min(step[-10:]) * 1.05, (step[-10:], constant[-1])

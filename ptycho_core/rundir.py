@@ -289,7 +289,9 @@ def run_segment(
         warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
     path = rec.save(target)
     link_newest(paths, path)
-    if config.recon_params.segment_figures and not stopped:
+    last_segment = rec.state.iteration >= start_iteration(config) + config.recon_params.iterations
+    # the last segment's figures would be redrawn by the export straight after
+    if config.recon_params.segment_figures and not stopped and not last_segment:
         from .io.figures import write_figures
 
         write_figures(paths.figures, rec.view(), prep.geometry.positions_px)

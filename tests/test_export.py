@@ -8,6 +8,9 @@ import yaml
 import zarr
 
 from ptycho_core.checkpoint import read_checkpoint
+from ptycho_core.rundir import export_run, prepare, run_segment
+
+from helpers import config_with
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,18 @@ def test_artifacts_can_be_read_back(finished_run, prefect_api):
     assert float(by_type["progress"].data) == 100.0
     assert "object_phase.png" in by_type["markdown"].data and str(run_dir) in by_type["markdown"].data
     assert "final_loss" in str(by_type["table"].data)
+
+
+def test_segment_figures_follow_a_running_job_and_the_export_draws_the_last(tmp_path, small_dataset):
+    """Figures are rewritten after every segment but the last, whose figures the export draws."""
+    cfg = config_with(small_dataset, **{"recon_params.iterations": 4, "recon_params.segment_iterations": 2})
+    run_dir = tmp_path / "run"
+    prepare(cfg, run_dir)
+    figure = run_dir / "figures" / "loss.png"
+    run_segment(run_dir, 2)
+    assert figure.is_file(), "a running job shows its figures after the first segment"
+    first = figure.read_bytes()
+    run_segment(run_dir, 4)
+    assert figure.read_bytes() == first, "the last segment leaves the figures to the export"
+    export_run(run_dir)
+    assert figure.read_bytes() != first, "the export draws the final state"

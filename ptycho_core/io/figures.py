@@ -67,7 +67,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
 
     probe = t["probe"]
     power = (np.abs(probe) ** 2).sum(axis=(-2, -1))
-    fig, axes = plt.subplots(2, len(probe), figsize=(3 * len(probe), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(probe), figsize=(3 * len(probe), 6), squeeze=False, layout="constrained")
     for m in range(len(probe)):
         axes[0, m].imshow(np.abs(probe[m]), cmap="magma")
         axes[0, m].set_title(f"mode {m}: {100 * power[m] / power.sum():.1f} % power")
@@ -81,7 +81,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     _scale_bar(axes[0, 0], ckpt.dx_ang, probe.shape[-1])
     written.append(_save(fig, folder / "probe_modes.png", plt))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     hist = ckpt.history
     if hist.get("iteration"):
         for column, values in hist.items():
@@ -98,7 +98,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     moved = refined - initial
     rms = float(np.sqrt((moved**2).sum(axis=1).mean()))
     magnify = 10.0
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
     ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=5, c="0.5", label="initial")
     ax.quiver(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, magnify * moved[:, 1] * ckpt.dx_ang,
               magnify * moved[:, 0] * ckpt.dx_ang, angles="xy", scale_units="xy", scale=1, color="C3", width=0.004,
@@ -115,7 +115,8 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
 
 def _save(fig, path: Path, plt) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    # constrained layout, not bbox_inches="tight": "tight" draws every figure twice
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -73,3 +73,24 @@ def test_compiled_forward_follows_the_eager_one(small_multislice):
         difference = float((compiled[name] - value).abs().max())
         assert difference < 2e-4, (name, difference)
     assert rec.problem.forward_loss is not forward_loss, "recon_params.compile did not reach the engine"
+
+
+def test_a_compiler_failure_is_one_config_error(small_dataset, small_prep, monkeypatch):
+    """Where torch.compile cannot work (no C++ compiler, say), the run stops with a message naming
+    recon_params.compile instead of a compiler traceback."""
+    import pytest
+    import torch
+
+    from ptycho_core.config import ConfigError
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines of detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = config_with(small_dataset, **{"recon_params.compile": True})
+    rec = Reconstruction.create(cfg, small_prep)
+    with pytest.raises(ConfigError, match=r"^recon_params.compile: torch.compile failed \(InvalidCxxCompiler: No "
+                                          r"working C\+\+ compiler found\); set it to false$"):
+        rec.run(1)

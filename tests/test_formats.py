@@ -86,6 +86,9 @@ def write_all_formats(tmp_path, patterns, positions):
     np.savetxt(tmp_path / "pos.txt", positions)
     configs["tiff"] = base_config(tmp_path / "d.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos",
                                   scan_shape=list(SCAN))
+    tifffile.imwrite(tmp_path / "dz.tif", flat, compression="zlib")  # not memory-mappable: read page by page
+    configs["tiff_zlib"] = base_config(tmp_path / "dz.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos",
+                                       scan_shape=list(SCAN))
     zarr.save_array(str(tmp_path / "d.zarr"), patterns, zarr_format=3)
     configs["zarr"] = base_config(tmp_path / "d.zarr", pos_path=str(tmp_path / "pos.npy"), pos_key="pos")
     # EMPAD: float32 frames of 130 rows x 128 columns, the last two rows metadata; scan shape from config
@@ -222,18 +225,37 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path, run_cli):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_peak_memory_stays_near_the_preprocessed_array(tmp_path):
+@pytest.mark.parametrize("layout", ["hdf5", "mat_v73", "tiff_zlib"])
+def test_peak_memory_stays_near_the_preprocessed_array(tmp_path, layout):
     import tracemalloc
 
     rng = np.random.default_rng(5)
     scan, det = (24, 24), 128
     yy, xx = np.mgrid[:det, :det] - det // 2
     disk = ((yy**2 + xx**2) <= 30**2).astype(np.float32) * 50
-    with h5py.File(tmp_path / "big.h5", "w") as f:
-        ds = f.create_dataset("meas", shape=(*scan, det, det), dtype=np.float32, chunks=(1, scan[1], det, det))
-        for row in range(scan[0]):
-            ds[row] = disk + rng.random((scan[1], det, det), dtype=np.float32)
-    raw = base_config(tmp_path / "big.h5")
+    name = {"hdf5": "big.h5", "mat_v73": "big.mat", "tiff_zlib": "big.tif"}[layout]
+    # MATLAB 7.3 stores the axes reversed: (kx, ky, scan_x, scan_y)
+    shape, chunks = ((*scan, det, det), (1, scan[1], det, det)) if layout == "hdf5" else \
+        ((det, det, scan[1], scan[0]), (det, det, scan[1], 1))
+    if layout == "tiff_zlib":
+        import tifffile
+
+        stack = disk + rng.random((scan[0] * scan[1], det, det), dtype=np.float32)
+        tifffile.imwrite(tmp_path / name, stack, compression="zlib")  # one compressed page per pattern
+        del stack
+    else:
+        with h5py.File(tmp_path / name, "w", userblock_size=512) as f:
+            ds = f.create_dataset("meas", shape=shape, dtype=np.float32, chunks=chunks)
+            for row in range(scan[0]):
+                block = disk + rng.random((scan[1], det, det), dtype=np.float32)
+                if layout == "hdf5":
+                    ds[row] = block
+                else:
+                    ds[..., row] = block.transpose()
+    if layout == "mat_v73":
+        with open(tmp_path / name, "r+b") as fh:
+            fh.write(b"MATLAB 7.3 MAT-file, written by a test")
+    raw = base_config(tmp_path / name)
     raw["experiment"]["scan"] = {"shape": list(scan), "step_ang": 0.5}
     config = cfg(raw, **{"preprocess.background": 0.5, "preprocess.center_bf_disk": True})
     tracemalloc.start()

@@ -3,8 +3,9 @@
 One interface for every format: ``open_patterns(data)`` returns a ``PatternSource`` that knows
 the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of patterns on demand, so
 a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
-(memory-mapped), MATLAB .mat (v5 through scipy, v7.3 through h5py), TIFF stacks (tifffile),
-zarr arrays, and EMPAD .raw. Every problem is a ``DataError`` whose message names the file, the
+(memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
+file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
+and EMPAD .raw. Every problem is a ``DataError`` whose message names the file, the
 key and what was expected.
 """
 
@@ -90,6 +91,42 @@ class PatternSource:
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         block = np.asarray(self.array[lo:hi])  # whole scan rows
         return block.reshape(-1, *self.detector_shape)[idx - lo * nx].astype(np.float32, copy=False)
+
+
+class _AxesReversed:
+    """A MATLAB v7.3 dataset seen with MATLAB's axis order, read lazily: blocks along the first
+    (MATLAB) axis are slices along the last HDF5 axis, transposed after reading."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.dataset.shape))
+
+    def __getitem__(self, item):
+        if not isinstance(item, slice):
+            raise TypeError("MATLAB v7.3 patterns are read in blocks of the first axis")
+        return np.asarray(self.dataset[..., item]).transpose()
+
+
+class _TiffPages:
+    """A compressed TIFF stack of one pattern per page, decoded a block of pages at a time."""
+
+    def __init__(self, tif):
+        self.tif = tif
+        self.shape = tuple(tif.series[0].shape)
+        if len(self.shape) != 3 or len(tif.pages) != self.shape[0]:
+            self.array = tif.asarray()  # not one pattern per page: decode it whole
+        else:
+            self.array = None
+
+    def __getitem__(self, item):
+        if self.array is not None:
+            return self.array[item]
+        if not isinstance(item, slice):
+            raise TypeError("TIFF pages are read in blocks of the first axis")
+        return np.stack([self.tif.pages[i].asarray() for i in range(*item.indices(self.shape[0]))])
 
 
 def _check_layout(path: Path, key: str, shape: tuple[int, ...]) -> None:
@@ -191,9 +228,7 @@ def open_patterns(data) -> PatternSource:
     if fmt == "mat":
         if _is_hdf5(path):  # v7.3 files are HDF5; MATLAB writes arrays with reversed axes
             source = _hdf5_source(path, "/" + _matlab_key(key or "meas"))
-            array = np.asarray(source.array[()]).transpose()
-            source.close()
-            return PatternSource(path, source.key, array)
+            return PatternSource(path, source.key, _AxesReversed(source.array), source.close)
         variables = {k: v for k, v in _mat_v5(path).items() if not k.startswith("__")}
         name = _matlab_key(key or "meas")
         if name not in variables:
@@ -207,11 +242,15 @@ def open_patterns(data) -> PatternSource:
         except ImportError:
             raise DataError(f"{path}: reading TIFF needs tifffile (pip install tifffile)") from None
         try:
-            array = tifffile.memmap(path, mode="r") if _tiff_memmappable(path) else tifffile.imread(path)
+            if _tiff_memmappable(path):
+                array, close = tifffile.memmap(path, mode="r"), (lambda: None)
+            else:  # compressed: decode page by page, as blocks are read
+                tif = tifffile.TiffFile(path)
+                array, close = _TiffPages(tif), tif.close
         except Exception as exc:
             raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None
         _check_layout(path, "(stack)", array.shape)
-        return PatternSource(path, "(stack)", array)
+        return PatternSource(path, "(stack)", array, close)
     if fmt == "zarr":
         import zarr
 

@@ -249,7 +249,11 @@ def open_patterns(data) -> PatternSource:
                 array, close = _TiffPages(tif), tif.close
         except Exception as exc:
             raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None
-        _check_layout(path, "(stack)", array.shape)
+        try:
+            _check_layout(path, "(stack)", array.shape)
+        except DataError:
+            close()
+            raise
         return PatternSource(path, "(stack)", array, close)
     if fmt == "zarr":
         import zarr

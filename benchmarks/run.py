@@ -88,7 +88,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     import yaml
 
     from memory import current_rss_bytes, peak_rss_bytes
-    from ptycho_core.config import config_from_dict, resolve_paths
+    from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
     from ptycho_core.io.preprocess import preprocess
     from ptycho_core.reconstruction import Reconstruction
 
@@ -96,11 +96,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     overrides = equivalent_overrides(iterations, device, modes, batch)
     overrides["recon_params.compile"] = kind == "ptyflow_compiled"
     for key, value in overrides.items():
-        node = raw
-        *head, last = key.split(".")
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(raw, key, value)
     cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
     baseline = 0 if device == "cuda" else current_rss_bytes()  # interpreter, torch and ptyflow imported
     prep = preprocess(cfg)
@@ -153,19 +149,20 @@ def run_child(kind, config, iterations, device, modes, batch, threads) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import run; "
             f"print('RESULT' + json.dumps(run.child({kind!r}, {str(config)!r}, {iterations}, {device!r}, {modes}, "
             f"{batch}, {threads})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    if line is None:
-        raise RuntimeError(f"{kind} failed: {out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT"):])
+    return result_of(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True), kind)
 
 
 def run_ptyrad(python: str, config: Path, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
     out = subprocess.run([python, str(HERE / "ptyrad_driver.py"), str(config), str(iterations), device, str(modes),
                           str(batch), str(threads)], capture_output=True, text=True)
+    return result_of(out, "PtyRAD")
+
+
+def result_of(out: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON a measuring subprocess printed after RESULT; its stderr tail if it printed none."""
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
-        raise RuntimeError(f"PtyRAD failed: {out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed: {out.stderr[-3000:]}")
     return json.loads(line[len("RESULT"):])
 
 

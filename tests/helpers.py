@@ -2,7 +2,7 @@
 
 import yaml
 
-from ptycho_core.config import config_from_dict, resolve_paths
+from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
 
 
 def config_with(config_path, **dotted):
@@ -11,9 +11,5 @@ def config_with(config_path, **dotted):
 
     raw = yaml.safe_load(Path(config_path).read_text())
     for key, value in dotted.items():
-        node = raw
-        *head, last = key.split(".")
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(raw, key, value)
     return resolve_paths(config_from_dict(raw), Path(config_path).parent)

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from ptycho_core.config import ConfigError, config_from_dict, load_config
+from ptycho_core.config import ConfigError, config_from_dict, load_config, set_dotted
 
 MINIMAL = {
     "data": {"path": "data.h5"},
@@ -11,11 +11,7 @@ MINIMAL = {
 
 def with_(dotted, value):
     raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
-    node = raw
-    *head, last = dotted.split(".")
-    for part in head:
-        node = node.setdefault(part, {})
-    node[last] = value
+    set_dotted(raw, dotted, value)
     return raw
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ptycho_core.config import config_from_dict
+from ptycho_core.config import config_from_dict, set_dotted
 from ptycho_core.io.preprocess import bf_disk, preprocess
 from ptycho_core.io.readers import DataError
 from ptycho_core.physics import wavelength_ang
@@ -40,11 +40,7 @@ def base_config(path, **data):
 def cfg(raw, **dotted):
     raw = yaml.safe_load(yaml.safe_dump(raw))
     for key, value in dotted.items():
-        node = raw
-        *head, last = key.split(".")
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(raw, key, value)
     return config_from_dict(raw)
 
 

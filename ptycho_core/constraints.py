@@ -12,6 +12,7 @@ import torch
 
 from .forward import gaussian_blur
 from .model import PtychoAD
+from .physics import spatial_frequencies
 
 CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, dict], None]] = {}
 
@@ -49,10 +50,8 @@ def fix_probe_intensity(model: PtychoAD, params, context: dict) -> None:
 def fourier_probe_mask(model: PtychoAD, params, context: dict) -> None:
     """Remove probe intensity scattered outside the condenser aperture (times radius_factor)."""
     probe = model.probe_complex
-    ny, nx = probe.shape[-2:]
-    ky = torch.fft.fftfreq(ny, d=model.dx_ang, device=probe.device, dtype=model.obja.dtype)
-    kx = torch.fft.fftfreq(nx, d=model.dx_ang, device=probe.device, dtype=model.obja.dtype)
-    alpha_mrad = model.wavelength_ang * torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) * 1e3
+    ky, kx = spatial_frequencies(model.window, model.dx_ang, device=probe.device, dtype=model.obja.dtype)
+    alpha_mrad = model.wavelength_ang * torch.sqrt(ky**2 + kx**2) * 1e3
     mask = alpha_mrad <= params.radius_factor * context["conv_angle_mrad"]
     masked = torch.fft.ifft2(torch.fft.fft2(probe) * mask)
     model.probe.copy_(torch.view_as_real(masked))

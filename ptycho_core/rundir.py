@@ -289,7 +289,7 @@ def run_segment(
         warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
     path = rec.save(target)
     link_newest(paths, path)
-    last_segment = rec.state.iteration >= start_iteration(config) + config.recon_params.iterations
+    last_segment = not segment_ends(config, rec.state.iteration)
     # the last segment's figures would be redrawn by the export straight after
     if config.recon_params.segment_figures and not stopped and not last_segment:
         from .io.figures import write_figures

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .io.preprocess import content_digest
-
-DATA_SUFFIXES = {".h5", ".hdf5", ".hdf", ".cxi", ".emd", ".nxs", ".npy", ".mat", ".tif", ".tiff", ".zarr", ".raw"}
+from .io.readers import EXTENSIONS
 
 
 def candidates(inbox: str | Path) -> list[Path]:
@@ -27,7 +26,7 @@ def candidates(inbox: str | Path) -> list[Path]:
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
-    return sorted(p for p in inbox.iterdir() if not p.name.startswith(".") and p.suffix.lower() in DATA_SUFFIXES)
+    return sorted(p for p in inbox.iterdir() if not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS)
 
 
 def size_of(path: Path) -> int:

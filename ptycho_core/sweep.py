@@ -106,11 +106,11 @@ def write_summary(out_dir: Path, rows: list[dict[str, Any]], keys: list[str]) ->
 
 
 def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import zarr
+
+    from .io.figures import pyplot
+
+    plt = pyplot()
 
     n = len(rows)
     cols = min(n, 4)

@@ -14,7 +14,8 @@ from ..checkpoint import Checkpoint
 from ..reconstruction import ResultView, scanned_field_box
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: runs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
 
     initial_positions_px (N, 2): probe centres on the canvas before refinement, to draw the
     position corrections (magnified); without it none are drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t = {k: v.numpy() for k, v in ckpt.tensors.items()}

@@ -11,7 +11,6 @@ key and what was expected.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -242,12 +241,17 @@ def open_patterns(data) -> PatternSource:
         except ImportError:
             raise DataError(f"{path}: reading TIFF needs tifffile (pip install tifffile)") from None
         try:
-            if _tiff_memmappable(path):
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None
+        try:
+            if tif.series[0].dataoffset is not None and not tif.pages[0].compression > 1:
+                tif.close()  # contiguous and uncompressed: memory-map it
                 array, close = tifffile.memmap(path, mode="r"), (lambda: None)
             else:  # compressed: decode page by page, as blocks are read
-                tif = tifffile.TiffFile(path)
                 array, close = _TiffPages(tif), tif.close
         except Exception as exc:
+            tif.close()
             raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None
         try:
             _check_layout(path, "(stack)", array.shape)
@@ -273,14 +277,6 @@ def open_patterns(data) -> PatternSource:
     if fmt == "empad":
         return _empad_source(path, data)
     raise DataError(f"data.format: unknown format '{fmt}'")
-
-
-def _tiff_memmappable(path: Path) -> bool:
-    import tifffile
-
-    with contextlib.suppress(Exception), tifffile.TiffFile(path) as tif:
-        return tif.series[0].dataoffset is not None and not tif.pages[0].compression > 1
-    return False
 
 
 def _empad_source(path: Path, data) -> PatternSource:

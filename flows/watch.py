@@ -19,7 +19,7 @@ from prefect.deployments import run_deployment
 
 from flows.reconstruct import reconstruct, resolve_config
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, _deployment_exists
-from ptycho_core.inbox import claim_due_datasets, record, report
+from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
 
 
 def _settle_submitted(outbox: str, max_attempts: int) -> None:
@@ -35,9 +35,8 @@ def _settle_submitted(outbox: str, max_attempts: int) -> None:
             if run.state.is_completed():
                 record(outbox, entry["dataset"], status="done")
             else:
-                attempts = entry.get("attempts", 0) + 1
-                record(outbox, entry["dataset"], attempts=attempts, error=f"flow run {run.name}: {run.state.name}",
-                       status="failed" if attempts >= max_attempts else "retry")
+                record_failure(outbox, entry["dataset"], entry.get("attempts", 0), max_attempts,
+                               f"flow run {run.name}: {run.state.name}")
 
 
 @flow(name="watch")
@@ -65,9 +64,8 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
         if state.is_completed():
             record(outbox, entry["name"], status="done", run_dir=run_dir)
         else:
-            attempts = entry["attempts"] + 1
-            record(outbox, entry["name"], attempts=attempts, error=str(state.message)[:500], run_dir=run_dir,
-                   status="failed" if attempts >= max_attempts else "retry")
+            attempts = record_failure(outbox, entry["name"], entry["attempts"], max_attempts, str(state.message)[:500],
+                                      run_dir=run_dir)
             logger.warning("reconstruction of %s failed (attempt %d of %d): %s", entry["name"], attempts,
                            max_attempts, state.message)
     rows = report(outbox)

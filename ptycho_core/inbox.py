@@ -100,6 +100,16 @@ def record(outbox: str | Path, name: str, **fields) -> None:
         entry.update(fields)
 
 
+def record_failure(outbox: str | Path, name: str, attempts_before: int, max_attempts: int, error: str,
+                   **fields) -> int:
+    """Count one more failed attempt: the dataset is retried in a later poll until max_attempts,
+    then marked failed. Returns the attempts made."""
+    attempts = attempts_before + 1
+    record(outbox, name, attempts=attempts, error=error, status="failed" if attempts >= max_attempts else "retry",
+           **fields)
+    return attempts
+
+
 def report(outbox: str | Path) -> list[dict]:
     with locked_state(outbox) as state:
         return [{"dataset": name, **entry} for name, entry in sorted(state["datasets"].items())]

@@ -24,7 +24,7 @@ from ptycho_core.sweep import load_sweep_spec, point_config, point_name, sweep_p
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
 
 
-def _deployment_exists(name: str) -> bool:
+def deployment_exists(name: str) -> bool:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -54,7 +54,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     points = sweep_points(sweep_spec)
     out = Path(out_dir).resolve()
     configs = [point_config(base, point) for point in points]  # every point is validated up front
-    use_workers = bool(deployment) and _deployment_exists(deployment)
+    use_workers = bool(deployment) and deployment_exists(deployment)
     logger.info("sweep of %d points into %s (%s)", len(points), out,
                 f"child runs of {deployment}" if use_workers else "subflows in this process")
     rows, submitted = [], {}

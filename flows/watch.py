@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from flows.reconstruct import reconstruct, resolve_config
-from flows.sweep import RECONSTRUCT_DEPLOYMENT, _deployment_exists
+from flows.sweep import RECONSTRUCT_DEPLOYMENT, deployment_exists
 from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
 
 
@@ -46,7 +46,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
     """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces."""
     logger = get_run_logger()
     template = resolve_config(config)
-    use_workers = bool(deployment) and _deployment_exists(deployment)
+    use_workers = bool(deployment) and deployment_exists(deployment)
     if use_workers:
         _settle_submitted(outbox, max_attempts)
     for entry in claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts):

@@ -260,7 +260,7 @@ def save_checkpoint(
             buffers.create_dataset("crop_pos", data=model.crop_pos.cpu().numpy())
             buffers.create_dataset("occupancies", data=model.occupancies.cpu().numpy())
             buffers.attrs.update(dx_ang=model.dx_ang, wavelength_ang=model.wavelength_ang)
-            f.attrs["origin_ang"] = np.asarray(getattr(model, "origin_ang", (0.0, 0.0)), dtype=np.float64)
+            f.attrs["origin_ang"] = np.asarray(model.origin_ang, dtype=np.float64)
             if optimizer is not None:
                 groups, states = optimizer_state_by_name(optimizer)
                 opt = f.create_group("optimizer")

@@ -1,12 +1,14 @@
 """Constraints: projections applied under no_grad to the model tensors after an iteration.
 
-One function per constraint, registered by its name in ``constraint_params``. They change
-parameter values in place and leave the optimizer state alone.
+One function per constraint, registered by its name in ``constraint_params``, applied in the
+fixed order of ``CONSTRAINT_ORDER``. They change parameter values in place; one that reorders
+the probe modes returns the new order so the optimizer state can follow.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,7 +16,36 @@ from .forward import gaussian_blur
 from .model import PtychoAD
 from .physics import spatial_frequencies
 
-CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, dict], None]] = {}
+
+@dataclass(frozen=True)
+class DataContext:
+    """What the constraints know of the data; fixed for a reconstruction.
+
+    conv_angle_mrad: probe semi-convergence angle; mean_pattern_sum: () mean measured counts per
+    pattern; positions_ang: (N, 2) measured probe centres (y, x) in Å; initial_positions_px: (N, 2)
+    probe window corners plus sub-pixel shifts at iteration 0 (what position corrections are
+    measured from)."""
+
+    conv_angle_mrad: float
+    mean_pattern_sum: torch.Tensor
+    positions_ang: torch.Tensor
+    initial_positions_px: torch.Tensor
+
+
+# The order in which constraints act after an iteration (each only when its schedule says so):
+CONSTRAINT_ORDER = (
+    "fourier_probe_mask",   # probe first: cut what scattered outside the aperture ...
+    "probe_ortho",          # ... orthogonalize the modes (keeps the total power) ...
+    "fix_probe_intensity",  # ... and restore the measured counts last, after the mask removed some
+    "obj_blur",             # object: filters first ...
+    "depth_blur",
+    "obja_thresh",          # ... thresholds after them, so the blurred values obey the limits
+    "objp_thresh",
+    "position_limit",       # positions: drift removed and corrections capped
+    "tilt_smooth",          # tilts
+)
+
+CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, DataContext], Optional[torch.Tensor]]] = {}
 
 
 def register_constraint(name: str):
@@ -24,60 +55,82 @@ def register_constraint(name: str):
     return decorate
 
 
+def _assignment(weights: torch.Tensor) -> torch.Tensor:
+    """A permutation pairing each column k with a row source[k], strongest pairs first (P x P, P
+    small): the old mode each new mode takes its optimizer state from."""
+    weights = weights.clone()
+    source = torch.empty(weights.shape[1], dtype=torch.long, device=weights.device)
+    for _ in range(weights.shape[1]):
+        row, col = divmod(int(torch.argmax(weights)), weights.shape[1])
+        source[col] = row
+        weights[row, :] = -1
+        weights[:, col] = -1
+    return source
+
+
 @register_constraint("probe_ortho")
-def orthogonalize_probe_modes(model: PtychoAD, params, context: dict) -> None:
-    """Replace the probe modes by the orthogonal modes of the same mixed state, by power."""
+def orthogonalize_probe_modes(model: PtychoAD, params, context: DataContext) -> Optional[torch.Tensor]:
+    """Replace the probe modes by the orthogonal modes of the same mixed state, by power.
+
+    Returns, for each new mode, the old mode it mostly came from (P,), so the optimizer's
+    per-element state can be reordered with the modes."""
     if model.probe.shape[0] < 2:
-        return
+        return None
     probe = model.probe_complex
     flat = probe.reshape(probe.shape[0], -1)
     # eigen-decomposition of the small (P, P) Gram matrix gives the orthogonal modes of rho
     gram = flat.conj() @ flat.T
     eigval, eigvec = torch.linalg.eigh(gram)
-    order = torch.argsort(eigval, descending=True)
-    modes = eigvec[:, order].T @ flat
+    mixing = eigvec[:, torch.argsort(eigval, descending=True)]  # column k: new mode k from the old ones
+    source = _assignment(mixing.abs())
+    # eigenvectors carry an arbitrary phase: choose the one that leaves each mode closest to where
+    # it came from, so modes that are already orthogonal stay exactly as they are (up to order)
+    lead = mixing[source, torch.arange(mixing.shape[1])]
+    mixing = mixing * (lead.conj() / lead.abs())
+    modes = mixing.T @ flat
     model.probe.copy_(torch.view_as_real(modes.reshape(probe.shape)))
+    return source
 
 
 @register_constraint("fix_probe_intensity")
-def fix_probe_intensity(model: PtychoAD, params, context: dict) -> None:
+def fix_probe_intensity(model: PtychoAD, params, context: DataContext) -> None:
     """Scale the probe so its total intensity equals the mean measured counts per pattern."""
     power = model.probe.square().sum()
-    model.probe.mul_(torch.sqrt(context["mean_pattern_sum"] / power))
+    model.probe.mul_(torch.sqrt(context.mean_pattern_sum.to(power) / power))
 
 
 @register_constraint("fourier_probe_mask")
-def fourier_probe_mask(model: PtychoAD, params, context: dict) -> None:
+def fourier_probe_mask(model: PtychoAD, params, context: DataContext) -> None:
     """Remove probe intensity scattered outside the condenser aperture (times radius_factor)."""
     probe = model.probe_complex
     ky, kx = spatial_frequencies(model.window, model.dx_ang, device=probe.device, dtype=model.obja.dtype)
     alpha_mrad = model.wavelength_ang * torch.sqrt(ky**2 + kx**2) * 1e3
-    mask = alpha_mrad <= params.radius_factor * context["conv_angle_mrad"]
+    mask = alpha_mrad <= params.radius_factor * context.conv_angle_mrad
     masked = torch.fft.ifft2(torch.fft.fft2(probe) * mask)
     model.probe.copy_(torch.view_as_real(masked))
 
 
 @register_constraint("obja_thresh")
-def threshold_amplitude(model: PtychoAD, params, context: dict) -> None:
+def threshold_amplitude(model: PtychoAD, params, context: DataContext) -> None:
     """Clip the object amplitude into [min, max]."""
     model.obja.clamp_(min=params.min, max=params.max)
 
 
 @register_constraint("objp_thresh")
-def threshold_phase(model: PtychoAD, params, context: dict) -> None:
+def threshold_phase(model: PtychoAD, params, context: DataContext) -> None:
     """Clip the object phase into [min, max]; min 0 is phase positivity."""
     model.objp.clamp_(min=params.min, max=params.max)
 
 
 @register_constraint("obj_blur")
-def blur_object(model: PtychoAD, params, context: dict) -> None:
+def blur_object(model: PtychoAD, params, context: DataContext) -> None:
     """Lateral Gaussian filter on amplitude and phase: damps pixel-scale noise."""
     model.obja.copy_(gaussian_blur(model.obja, params.std_px))
     model.objp.copy_(gaussian_blur(model.objp, params.std_px))
 
 
 @register_constraint("depth_blur")
-def blur_depth(model: PtychoAD, params, context: dict) -> None:
+def blur_depth(model: PtychoAD, params, context: DataContext) -> None:
     """Gaussian filter along z: multislice depth resolution is poor, so slice-to-slice noise is
     mostly artefact. The filter matrix is made doubly stochastic (Sinkhorn), so a uniform column
     stays uniform and the total phase of every column is kept."""
@@ -95,12 +148,12 @@ def blur_depth(model: PtychoAD, params, context: dict) -> None:
 
 
 @register_constraint("tilt_smooth")
-def smooth_tilts(model: PtychoAD, params, context: dict) -> None:
+def smooth_tilts(model: PtychoAD, params, context: DataContext) -> None:
     """Per-position tilts become their Gaussian-weighted mean over neighbouring positions."""
     tilts = model.obj_tilts
     if tilts.shape[0] < 2:
         return
-    positions = context["positions_ang"].to(tilts.device, tilts.dtype)
+    positions = context.positions_ang.to(tilts.device, tilts.dtype)
     smoothed = torch.empty_like(tilts)
     for start in range(0, len(positions), 1024):  # chunks keep the distance matrix small
         d2 = torch.cdist(positions[start:start + 1024], positions).square()
@@ -110,28 +163,44 @@ def smooth_tilts(model: PtychoAD, params, context: dict) -> None:
 
 
 @register_constraint("position_limit")
-def limit_positions(model: PtychoAD, params, context: dict) -> None:
+def limit_positions(model: PtychoAD, params, context: DataContext) -> None:
     """Remove the mean position correction (global drift) and cap each correction at max_px."""
     if not model.update_rules["probe_pos_shifts"].optimized:
         return
-    initial = context["initial_shifts"].to(model.probe_pos_shifts.device, model.probe_pos_shifts.dtype)
-    moved = model.probe_pos_shifts - initial
+    shifts = model.probe_pos_shifts
+    # float64: canvas coordinates of hundreds of pixels would lose the sub-pixel digits in float32
+    corners = model.crop_pos.to(torch.float64)
+    initial = context.initial_positions_px.to(shifts.device, torch.float64)
+    moved = corners + shifts.to(torch.float64) - initial
     if params.remove_drift:
         moved = moved - moved.mean(dim=0, keepdim=True)
     if params.max_px:
         length = moved.norm(dim=1, keepdim=True)
         moved = moved * torch.clamp(params.max_px / (length + 1e-12), max=1.0)
-    model.probe_pos_shifts.copy_(initial + moved)
+    shifts.copy_(initial + moved - corners)
 
 
-def apply_constraints(model: PtychoAD, constraint_params, iteration: int, context: dict) -> list[str]:
-    """Apply every constraint scheduled for this iteration; returns the names applied."""
+def permute_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Tensor, order: torch.Tensor) -> None:
+    """Reorder the optimizer's per-element state of ``param`` along its first axis (Adam's moments
+    follow the probe modes they were accumulated for)."""
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.copy_(value.index_select(0, order.to(value.device)))
+
+
+def apply_constraints(model: PtychoAD, constraint_params, iteration: int, context: DataContext,
+                      optimizer: Optional[torch.optim.Optimizer] = None) -> list[str]:
+    """Apply every constraint scheduled for this iteration, in CONSTRAINT_ORDER; returns the names
+    applied."""
     applied = []
     with torch.no_grad():
-        for name in type(constraint_params).model_fields:
+        for name in CONSTRAINT_ORDER:
             params = getattr(constraint_params, name)
             if params.active(iteration):
-                CONSTRAINTS[name](model, params, context)
+                order = CONSTRAINTS[name](model, params, context)
+                if order is not None:
+                    permute_state(optimizer, model.probe, order)
                 applied.append(name)
-    model._propagator_cache = None
     return applied

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .constraints import apply_constraints
-from .losses import total_loss
+from .constraints import DataContext, apply_constraints
+from .losses import BatchStats, total_loss
 from .model import PtychoAD
 
 
@@ -27,10 +27,11 @@ class NumericalError(RuntimeError):
     """The loss or a tensor became NaN/Inf."""
 
 
-def forward_loss(model: PtychoAD, indices: torch.Tensor, meas: torch.Tensor, weights: dict[str, float]
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Predict the patterns of ``indices`` (in FFT order, like ``meas``) and score them."""
-    return total_loss(model(indices, centered=False), meas, weights, model)
+def forward_loss(model: PtychoAD, indices: torch.Tensor, meas: torch.Tensor, weights: dict[str, float],
+                 batch: Optional[BatchStats] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Predict the patterns of ``indices`` (in FFT order, like ``meas``) and score them as a part
+    of the optimizer batch ``batch`` (None: they are the whole batch)."""
+    return total_loss(model(indices, centered=False), meas, weights, model, indices, batch)
 
 
 def compiled_forward_loss() -> Callable:
@@ -57,13 +58,18 @@ def compiled_forward_loss() -> Callable:
 
 
 # --------------------------------------------------------------------------- optimizer
-def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: PtychoAD, name: str, configs: dict, lr_units: Optional[dict[str, float]] = None
+                    ) -> torch.optim.Optimizer:
     """torch.optim.<name> over the tensors that are ever optimized, one param group each.
 
-    Each group carries its tensor's name and lr (model_params.update_params). LBFGS accepts one
-    group only: all optimized tensors share it and its lr is ``configs['lr']`` (torch's default 1
-    if absent); update_params lr then only decides which tensors take part (lr > 0).
+    Each group carries its tensor's name and lr (model_params.update_params) times the tensor's
+    unit from ``lr_units`` (default 1): an adaptive optimizer's step is about lr in the tensor's
+    own units, so a tensor whose size depends on the data (the probe carries sqrt(counts)) needs a
+    unit for its lr to mean the same on every dataset. LBFGS accepts one group only: all
+    optimized tensors share it and its lr is ``configs['lr']`` (torch's default 1 if absent);
+    update_params lr then only decides which tensors take part (lr > 0).
     """
+    lr_units = lr_units or {}
     names = model.optimized_names()
     if not names:
         raise ConfigError(
@@ -81,10 +87,18 @@ def build_optimizer(model: PtychoAD, name: str, configs: dict) -> torch.optim.Op
         groups = [{"params": [getattr(model, n) for n in names], "names": list(names)}]
     else:
         groups = [
-            {"params": [getattr(model, n)], "lr": model.update_rules[n].lr, "names": [n]} for n in names
+            {"params": [getattr(model, n)], "lr": model.update_rules[n].lr * lr_units.get(n, 1.0), "names": [n]}
+            for n in names
         ]
     try:
         optimizer = cls(groups, **configs)
+        for group in optimizer.param_groups:
+            unit = lr_units.get(group["names"][0], 1.0) if len(group["names"]) == 1 else 1.0
+            if unit != 1.0 and isinstance(group.get("eps"), float):
+                # Adam-like steps are lr * m / (sqrt(v) + eps): eps is in gradient units, which scale
+                # as 1/unit, so it scales with them (the step is then exactly that of the tensor
+                # divided by its unit)
+                group["eps"] = group["eps"] / unit
         for group in optimizer.param_groups:
             group["base_lr"] = group["lr"]  # what Problem.lr_factor scales
         return optimizer
@@ -172,13 +186,49 @@ class Problem:
     seed: int
     batching: str = "random"
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
+    context: Optional[DataContext] = None  # what constraints know of the data; None: from measurements
     micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
-    context: dict = field(default_factory=dict)  # what constraints need (conv angle, positions, ...)
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
     lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
 
     def __post_init__(self) -> None:
-        self.context.setdefault("mean_pattern_sum", self.measurements.sum(dim=(-2, -1)).mean())
+        if self.context is None:
+            n = self.measurements.shape[0]
+            self.context = DataContext(
+                conv_angle_mrad=float("nan"), mean_pattern_sum=self.measurements.sum(dim=(-2, -1)).mean(),
+                positions_ang=torch.zeros(n, 2), initial_positions_px=torch.zeros(n, 2))
+
+
+def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
+                       meas: torch.Tensor, parts_out: dict) -> Callable[[], torch.Tensor]:
+    """The gradient of one optimizer batch: forward, loss, backward, in ``problem.micro_batches``
+    parts when the whole batch does not fit in memory. Every part is scored against the whole
+    batch (losses.BatchStats), so the parts' gradients add up to exactly the whole batch's and the
+    step is the same. Fills ``parts_out`` with the loss terms and the total."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        chunks = [c for c in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches)
+                  if len(c)]
+        pred_sum = None
+        if len(chunks) > 1 and problem.loss_weights.get("pacbed"):
+            # the batch-averaged pattern needs every part's prediction before any part's gradient
+            with torch.no_grad():
+                pred_sum = sum(model(indices[c], centered=False).sum(dim=0) for c in chunks)
+        stats = BatchStats.of(meas, pred_sum)
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum = None
+        for chunk in chunks:
+            loss, parts = problem.forward_loss(model, indices[chunk], meas[chunk], problem.loss_weights, stats)
+            loss.backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            for key, value in parts.items():
+                totals[key] = totals[key] + value if key in totals else value
+        parts_out.clear()
+        parts_out.update(totals, total=loss_sum)
+        return loss_sum
+
+    return closure
 
 
 def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
@@ -224,24 +274,7 @@ def run_iterations(
             indices = batches[b].to(problem.measurements.device)
             meas = problem.measurements[indices]
             parts_holder: dict[str, torch.Tensor] = {}
-
-            def closure():
-                # micro_batches > 1 after an out-of-memory error: the same step, gradients summed
-                optimizer.zero_grad(set_to_none=True)
-                totals: dict[str, torch.Tensor] = {}
-                loss_sum = None
-                for chunk in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches):
-                    if len(chunk) == 0:
-                        continue
-                    loss, parts = problem.forward_loss(model, indices[chunk], meas[chunk], problem.loss_weights)
-                    weight = len(chunk) / len(indices)
-                    (loss * weight).backward()
-                    loss_sum = loss.detach() * weight if loss_sum is None else loss_sum + loss.detach() * weight
-                    for key, value in parts.items():
-                        totals[key] = totals.get(key, 0.0) + value * weight
-                parts_holder.clear()
-                parts_holder.update(totals, total=loss_sum)
-                return loss_sum
+            closure = batch_step_closure(model, optimizer, problem, indices, meas, parts_holder)
 
             while True:
                 try:
@@ -273,7 +306,10 @@ def run_iterations(
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
         _check_finite(model, sums["total"], iteration)
         totals = {k: float(v) for k, v in sums.items()}
-        apply_constraints(model, problem.constraint_params, iteration, context)
+        apply_constraints(model, problem.constraint_params, iteration, context, optimizer)
+        # a position correction past half a pixel moves its probe window by whole pixels, so the
+        # Fourier shift inside the window stays sub-pixel and never wraps the probe's tail around
+        model.recentre_windows()
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
         row["seconds"] = time.perf_counter() - started

@@ -38,8 +38,10 @@ class PtychoAD(torch.nn.Module):
       probe             (P, ny, nx) complex probe modes (stored as a real view (P, ny, nx, 2) so
                         every torch optimizer, LBFGS included, treats it as plain real numbers)
       probe_pos_shifts  (N, 2) sub-pixel probe shifts (y, x) in px
-    Buffers: crop_pos (N, 2) integer top-left corners of the probe windows on the object canvas,
-    occupancies (O,) fixed object-mode weights.
+    Buffers: crop_pos (N, 2) integer top-left corners of the probe windows on the object canvas
+    (a window follows its probe by whole pixels, see ``recentre_windows``), occupancies (O,) fixed
+    object-mode weights. origin_ang (2,): physical (y, x) in Å of canvas pixel (0, 0), recorded in
+    checkpoints so that later runs can resample this object onto their own canvas.
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class PtychoAD(torch.nn.Module):
         update_rules: dict[str, UpdateRule],
         obj_preblur_std: Optional[float] = None,
         detector_blur_std: Optional[float] = None,
+        band_limit: Optional[float] = None,
+        origin_ang: tuple[float, float] = (0.0, 0.0),
     ):
         super().__init__()
         missing = set(TENSOR_NAMES) - set(tensors)
@@ -62,13 +66,16 @@ class PtychoAD(torch.nn.Module):
             if name == "probe":
                 value = torch.view_as_real(value.resolve_conj()).contiguous()
             self.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-        self.register_buffer("crop_pos", crop_pos.to(torch.long))
+        # a copy: the windows move (recentre_windows), the caller's array must not
+        self.register_buffer("crop_pos", crop_pos.to(torch.long).clone())
         self.register_buffer("occupancies", occupancies.to(self.obja.dtype))
         self.dx_ang = float(dx_ang)
+        self.origin_ang = tuple(float(v) for v in origin_ang)
         self.wavelength_ang = float(wavelength_ang)
         self.update_rules = dict(update_rules)
         self.obj_preblur_std = obj_preblur_std or None
         self.detector_blur_std = detector_blur_std or None
+        self.band_limit = band_limit or None  # kept fraction of Nyquist in multislice, see band_mask
         # Known sub-pixel positions are honoured even when the shifts are not optimized.
         self.apply_shifts = self.update_rules["probe_pos_shifts"].optimized or bool(
             torch.any(self.probe_pos_shifts != 0)
@@ -115,6 +122,22 @@ class PtychoAD(torch.nn.Module):
             param.copy_(value.to(param.dtype))
         self._propagator_cache = None
 
+    @torch.no_grad()
+    def recentre_windows(self) -> int:
+        """Move every probe window whose sub-pixel shift has grown past half a pixel by the whole
+        pixels of that shift, keeping the remainder as the shift (the probe stays where it is).
+        A window never leaves the canvas. Returns the number of windows moved."""
+        shifts = self.probe_pos_shifts
+        whole = torch.round(shifts).to(torch.long)
+        if not bool(whole.any()):
+            return 0
+        last = torch.tensor(self.obja.shape[-2:], device=whole.device) - torch.tensor(self.window, device=whole.device)
+        corners = torch.minimum(torch.clamp(self.crop_pos + whole, min=0), last)
+        step = corners - self.crop_pos
+        self.crop_pos.copy_(corners)
+        shifts.sub_(step.to(shifts.dtype))
+        return int(step.any(dim=1).sum())
+
     # ------------------------------------------------------------------ gating
     def set_iteration(self, iteration: int) -> None:
         """Switch gradients on exactly for the tensors whose start_iter has been reached."""
@@ -126,6 +149,17 @@ class PtychoAD(torch.nn.Module):
         return [n for n in TENSOR_NAMES if self.update_rules[n].optimized]
 
     # ------------------------------------------------------------------ forward
+    def band_mask(self) -> Optional[torch.Tensor]:
+        """(ny, nx) 1 where |k| < band_limit x Nyquist, else 0, in FFT order (None: no limit).
+
+        Multiplying two fields doubles their bandwidth; with both held below 2/3 of Nyquist, what
+        a product wraps around the window lands outside the band and the next propagation removes
+        it, so thick multislice objects do not alias (abTEM's antialiasing aperture)."""
+        if not self.band_limit:
+            return None
+        ky, kx = spatial_frequencies(self.window, self.dx_ang, device=self.obja.device, dtype=self.obja.dtype)
+        return (torch.sqrt(ky**2 + kx**2) < self.band_limit / (2 * self.dx_ang)).to(self.obja.dtype)
+
     def propagator(self, indices: torch.Tensor) -> torch.Tensor:
         """(T, ny, nx) Fresnel propagator for the batch; cached while dz and tilts are fixed."""
         tilts = self.obj_tilts if self.obj_tilts.shape[0] == 1 else self.obj_tilts[indices]
@@ -137,6 +171,9 @@ class PtychoAD(torch.nn.Module):
             return self._propagator_cache[1]
         ky, kx = spatial_frequencies(self.window, self.dx_ang, device=self.obja.device, dtype=self.obja.dtype)
         prop = fresnel_propagator(ky, kx, self.wavelength_ang, self.slice_thickness, tilts)
+        mask = self.band_mask()
+        if mask is not None:
+            prop = prop * mask
         self._propagator_cache = (key, prop.detach()) if cacheable else None
         return prop
 
@@ -156,6 +193,9 @@ class PtychoAD(torch.nn.Module):
             trans = fw.crop_patches(fw.transmission(obja, objp), flat_idx)
         else:
             trans = fw.transmission(fw.crop_patches(obja, flat_idx), fw.crop_patches(objp, flat_idx))
+        mask = self.band_mask() if obja.shape[1] > 1 else None
+        if mask is not None:
+            trans = torch.fft.ifft2(torch.fft.fft2(trans) * mask)
         probe = self.probe_complex
         if self.apply_shifts:
             probes = fw.fourier_shift(probe, self.probe_pos_shifts[indices])

@@ -26,6 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, PtyflowConfig
+from .constraints import DataContext
 from .engine import EngineState, Problem, build_optimizer, compiled_forward_loss, forward_loss, run_iterations
 from .io.preprocess import Preprocessed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
@@ -74,6 +75,17 @@ def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torc
         "probe": probe,
         "probe_pos_shifts": torch.from_numpy(prep.geometry.shifts_px.astype(np.float64)),
     }
+
+
+def probe_amplitude_unit(measurements: np.ndarray) -> float:
+    """The unit of the probe's learning rate: the amplitude sqrt(I) of the brightest pixel of the
+    mean measured pattern (measurements (N, ky, kx)).
+
+    An adaptive optimizer moves each element by about lr per step in the tensor's own units, and
+    the probe carries sqrt(counts): without a unit the same probe lr would be a 10x larger or
+    smaller step at 100x less or more dose. PtyRAD divides its measurements by the same maximum,
+    so a probe lr means the same in both codes."""
+    return float(np.sqrt(measurements.mean(axis=0, dtype=np.float64).max()))
 
 
 def canvas_origin_ang(prep: Preprocessed) -> np.ndarray:
@@ -141,6 +153,7 @@ class Reconstruction:
         real = getattr(torch, recon.dtype)
         complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
         tensors = initial_tensors(config, prep)
+        mean_counts = float(prep.measurements.sum(axis=(-2, -1), dtype=np.float64).mean())
         tensors = {k: v.to(complex_dtype if v.is_complex() else real) for k, v in tensors.items()}
         obj = config.init.object
         occ = torch.tensor(obj.occupancies or [1.0] * obj.n_modes, dtype=real)
@@ -153,10 +166,12 @@ class Reconstruction:
             update_rules=update_rules(config),
             obj_preblur_std=config.model_params.obj_preblur_std,
             detector_blur_std=config.model_params.detector_blur_std,
+            band_limit=config.model_params.band_limit,
+            origin_ang=tuple(canvas_origin_ang(prep)),
         ).to(device)
-        model.origin_ang = canvas_origin_ang(prep)
         opt_params = config.model_params.optimizer_params
-        optimizer = build_optimizer(model, opt_params.name, opt_params.configs)
+        optimizer = build_optimizer(model, opt_params.name, opt_params.configs,
+                                    lr_units={"probe": probe_amplitude_unit(prep.measurements)})
         problem = Problem(
             # FFT order, like the model's uncentred predictions: no shift per batch
             measurements=torch.fft.ifftshift(torch.from_numpy(prep.measurements).to(device=device, dtype=real),
@@ -167,11 +182,12 @@ class Reconstruction:
             seed=recon.seed,
             batching=recon.batching,
             positions_px=prep.geometry.positions_px,
-            context={
-                "conv_angle_mrad": config.experiment.conv_angle_mrad,
-                "positions_ang": torch.from_numpy(prep.positions_ang),
-                "initial_shifts": torch.from_numpy(prep.geometry.shifts_px),
-            },
+            context=DataContext(
+                conv_angle_mrad=config.experiment.conv_angle_mrad,
+                mean_pattern_sum=torch.tensor(mean_counts, dtype=real, device=device),
+                positions_ang=torch.from_numpy(prep.positions_ang),
+                initial_positions_px=torch.from_numpy(prep.geometry.crop_pos + prep.geometry.shifts_px),
+            ),
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
             lr_factor=config.model_params.lr_schedule.factor,
         )
@@ -190,6 +206,9 @@ class Reconstruction:
     def _load_tensors(self, ckpt: Checkpoint) -> None:
         check_shapes(ckpt, self.model)
         self.model.load_tensors({k: v.to(self.model.obja.device) for k, v in ckpt.tensors.items()})
+        if tuple(ckpt.crop_pos.shape) == tuple(self.model.crop_pos.shape):
+            # windows that followed their corrected positions: the shifts are relative to them
+            self.model.crop_pos.copy_(ckpt.crop_pos.to(self.model.crop_pos))
 
     def resume(self, ckpt: Checkpoint) -> None:
         """Continue exactly where ``ckpt`` (a checkpoint of this same run) stopped."""

@@ -1,5 +1,8 @@
 """model_params semantics: start_iter gating, learning rates, optimizers."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -88,7 +91,26 @@ def test_optimizers_reduce_the_loss(noise_free_dataset, name, configs, lrs):
 def test_param_groups_carry_the_per_tensor_lr(small_dataset, small_prep):
     rec = Reconstruction.create(config_with(small_dataset), small_prep)
     lrs = {g["names"][0]: g["lr"] for g in rec.optimizer.param_groups}
-    assert lrs == {"obja": 5e-3, "objp": 5e-3, "probe": 1e-3}
+    # the probe's lr is in units of the brightest mean-pattern amplitude (sqrt counts)
+    unit = float(np.sqrt(small_prep.measurements.mean(axis=0, dtype=np.float64).max()))
+    assert lrs == pytest.approx({"obja": 5e-3, "objp": 5e-3, "probe": 1e-3 * unit}, rel=1e-12)
+
+
+def test_the_same_settings_mean_the_same_at_any_dose(small_dataset, small_prep):
+    """Counts x 100 (a hundredfold dose, the same noise pattern): the same object and the same
+    probe up to the factor 10 of its amplitude, iteration by iteration. Every lr, the probe's
+    included, must mean the same step whatever the dose."""
+    cfg = config_with(small_dataset, **{f"{UP}.probe": {"start_iter": 1, "lr": 1e-3}, "recon_params.iterations": 4})
+    runs = []
+    for scale in (1.0, 100.0):
+        prep = copy.deepcopy(small_prep)
+        prep.measurements = prep.measurements * np.float32(scale)
+        rec = Reconstruction.create(cfg.model_copy(update={}), prep)
+        rec.run(4)
+        runs.append((rec.model.objp.detach().clone(), rec.model.probe_complex.detach().clone() / np.sqrt(scale)))
+    (phase_1, probe_1), (phase_100, probe_100) = runs
+    assert torch.allclose(phase_1, phase_100, atol=2e-4), (phase_1 - phase_100).abs().max()
+    assert torch.allclose(probe_1, probe_100, atol=2e-4 * probe_1.abs().max()), (probe_1 - probe_100).abs().max()
 
 
 def test_unknown_optimizer_keyword_is_named(small_dataset, small_prep):

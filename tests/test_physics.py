@@ -160,7 +160,7 @@ def test_fix_probe_intensity(busy_model):
         rec.model.probe.mul_(1.7)
     constrain(rec, "fix_probe_intensity")
     power = rec.model.probe_complex.abs().square().sum()
-    assert torch.isclose(power, rec.problem.context["mean_pattern_sum"].to(power.dtype), rtol=1e-5)
+    assert torch.isclose(power, rec.problem.context.mean_pattern_sum.to(power.dtype), rtol=1e-5)
 
 
 def test_fourier_probe_mask_clears_outside_the_aperture(busy_model):
@@ -222,7 +222,7 @@ def test_tilt_smoothing_keeps_the_mean_and_cuts_the_scatter(busy_model):
 
 def test_position_limit_caps_corrections_and_removes_drift(busy_model):
     rec = busy_model
-    initial = rec.problem.context["initial_shifts"]
+    initial = rec.problem.context.initial_positions_px - rec.model.crop_pos
     with torch.no_grad():
         rec.model.probe_pos_shifts.copy_(initial + torch.randn_like(initial) + torch.tensor([2.0, -1.0]))
     constrain(rec, "position_limit", max_px=0.5, remove_drift=True)

@@ -1,4 +1,7 @@
-"""An SrTiO3 dataset simulated by abTEM (independent multislice code), for the slow tests."""
+"""SrTiO3 datasets simulated by abTEM (an independent multislice code), for the slow tests and for
+benchmarks/quality.py."""
+
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -32,3 +35,64 @@ def simulate_srtio3(path, scan_end_cells=2.5, step_ang=0.6):
         f["abtem/diffraction"].attrs["dk_inv_ang"] = patterns.sampling[0]
         f["abtem/scan_yx_ang"] = positions_xy[:, ::-1]  # same flattened order as the patterns
     return phase_yx, potential.sampling[0], patterns.sampling[0]
+
+
+# The quality datasets (benchmarks/quality.py and the slow quality test): 20 mrad, 1024 patterns of
+# 64², 1.6 nm and 9.4 nm thick. Patterns in ptyflow's and PtyRAD's layout, (scan_y, scan_x, ky, kx) with
+# the scan row-major (y slow), so both codes read the same raster; the ground truth is the
+# depth-summed transmission phase of one periodic supercell, sampled at 1/POTENTIAL_GPTS of it. The
+# reconstruction pixel is exactly 1/DETECTOR_PX of the supercell, so the truth tiles any canvas.
+QUALITY_CONV_MRAD = 20.0
+POTENTIAL_GPTS = 320  # 0.049 Å sampling of the potential
+DETECTOR_PX = 64  # patterns cropped to 64 x 64 around the undiffracted beam
+SCAN_PX = 32  # 32 x 32 = 1024 positions spanning one supercell
+THICKNESS_CELLS = {"thin": 4, "thick": 24}  # 1.56 nm and 9.37 nm
+
+
+def simulate_quality(path: Path, thickness_cells: int, dose_e_per_ang2: float | None, seed: int = 0) -> Path:
+    """Write one dataset; dose None keeps abTEM's noise-free intensities (scaled to 1e6 e/Å²)."""
+    import abtem
+    from ase import Atoms
+
+    a = LATTICE_ANG
+    cell = Atoms("SrTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
+                 cell=[a, a, a], pbc=True)
+    supercell = cell * (CELLS, CELLS, thickness_cells)
+    potential = abtem.Potential(supercell, gpts=POTENTIAL_GPTS, slice_thickness=a / 2, projection="infinite")
+    probe = abtem.Probe(energy=ENERGY_KEV * 1e3, semiangle_cutoff=QUALITY_CONV_MRAD, defocus=DEFOCUS_ANG)
+    probe.grid.match(potential)
+    period_ang = CELLS * a
+    step_ang = period_ang / SCAN_PX
+    scan = abtem.GridScan(start=(0, 0), end=(period_ang, period_ang), gpts=SCAN_PX, endpoint=False)
+    measured = probe.scan(potential, scan=scan, detectors=abtem.PixelatedDetector(max_angle=None)).compute()
+    patterns = np.asarray(measured.array)  # (scan_x, scan_y, kx, ky), DC at the centre
+    cy, cx = patterns.shape[-2] // 2, patterns.shape[-1] // 2
+    half = DETECTOR_PX // 2
+    patterns = patterns[..., cy - half:cy + half, cx - half:cx + half].transpose(1, 0, 3, 2)  # (sy, sx, ky, kx)
+    dose_for_counts = dose_e_per_ang2 or 1e6
+    patterns = patterns / patterns.sum(axis=(-2, -1)).mean() * dose_for_counts * step_ang**2
+    if dose_e_per_ang2 is not None:
+        patterns = np.random.default_rng(seed).poisson(patterns).astype(np.float32)
+    transmission = potential.build().transmission_function(energy=ENERGY_KEV * 1e3).compute().array
+    phase_yx = np.angle(transmission).sum(axis=0).T  # abTEM arrays are [x, y]
+    dk_inv_ang = float(measured.sampling[0])
+    wavelength = 12.398419843320026 / np.sqrt(ENERGY_KEV * (ENERGY_KEV + 2 * 510.99895))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["meas"] = patterns.astype(np.float32)
+        f["truth_phase"] = phase_yx.astype(np.float64)
+        f.attrs.update({
+            "energy_kev": ENERGY_KEV, "conv_angle_mrad": QUALITY_CONV_MRAD, "defocus_ang": DEFOCUS_ANG,
+            "dk_mrad": dk_inv_ang * wavelength * 1e3, "dx_ang": 1 / (DETECTOR_PX * dk_inv_ang),
+            "step_ang": step_ang, "period_ang": period_ang, "thickness_ang": thickness_cells * a,
+            "dose_e_per_ang2": dose_e_per_ang2 or 0.0, "truth_sampling_ang": float(potential.sampling[0]),
+        })
+    return path
+
+
+def quality_dataset(folder: Path, name: str, noisy: bool = True) -> Path:
+    """The cached dataset ``name`` (thin or thick), simulated on first use."""
+    path = Path(folder) / f"sto_{name}_{'noisy' if noisy else 'clean'}.h5"
+    if not path.exists():
+        simulate_quality(path, THICKNESS_CELLS[name], 1e6 if noisy else None)
+    return path

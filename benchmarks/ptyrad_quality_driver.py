@@ -1,0 +1,109 @@
+"""Run PtyRAD 1.0.0 on an abTEM dataset of benchmarks/abtem_sto.py; write its result to an .npz.
+
+Runs inside PtyRAD's own virtual environment (see benchmarks/README.md):
+    python ptyrad_quality_driver.py DATA_H5 SETTINGS_JSON OUT_NPZ
+
+SETTINGS_JSON: {"iterations": N, "threads": T, "slices": Z, "params": {...}} where "params" is
+merged into PtyRAD's own parameter groups (e.g. {"model_params": {"update_params": ...}}); what
+it leaves out keeps PtyRAD's defaults. With "first_batch": true the driver also stores the initial
+tensors, the normalized measurements, the batches and the loss and gradients of the first batch,
+so ptyflow can be compared with it step by step (benchmarks/quality.py --compare-first-step).
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from ptyrad_driver import load_ptyrad
+
+
+def merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def main():
+    data_path, settings_path, out_path = sys.argv[1:4]
+    settings = json.loads(Path(settings_path).read_text())
+    torch.set_num_threads(int(settings.get("threads", 2)))
+    with h5py.File(data_path, "r") as f:
+        scan_y, scan_x, ny, nx = f["meas"].shape
+        attrs = dict(f.attrs)
+    work = Path(tempfile.mkdtemp(prefix="ptyrad-quality-"))
+    params = {
+        "init_params": {
+            "random_seed": 0,
+            "probe_kv": float(attrs["energy_kev"]), "probe_conv_angle": float(attrs["conv_angle_mrad"]),
+            "probe_aberrations": {"C10": -float(attrs["defocus_ang"])},
+            "meas_Npix": ny, "pos_N_scan_slow": scan_y, "pos_N_scan_fast": scan_x,
+            "pos_scan_step_size": float(attrs["step_ang"]),
+            "obj_Nlayer": int(settings["slices"]),
+            "obj_slice_thickness": float(attrs["thickness_ang"]) / int(settings["slices"]),
+            "meas_reshape": [scan_y * scan_x, ny, nx],
+            "meas_calibration": {"mode": "dx", "value": float(attrs["dx_ang"])},
+            "meas_params": {"path": str(data_path), "key": "meas"},
+        },
+        "recon_params": {"NITER": int(settings["iterations"]), "SAVE_ITERS": None, "output_dir": str(work / "output")},
+    }
+    merge(params, settings.get("params", {}))
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    load_params, solver_cls = load_ptyrad()
+    loaded = load_params(str(work / "params.yaml"), validate=True)
+    solver = solver_cls(loaded, device="cpu", seed=0)
+    out = {}
+    if settings.get("first_batch"):
+        out.update(first_batch(solver, loaded))
+    solver.run()
+    model = solver.reconstruct_results
+    window = np.array(model.get_complex_probe_view().shape[-2:])
+    out.update({
+        "objp": model.opt_objp.detach().numpy(),
+        "obja": model.opt_obja.detach().numpy(),
+        "probe": model.get_complex_probe_view().detach().numpy(),
+        "positions_px": (model.crop_pos.numpy() + model.opt_probe_pos_shifts.detach().numpy() + window // 2),
+        "loss": np.array([entry[1] for entry in model.loss_iters], dtype=np.float64),
+        "seconds": np.array(model.iter_times, dtype=np.float64),
+    })
+    np.savez(out_path, **out)
+    print("RESULT" + json.dumps({"iterations": len(model.iter_times), "out": str(out_path)}))
+
+
+def first_batch(solver, params) -> dict:
+    """Initial tensors, batches and the first batch's loss and gradients, from a model built the
+    way PtyRAD's reconstruct() builds it."""
+    from ptyrad.core.models.ptycho import PtychoModel
+    from ptyrad.solver.reconstruction import compute_loss, prepare_recon
+
+    model = PtychoModel(solver.init.init_variables, params["model_params"], device="cpu")
+    _, batches, _ = prepare_recon(model, solver.init, params)
+    initial = {
+        "init_obja": model.opt_obja.detach().numpy().copy(),
+        "init_objp": model.opt_objp.detach().numpy().copy(),
+        "init_probe": model.get_complex_probe_view().detach().numpy().copy(),
+        "init_shifts": model.opt_probe_pos_shifts.detach().numpy().copy(),
+        "crop_pos": model.crop_pos.numpy().copy(),
+        "meas_normalized": np.asarray(model.get_measurements(), dtype=np.float32),
+        "batch0": np.asarray(batches[0]),
+        "n_batches": np.array(len(batches)),
+    }
+    batch = torch.as_tensor(batches[0])
+    loss, _ = compute_loss(batch, model, model, model.get_measurements(batch), solver.loss_fn)
+    loss.backward()
+    initial["batch0_loss"] = np.array(float(loss))
+    for name, tensor in model.optimizable_tensors.items():
+        if tensor.grad is not None:
+            initial[f"batch0_grad_{name}"] = tensor.grad.detach().numpy().copy()
+    return initial
+
+
+if __name__ == "__main__":
+    main()

@@ -191,12 +191,30 @@ class UpdateParam(_Strict):
 
 
 class UpdateParams(_Strict):
-    obja: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=5.0e-4))
-    objp: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=5.0e-4))
-    obj_tilts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0))
-    slice_thickness: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0))
-    probe: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-4))
-    probe_pos_shifts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-4))
+    """Per tensor: from which iteration and how fast it is optimized. The defaults (measured on abTEM
+    data, benchmarks/quality.py) let the object settle before the probe (from 5) and the positions
+    (from 10) move; ``defaults: reference`` gives the reference text's values instead."""
+
+    obja: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-2),
+                              description="object amplitude (lr per step, dimensionless; typical 1e-3 to 1e-2)")
+    objp: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=1, lr=1.0e-2),
+                              description="object phase (lr in rad per step; typical 1e-3 to 1e-2)")
+    obj_tilts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0),
+                                   description="object tilts (lr in mrad per step; typical 1e-2 to 1e-1)")
+    slice_thickness: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=None, lr=0.0),
+                                         description="slice thickness (lr in Å per step; typical 1e-2 to 1e-1)")
+    probe: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=5, lr=1.0e-4), description=(
+        "probe (lr in units of the amplitude of the brightest pixel of the mean measured pattern, as PtyRAD's "
+        "normalized data: the same step at any dose; typical 1e-4 to 1e-3)"))
+    probe_pos_shifts: UpdateParam = Field(default_factory=lambda: UpdateParam(start_iter=10, lr=1.0e-4),
+                                          description="probe positions (lr in px per step; typical 1e-4 to 1e-2)")
+
+    @model_validator(mode="after")
+    def _something_optimized(self) -> "UpdateParams":
+        # known from the config alone: refuse it now, not after preprocessing
+        if not any(getattr(self, name).optimized for name in type(self).model_fields):
+            raise ValueError("no tensor is optimized (every start_iter is null or lr is 0)")
+        return self
 
 
 class OptimizerParams(_Strict):
@@ -328,15 +346,22 @@ class ObjpThreshConstraint(ConstraintSchedule):
 
 
 class ObjBlurConstraint(ConstraintSchedule):
-    """Lateral Gaussian filter of object amplitude and phase (std in px)."""
+    """Lateral Gaussian filter of object amplitude and phase (std in px). On for the first 20
+    iterations by default: it damps the noise of the first, large steps; left on, Adam's equal-size
+    steps against it drift the phase of the whole field (abTEM thin SrTiO3, 200 iterations: Pearson
+    0.94 falling to 0.63 with it, 0.98 held with it stopped at 20)."""
 
-    std_px: float = Field(0.4, gt=0)
+    start_iter: Optional[int] = 1
+    stop_iter: Optional[int] = 20
+    std_px: float = Field(0.4, gt=0, description="Gaussian std (px); typical 0.3 to 0.6")
 
 
 class DepthBlurConstraint(ConstraintSchedule):
-    """Depth regularization of multislice objects: Gaussian filter along z (std in slices)."""
+    """Depth regularization of multislice objects: Gaussian filter along z (std in slices); does
+    nothing to a single slice."""
 
-    std_slices: float = Field(1.0, gt=0)
+    start_iter: Optional[int] = 1
+    std_slices: float = Field(1.0, gt=0, description="Gaussian std (slices); typical 0.5 to 2")
 
 
 class TiltSmoothConstraint(ConstraintSchedule):
@@ -384,7 +409,33 @@ class ReconParams(_Strict):
 
 
 # --------------------------------------------------------------------------- root
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    # the reference text's model_params, and no object filters: `defaults: reference`
+    "model_params": {"update_params": {
+        "obja": {"start_iter": 1, "lr": 5.0e-4}, "objp": {"start_iter": 1, "lr": 5.0e-4},
+        "obj_tilts": {"start_iter": None, "lr": 0.0}, "slice_thickness": {"start_iter": None, "lr": 0.0},
+        "probe": {"start_iter": 1, "lr": 1.0e-4}, "probe_pos_shifts": {"start_iter": 1, "lr": 1.0e-4}}},
+    "constraint_params": {"obj_blur": {"start_iter": None, "stop_iter": None},
+                          "depth_blur": {"start_iter": None}},
+}
+
+
+def _fill(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """raw with every key it leaves out taken from defaults (nested), raw's own values untouched."""
+    out = dict(raw)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _fill(out[key], value)
+        elif key not in out:
+            out[key] = value
+    return out
+
+
 class PtyflowConfig(_Strict):
+    defaults: Literal["ptyflow", "reference"] = Field(
+        "ptyflow", description="what a setting left out means: ptyflow's defaults (fast, stable on abTEM data) or "
+        "reference: the reference text's learning rates (object 5e-4, probe and positions 1e-4, all from iteration "
+        "1) without object filters")
     data: DataParams
     experiment: ExperimentParams
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
@@ -454,6 +505,8 @@ def _format_errors(error: ValidationError) -> str:
 def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of configuration groups, got {type(raw).__name__}")
+    if raw.get("defaults") == "reference":
+        raw = _fill(raw, REFERENCE_DEFAULTS)
     try:
         return PtyflowConfig.model_validate(raw)
     except ValidationError as exc:

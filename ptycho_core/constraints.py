@@ -45,7 +45,19 @@ CONSTRAINT_ORDER = (
     "tilt_smooth",          # tilts
 )
 
+# the tensors each constraint changes: it acts only on those that are optimized, so a tensor with
+# start_iter null never changes (model_params semantics), filters included
+CONSTRAINT_TENSORS = {
+    "fourier_probe_mask": ("probe",), "probe_ortho": ("probe",), "fix_probe_intensity": ("probe",),
+    "obj_blur": ("obja", "objp"), "depth_blur": ("obja", "objp"), "obja_thresh": ("obja",), "objp_thresh": ("objp",),
+    "position_limit": ("probe_pos_shifts",), "tilt_smooth": ("obj_tilts",),
+}
+
 CONSTRAINTS: dict[str, Callable[[PtychoAD, Any, DataContext], Optional[torch.Tensor]]] = {}
+
+
+def _optimized(model: PtychoAD, *names: str) -> list[torch.Tensor]:
+    return [getattr(model, n) for n in names if model.update_rules[n].optimized]
 
 
 def register_constraint(name: str):
@@ -125,8 +137,8 @@ def threshold_phase(model: PtychoAD, params, context: DataContext) -> None:
 @register_constraint("obj_blur")
 def blur_object(model: PtychoAD, params, context: DataContext) -> None:
     """Lateral Gaussian filter on amplitude and phase: damps pixel-scale noise."""
-    model.obja.copy_(gaussian_blur(model.obja, params.std_px))
-    model.objp.copy_(gaussian_blur(model.objp, params.std_px))
+    for tensor in _optimized(model, "obja", "objp"):
+        tensor.copy_(gaussian_blur(tensor, params.std_px))
 
 
 @register_constraint("depth_blur")
@@ -143,7 +155,7 @@ def blur_depth(model: PtychoAD, params, context: DataContext) -> None:
         weights = weights / weights.sum(dim=1, keepdim=True)
         weights = weights / weights.sum(dim=0, keepdim=True)
     weights = weights.to(model.objp.dtype)
-    for tensor in (model.obja, model.objp):
+    for tensor in _optimized(model, "obja", "objp"):
         tensor.copy_(torch.einsum("zw,owyx->ozyx", weights, tensor))
 
 
@@ -192,13 +204,13 @@ def permute_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Tenso
 
 def apply_constraints(model: PtychoAD, constraint_params, iteration: int, context: DataContext,
                       optimizer: Optional[torch.optim.Optimizer] = None) -> list[str]:
-    """Apply every constraint scheduled for this iteration, in CONSTRAINT_ORDER; returns the names
-    applied."""
+    """Apply every constraint scheduled for this iteration whose tensors are optimized, in
+    CONSTRAINT_ORDER; returns the names applied."""
     applied = []
     with torch.no_grad():
         for name in CONSTRAINT_ORDER:
             params = getattr(constraint_params, name)
-            if params.active(iteration):
+            if params.active(iteration) and _optimized(model, *CONSTRAINT_TENSORS[name]):
                 order = CONSTRAINTS[name](model, params, context)
                 if order is not None:
                     permute_state(optimizer, model.probe, order)

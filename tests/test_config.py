@@ -15,8 +15,8 @@ def with_(dotted, value):
     return raw
 
 
-def test_model_params_defaults_follow_the_reference_text():
-    cfg = config_from_dict(MINIMAL)
+def test_reference_defaults_follow_the_reference_text():
+    cfg = config_from_dict(MINIMAL | {"defaults": "reference"})
     mp = cfg.model_params
     assert mp.obj_preblur_std is None and mp.detector_blur_std is None
     assert mp.optimizer_params.name == "Adam" and mp.optimizer_params.configs == {}

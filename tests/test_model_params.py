@@ -119,11 +119,29 @@ def test_unknown_optimizer_keyword_is_named(small_dataset, small_prep):
         Reconstruction.create(cfg, small_prep)
 
 
-def test_nothing_to_optimize_is_an_error(small_dataset, small_prep):
+def test_nothing_to_optimize_is_refused_while_loading(small_dataset):
     frozen = {"start_iter": None, "lr": 0.0}
-    cfg = config_with(small_dataset, **{f"{UP}.{n}": frozen for n in ("obja", "objp", "probe")})
-    with pytest.raises(ConfigError, match="no tensor is optimized"):
-        Reconstruction.create(cfg, small_prep)
+    with pytest.raises(ConfigError, match=r"model_params.update_params: no tensor is optimized"):
+        config_with(small_dataset, **{f"{UP}.{n}": frozen for n in ("obja", "objp", "probe", "probe_pos_shifts")})
+
+
+def test_reference_defaults_give_the_reference_texts_values(small_dataset):
+    """`defaults: reference`: what the config leaves out takes the reference text's values; what it
+    gives stays."""
+    import yaml
+
+    from ptycho_core.config import REFERENCE_DEFAULTS, config_from_dict
+
+    raw = yaml.safe_load(small_dataset.read_text())
+    raw.pop("model_params")
+    ours = config_from_dict(raw)
+    reference = config_from_dict(raw | {"defaults": "reference", "recon_params": {"iterations": 7}})
+    wanted = REFERENCE_DEFAULTS["model_params"]["update_params"]
+    assert reference.model_params.update_params.model_dump() == wanted
+    assert reference.constraint_params.obj_blur.start_iter is None and reference.recon_params.iterations == 7
+    assert ours.model_params.update_params.model_dump() != wanted and ours.constraint_params.obj_blur.start_iter == 1
+    kept = config_from_dict(raw | {"defaults": "reference", "model_params": {"update_params": {"probe": {"lr": 1e-3}}}})
+    assert kept.model_params.update_params.probe.lr == 1e-3 and kept.model_params.update_params.probe.start_iter == 1
 
 
 def test_lr_schedule_scales_every_lr_by_a_factor_of_the_iteration(small_dataset, small_prep):
@@ -144,6 +162,7 @@ def test_a_decaying_lr_settles_where_a_constant_one_drifts(noise_free_dataset):
     for kind in ("constant", "step"):
         cfg = config_with(noise_free_dataset, **{
             "model_params.lr_schedule": {"kind": kind, "gamma": 0.3, "step_iterations": 10},
+            "constraint_params.obj_blur": {"start_iter": None},  # the schedule alone
             "recon_params.iterations": 40,
         })
         rec = Reconstruction.create(cfg, preprocess(cfg))

@@ -120,13 +120,31 @@ def test_the_constraint_order_is_one_explicit_tuple(small_dataset, small_prep):
     """Every configurable constraint has its place in CONSTRAINT_ORDER and acts there; the probe's
     intensity is restored after the Fourier mask removed some of it."""
     assert sorted(CONSTRAINT_ORDER) == sorted(ConstraintParams.model_fields) == sorted(CONSTRAINTS)
-    cfg = config_with(small_dataset, **{"init.probe.n_modes": 2, "init.object.n_slices": 2})
+    cfg = config_with(small_dataset, **{"init.probe.n_modes": 2, "init.object.n_slices": 2, "init.object.tilt_mode": "each",
+                                        f"{UP}.obj_tilts": {"start_iter": 1, "lr": 0.1},
+                                        f"{UP}.probe_pos_shifts": {"start_iter": 1, "lr": 0.01}})
     rec = Reconstruction.create(cfg, small_prep)
     everything = ConstraintParams.model_validate({n: {"start_iter": 1} for n in CONSTRAINT_ORDER}
                                                  | {"fourier_probe_mask": {"start_iter": 1, "radius_factor": 0.8}})
     assert apply_constraints(rec.model, everything, 1, rec.problem.context, rec.optimizer) == list(CONSTRAINT_ORDER)
     power = rec.model.probe_complex.detach().abs().square().sum()
     assert torch.isclose(power, rec.problem.context.mean_pattern_sum.to(power), rtol=1e-5)
+
+
+def test_constraints_leave_tensors_that_are_never_optimized_alone(small_dataset, small_prep):
+    """start_iter null: the tensor never changes, not even through a filter or a projection."""
+    cfg = config_with(small_dataset, **{"init.probe.n_modes": 2, "init.object.n_slices": 2,
+                                        f"{UP}.obja": {"start_iter": None, "lr": 0.0},
+                                        f"{UP}.probe": {"start_iter": None, "lr": 0.0}})
+    rec = Reconstruction.create(cfg, small_prep)
+    before = {n: t.clone() for n, t in rec.model.tensors().items()}
+    with torch.no_grad():
+        rec.model.objp.copy_(torch.randn_like(rec.model.objp))
+    everything = ConstraintParams.model_validate({n: {"start_iter": 1} for n in CONSTRAINT_ORDER})
+    applied = apply_constraints(rec.model, everything, 1, rec.problem.context, rec.optimizer)
+    assert "obj_blur" in applied and not {"probe_ortho", "fix_probe_intensity", "obja_thresh"} & set(applied)
+    assert torch.equal(rec.model.tensors()["obja"], before["obja"])
+    assert torch.equal(rec.model.tensors()["probe"], before["probe"])
 
 
 def test_phase_regularizer_acts_where_the_data_act(small_dataset, small_prep):

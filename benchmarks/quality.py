@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from abtem_data import quality_dataset  # noqa: E402  (the datasets the slow quality test uses too)
+from abtem_data import quality_dataset, score_against_truth  # noqa: E402  (shared with the slow quality test)
 
 SLICES = {"thin": 1, "thick": 8}
 
@@ -41,15 +41,9 @@ PTYRAD_SETTINGS = {
     "model_params.update_params.objp": {"start_iter": 1, "lr": 5e-4},
     "model_params.update_params.probe": {"start_iter": 1, "lr": 1e-4},
     "model_params.update_params.probe_pos_shifts": {"start_iter": 1, "lr": 5e-4},
-    "constraint_params.obj_blur": {"start_iter": 1, "std_px": 0.4},
+    "constraint_params.obj_blur": {"start_iter": 1, "stop_iter": None, "std_px": 0.4},
     "constraint_params.depth_blur": {"start_iter": 1, "std_slices": 1.0},
     "constraint_params.position_limit": {"start_iter": 1, "max_px": 0.0, "remove_drift": True},
-}
-PRESET_LRS = {
-    "model_params.update_params.obja": {"start_iter": 1, "lr": 5e-3},
-    "model_params.update_params.objp": {"start_iter": 1, "lr": 5e-3},
-    "model_params.update_params.probe": {"start_iter": 5, "lr": 1e-3},
-    "model_params.update_params.probe_pos_shifts": {"start_iter": None, "lr": 0.0},
 }
 # name -> (code, settings, iterations factor)
 RUNS = {
@@ -57,52 +51,9 @@ RUNS = {
     "ptyflow-ptyrad-settings": ("ptyflow", PTYRAD_SETTINGS, 1),
     "ptyflow-defaults": ("ptyflow", {}, 1),
     "ptyflow-reference": ("ptyflow", {"defaults": "reference"}, 1),
-    "ptyflow-preset-lrs": ("ptyflow", PRESET_LRS, 1),
     "ptyrad-defaults-x5": ("ptyrad", {}, 5),
+    "ptyflow-defaults-x10": ("ptyflow", {}, 10),
 }
-
-
-# --------------------------------------------------------------------------- scoring
-def truth_on_grid(truth: np.ndarray, n_px: int, shift_px=(0.0, 0.0)) -> np.ndarray:
-    """The periodic truth (T, T) resampled to n_px x n_px pixels per period by Fourier cropping (an
-    ideal low-pass: the reconstruction holds nothing finer) and shifted by shift_px (y, x) pixels."""
-    centre, half = truth.shape[0] // 2, n_px // 2
-    spectrum = np.fft.fftshift(np.fft.fft2(truth))[centre - half:centre + half, centre - half:centre + half]
-    freq = np.fft.fftfreq(n_px)
-    ramp = np.exp(-2j * np.pi * (freq[:, None] * shift_px[0] + freq[None, :] * shift_px[1]))
-    return np.real(np.fft.ifft2(np.fft.ifftshift(spectrum) * ramp)) * (n_px / truth.shape[0]) ** 2
-
-
-def _best_integer_shift(field: np.ndarray, tiled_truth: np.ndarray, period: int) -> tuple[float, tuple[int, int]]:
-    h, w = field.shape
-    windows = np.lib.stride_tricks.sliding_window_view(tiled_truth, (h, w))[:period, :period]  # (P, P, h, w)
-    f = (field - field.mean()) / field.std()
-    std = windows.std(axis=(-2, -1))
-    corr = (np.einsum("abhw,hw->ab", windows, f) / (h * w)) / std  # f has zero mean: no window mean needed
-    best = np.unravel_index(np.argmax(corr), corr.shape)
-    return float(corr[best]), (int(best[0]), int(best[1]))
-
-
-def phase_score(phase_sum: np.ndarray, positions_px: np.ndarray, truth: np.ndarray, period_px: int) -> float:
-    """Best Pearson of the reconstruction's phase over the scanned field with the truth, over all
-    shifts (integer search, then sub-pixel steps of 0.1 px)."""
-    lo = np.ceil(positions_px.min(axis=0)).astype(int)
-    hi = np.floor(positions_px.max(axis=0)).astype(int) + 1
-    field = np.asarray(phase_sum, dtype=np.float64)[lo[0]:hi[0], lo[1]:hi[1]]
-    h, w = field.shape
-    if h > period_px or w > period_px:
-        field = field[:period_px, :period_px]
-        h, w = field.shape
-    base = truth_on_grid(truth, period_px)
-    tiled = np.tile(base, (2, 2))
-    score, (sy, sx) = _best_integer_shift(field, tiled, period_px)
-    f = (field - field.mean()) / field.std()
-    for dy in np.arange(-0.5, 0.51, 0.1):
-        for dx in np.arange(-0.5, 0.51, 0.1):
-            shifted = np.tile(truth_on_grid(truth, period_px, (-dy, -dx)), (2, 2))[sy:sy + h, sx:sx + w]
-            s = float(np.mean(f * (shifted - shifted.mean())) / shifted.std())
-            score = max(score, s)
-    return score
 
 
 # --------------------------------------------------------------------------- the two codes
@@ -123,7 +74,10 @@ def ptyflow_config(data: Path, slices: int, iterations: int, settings: dict):
         "recon_params": {"iterations": iterations},
     }
     for key, value in settings.items():
-        set_dotted(raw, key, value)
+        if key == "defaults":
+            raw["defaults"] = value
+        else:
+            set_dotted(raw, key, value)
     return config_from_dict(raw)
 
 
@@ -166,10 +120,7 @@ def run_ptyrad(python: str, data: Path, slices: int, iterations: int, settings: 
 
 
 def score_run(result: dict, data: Path) -> float:
-    with h5py.File(data, "r") as f:
-        truth = f["truth_phase"][()]
-        period_px = int(round(f.attrs["period_ang"] / f.attrs["dx_ang"]))
-    return phase_score(result["phase_sum"], result["positions_px"], truth, period_px)
+    return score_against_truth(result["phase_sum"], result["positions_px"], data)
 
 
 def main() -> None:

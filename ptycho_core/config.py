@@ -304,6 +304,13 @@ class ConstraintSchedule(_Strict):
     stop_iter: Optional[int] = Field(None, description="last iteration it acts on; null: to the end")
     freq: int = Field(1, ge=1, description="acts every freq iterations")
 
+    @model_validator(mode="after")
+    def _stop_after_start(self):
+        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter < self.start_iter:
+            raise ValueError(f"stop_iter {self.stop_iter} comes before start_iter {self.start_iter} "
+                             "(stop_iter: null keeps it on to the end)")
+        return self
+
     def active(self, iteration: int) -> bool:
         if self.start_iter is None or iteration < self.start_iter:
             return False

@@ -96,3 +96,55 @@ def quality_dataset(folder: Path, name: str, noisy: bool = True) -> Path:
     if not path.exists():
         simulate_quality(path, THICKNESS_CELLS[name], 1e6 if noisy else None)
     return path
+
+
+# scoring a reconstruction against the quality datasets' truth
+def truth_on_grid(truth: np.ndarray, n_px: int, shift_px=(0.0, 0.0)) -> np.ndarray:
+    """The periodic truth (T, T) resampled to n_px x n_px pixels per period by Fourier cropping (an
+    ideal low-pass: the reconstruction holds nothing finer) and shifted by shift_px (y, x) pixels."""
+    centre, half = truth.shape[0] // 2, n_px // 2
+    spectrum = np.fft.fftshift(np.fft.fft2(truth))[centre - half:centre + half, centre - half:centre + half]
+    freq = np.fft.fftfreq(n_px)
+    ramp = np.exp(-2j * np.pi * (freq[:, None] * shift_px[0] + freq[None, :] * shift_px[1]))
+    return np.real(np.fft.ifft2(np.fft.ifftshift(spectrum) * ramp)) * (n_px / truth.shape[0]) ** 2
+
+
+def _best_integer_shift(field: np.ndarray, tiled_truth: np.ndarray, period: int) -> tuple[float, tuple[int, int]]:
+    h, w = field.shape
+    windows = np.lib.stride_tricks.sliding_window_view(tiled_truth, (h, w))[:period, :period]  # (P, P, h, w)
+    f = (field - field.mean()) / field.std()
+    std = windows.std(axis=(-2, -1))
+    corr = (np.einsum("abhw,hw->ab", windows, f) / (h * w)) / std  # f has zero mean: no window mean needed
+    best = np.unravel_index(np.argmax(corr), corr.shape)
+    return float(corr[best]), (int(best[0]), int(best[1]))
+
+
+def phase_score(phase_sum: np.ndarray, positions_px: np.ndarray, truth: np.ndarray, period_px: int) -> float:
+    """Best Pearson of the reconstruction's phase over the scanned field with the truth, over all
+    shifts (integer search, then sub-pixel steps of 0.1 px)."""
+    lo = np.ceil(positions_px.min(axis=0)).astype(int)
+    hi = np.floor(positions_px.max(axis=0)).astype(int) + 1
+    field = np.asarray(phase_sum, dtype=np.float64)[lo[0]:hi[0], lo[1]:hi[1]]
+    h, w = field.shape
+    if h > period_px or w > period_px:
+        field = field[:period_px, :period_px]
+        h, w = field.shape
+    base = truth_on_grid(truth, period_px)
+    tiled = np.tile(base, (2, 2))
+    score, (sy, sx) = _best_integer_shift(field, tiled, period_px)
+    f = (field - field.mean()) / field.std()
+    for dy in np.arange(-0.5, 0.51, 0.1):
+        for dx in np.arange(-0.5, 0.51, 0.1):
+            shifted = np.tile(truth_on_grid(truth, period_px, (-dy, -dx)), (2, 2))[sy:sy + h, sx:sx + w]
+            s = float(np.mean(f * (shifted - shifted.mean())) / shifted.std())
+            score = max(score, s)
+    return score
+
+
+def score_against_truth(phase_sum: np.ndarray, positions_px: np.ndarray, data: Path) -> float:
+    """phase_score of a depth-summed phase (Ny, Nx) whose probe centres are positions_px (N, 2),
+    against the truth stored in a quality dataset."""
+    with h5py.File(data, "r") as f:
+        truth = f["truth_phase"][()]
+        period_px = int(round(f.attrs["period_ang"] / f.attrs["dx_ang"]))
+    return phase_score(phase_sum, positions_px, truth, period_px)

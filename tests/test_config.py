@@ -49,6 +49,8 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("experiment.dk_mrad", 1.0, "experiment: give either dx_ang or dk_mrad, not both"),
         ("experiment.aberrations", {"C99x": 1}, "experiment.aberrations: unknown aberration 'C99x'"),
         ("init.object.occupancies", [1.0], None),
+        ("constraint_params.obj_blur.start_iter", 30,
+         "constraint_params.obj_blur: stop_iter 20 comes before start_iter 30 (stop_iter: null keeps it on to the end)"),
     ],
 )
 def test_bad_values_name_the_dotted_path(dotted, value, message):

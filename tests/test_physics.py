@@ -129,7 +129,7 @@ def busy_model(small_dataset, small_prep):
 def constrain(rec, name, **params):
     """Apply one constraint (all others off) at iteration 100."""
     settings = {n: {"start_iter": None} for n in CONSTRAINTS}
-    settings[name] = {"start_iter": 100, **params}
+    settings[name] = {"start_iter": 100, "stop_iter": None, **params}
     cp = config_from_dict({"data": {"path": "x"}, "experiment": {"energy_kev": 300, "conv_angle_mrad": 25,
                                                                  "dx_ang": 0.25},
                            "constraint_params": settings}).constraint_params

@@ -29,7 +29,8 @@ def test_single_slice_recovers_the_phase(small_dataset):
 
 
 def test_multislice_recovers_each_slice(small_multislice):
-    rec, phase, truth, mask = reconstruct(small_multislice)
+    # the default depth blur trades depth resolution for stability; this object's slices differ
+    rec, phase, truth, mask = reconstruct(small_multislice, **{"constraint_params.depth_blur": {"start_iter": None}})
     assert phase.shape[0] == 2
     per_slice = [phase_pearson(phase[z], truth[z], mask) for z in range(2)]
     crossed = [phase_pearson(phase[z], truth[1 - z], mask) for z in range(2)]

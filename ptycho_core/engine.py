@@ -99,7 +99,6 @@ def build_optimizer(model: PtychoAD, name: str, configs: dict, lr_units: Optiona
                 # as 1/unit, so it scales with them (the step is then exactly that of the tensor
                 # divided by its unit)
                 group["eps"] = group["eps"] / unit
-        for group in optimizer.param_groups:
             group["base_lr"] = group["lr"]  # what Problem.lr_factor scales
         return optimizer
     except (TypeError, ValueError) as exc:

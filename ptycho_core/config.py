@@ -39,7 +39,7 @@ class DataParams(_Strict):
     pos_key: Optional[str] = Field(
         None, description="dataset of probe positions (N, 2) as (y, x); null: generate from experiment.scan "
         "(CXI: the sample translations)")
-    pos_unit: Literal["ang", "px"] = "ang"
+    pos_unit: Literal["ang", "px"] = Field("ang", description="unit of the positions in pos_key: ang (Å) or px (object pixels)")
     scan_shape: Optional[tuple[int, int]] = Field(
         None, description="(scan_y, scan_x) of a flat stack of patterns (needed for EMPAD .raw)")
     detector_shape: Optional[tuple[int, int]] = Field(
@@ -218,8 +218,9 @@ class UpdateParams(_Strict):
 
 
 class OptimizerParams(_Strict):
-    name: str = "Adam"
-    configs: Optional[dict[str, Any]] = Field(default_factory=dict)
+    name: str = Field("Adam", description="any torch.optim optimizer class (Adam, AdamW, SGD, LBFGS, ...)")
+    configs: Optional[dict[str, Any]] = Field(
+        default_factory=dict, description="keyword arguments of that optimizer (e.g. betas, eps; LBFGS: lr, max_iter)")
     load_state: Optional[str] = Field(None, description="model.hdf5 whose optimizer state to continue")
 
     @field_validator("configs")
@@ -319,37 +320,41 @@ class ConstraintSchedule(_Strict):
         return (iteration - self.start_iter) % self.freq == 0
 
 
+_START = "first iteration it acts on; null: off"
+_STOP = "last iteration it acts on; null: to the end"
+
+
 class ProbeOrthoConstraint(ConstraintSchedule):
     """Orthogonalize mixed-state probe modes and sort them by power."""
 
-    start_iter: Optional[int] = 1
+    start_iter: Optional[int] = Field(1, description=_START)
 
 
 class FixProbeIntensityConstraint(ConstraintSchedule):
     """Rescale the probe to the mean measured intensity per pattern."""
 
-    start_iter: Optional[int] = 1
+    start_iter: Optional[int] = Field(1, description=_START)
 
 
 class ObjaThreshConstraint(ConstraintSchedule):
     """Clip the object amplitude into [min, max]."""
 
-    start_iter: Optional[int] = 1
-    min: float = 0.0
-    max: Optional[float] = None
+    start_iter: Optional[int] = Field(1, description=_START)
+    min: float = Field(0.0, description="lowest amplitude (dimensionless; typical 0, or 0.8 for a weak object)")
+    max: Optional[float] = Field(None, description="highest amplitude (typical 1.0 to 1.2); null: no limit")
 
 
 class FourierProbeMaskConstraint(ConstraintSchedule):
     """Zero the probe's Fourier transform outside radius_factor x the aperture (conv_angle_mrad)."""
 
-    radius_factor: float = Field(1.2, gt=0)
+    radius_factor: float = Field(1.2, gt=0, description="mask radius over the aperture radius (typical 1.1 to 1.5)")
 
 
 class ObjpThreshConstraint(ConstraintSchedule):
     """Clip the object phase into [min, max] (min 0: phase positivity)."""
 
-    min: Optional[float] = 0.0
-    max: Optional[float] = None
+    min: Optional[float] = Field(0.0, description="lowest phase (rad; 0: phase positivity); null: no limit")
+    max: Optional[float] = Field(None, description="highest phase (rad); null: no limit")
 
 
 class ObjBlurConstraint(ConstraintSchedule):
@@ -358,8 +363,8 @@ class ObjBlurConstraint(ConstraintSchedule):
     steps against it drift the phase of the whole field (abTEM thin SrTiO3, 200 iterations: Pearson
     0.94 falling to 0.63 with it, 0.98 held with it stopped at 20)."""
 
-    start_iter: Optional[int] = 1
-    stop_iter: Optional[int] = 20
+    start_iter: Optional[int] = Field(1, description=_START)
+    stop_iter: Optional[int] = Field(20, description=_STOP)
     std_px: float = Field(0.4, gt=0, description="Gaussian std (px); typical 0.3 to 0.6")
 
 
@@ -367,22 +372,22 @@ class DepthBlurConstraint(ConstraintSchedule):
     """Depth regularization of multislice objects: Gaussian filter along z (std in slices); does
     nothing to a single slice."""
 
-    start_iter: Optional[int] = 1
+    start_iter: Optional[int] = Field(1, description=_START)
     std_slices: float = Field(1.0, gt=0, description="Gaussian std (slices); typical 0.5 to 2")
 
 
 class TiltSmoothConstraint(ConstraintSchedule):
     """Smooth per-position tilts with a Gaussian of std_ang over the scan positions."""
 
-    std_ang: float = Field(5.0, gt=0)
+    std_ang: float = Field(5.0, gt=0, description="Gaussian std over the scan (Å; typical a few scan steps)")
 
 
 class PositionLimitConstraint(ConstraintSchedule):
     """Keep every probe-position correction within max_px of its start (0: no limit) and, with
     remove_drift, subtract the mean correction (a global drift that only shifts the image)."""
 
-    max_px: float = Field(0.0, ge=0)
-    remove_drift: bool = True
+    max_px: float = Field(0.0, ge=0, description="largest correction from the initial position (px); 0: no limit")
+    remove_drift: bool = Field(True, description="subtract the mean correction (a common drift only moves the image)")
 
 
 class ConstraintParams(_Strict):
@@ -405,8 +410,9 @@ class ReconParams(_Strict):
     batching: Literal["random", "compact", "sparse"] = Field(
         "random", description="random: any positions; compact: spatial neighbours; sparse: spread over the field")
     seed: int = Field(0, ge=0, description="batch order of iteration i depends only on (seed, i)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU, else cpu")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="real precision of the tensors (complex ones follow); float64 for checks, 2x slower")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
     segment_figures: bool = Field(True, description="rewrite figures/*.png after every segment, to watch a running job")
     compile: bool = Field(False, description=(

@@ -78,3 +78,26 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(MINIMAL))
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.data.path == str(tmp_path / "data.h5")
+
+
+def test_every_setting_is_described():
+    """Every leaf of the configuration tree says what it is (units and a typical value where it has
+    them): the resolved YAML and the errors name these fields, so a newcomer must find them."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from ptycho_core.config import PtyflowConfig
+
+    def leaves(model, prefix=""):
+        for name, field in model.model_fields.items():
+            nested = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                           if isinstance(t, type) and issubclass(t, BaseModel)), None)
+            if nested is not None:
+                yield from leaves(nested, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field.description
+
+    undescribed = [path for path, description in leaves(PtyflowConfig) if not description]
+    assert not undescribed, undescribed
+    assert len(list(leaves(PtyflowConfig))) > 60

@@ -155,24 +155,14 @@ def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices:
 
 
 def preset_config(p: Preset, data_path: str) -> dict:
-    """A config that reconstructs a preset's data in a minute or so on two CPU cores."""
+    """A config that reconstructs a preset's data in a minute or so on two CPU cores: data, optics,
+    slicing and iterations; everything else is ptyflow's defaults."""
     return {
         "data": {"path": data_path, "meas_key": "/meas", "pos_key": "/positions_ang", "pos_unit": "ang"},
         "experiment": {"energy_kev": p.energy_kev, "conv_angle_mrad": p.conv_angle_mrad,
                        "dx_ang": p.dx_ang, "defocus_ang": p.defocus_ang},
         "init": {"probe": {"n_modes": 1},
                  "object": {"n_slices": p.n_slices, "slice_thickness_ang": p.slice_thickness_ang, "pad_px": p.pad_px}},
-        "model_params": {
-            "optimizer_params": {"name": "Adam", "configs": {}, "load_state": None},
-            "update_params": {
-                "obja": {"start_iter": 1, "lr": 5.0e-3},
-                "objp": {"start_iter": 1, "lr": 5.0e-3},
-                "obj_tilts": {"start_iter": None, "lr": 0.0},
-                "slice_thickness": {"start_iter": None, "lr": 0.0},
-                "probe": {"start_iter": 5, "lr": 1.0e-3},
-                "probe_pos_shifts": {"start_iter": None, "lr": 0.0},
-            },
-        },
         "recon_params": {"iterations": p.iterations, "segment_iterations": 10, "batch_size": p.batch_size, "seed": 0},
     }
 

@@ -96,7 +96,7 @@ def test_different_set_of_optimized_tensors_is_refused(tmp_path, small_dataset, 
         f"{UP}.probe": {"start_iter": None, "lr": 0.0},
         "model_params.optimizer_params": {"name": "Adam", "load_state": str(path)},
     })
-    with pytest.raises(CheckpointError, match=r"optimizer state covers tensors \['obja', 'objp', 'probe'\]"):
+    with pytest.raises(CheckpointError, match=r"optimizer state covers tensors \['obja', 'objp', 'probe', 'probe_pos_shifts'\]"):
         Reconstruction.create(cfg, small_prep)
 
 

@@ -516,6 +516,9 @@ def _format_errors(error: ValidationError) -> str:
 
 
 def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
+    if raw is None:
+        raise ConfigError(f"{source}: the configuration is empty; it needs at least the groups data and experiment "
+                          "(ptyflow simulate --out DIR writes an example)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of configuration groups, got {type(raw).__name__}")
     if raw.get("defaults") == "reference":

@@ -72,6 +72,10 @@ def test_missing_group_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the configuration is empty; it needs at least the groups data"):
+        load_config(empty)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):

@@ -183,19 +183,12 @@ class Problem:
     constraint_params: object
     batch_size: int
     seed: int
+    context: DataContext  # what the constraints know of the data
     batching: str = "random"
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
-    context: Optional[DataContext] = None  # what constraints know of the data; None: from measurements
     micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
     lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
-
-    def __post_init__(self) -> None:
-        if self.context is None:
-            n = self.measurements.shape[0]
-            self.context = DataContext(
-                conv_angle_mrad=float("nan"), mean_pattern_sum=self.measurements.sum(dim=(-2, -1)).mean(),
-                positions_ang=torch.zeros(n, 2), initial_positions_px=torch.zeros(n, 2))
 
 
 def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,

@@ -42,13 +42,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torch.Tensor]:
-    """The six tensors at iteration 0, from the experiment and init settings (float64/complex128)."""
+def initial_tensors(config: PtyflowConfig, prep: Preprocessed, mean_counts: float) -> dict[str, torch.Tensor]:
+    """The six tensors at iteration 0, from the experiment and init settings (float64/complex128);
+    the probe carries mean_counts, the mean measured counts per pattern."""
     obj = config.init.object
     exp = config.experiment
     n_pos = prep.measurements.shape[0]
     canvas = prep.geometry.canvas_shape
-    mean_counts = float(prep.measurements.sum(axis=(-2, -1)).mean())
     origin = canvas_origin_ang(prep)
     if config.init.probe.source == "file":
         probe = _probe_from_file(config, prep)
@@ -77,15 +77,15 @@ def initial_tensors(config: PtyflowConfig, prep: Preprocessed) -> dict[str, torc
     }
 
 
-def probe_amplitude_unit(measurements: np.ndarray) -> float:
+def probe_amplitude_unit(mean_pattern: np.ndarray) -> float:
     """The unit of the probe's learning rate: the amplitude sqrt(I) of the brightest pixel of the
-    mean measured pattern (measurements (N, ky, kx)).
+    mean measured pattern (ky, kx).
 
     An adaptive optimizer moves each element by about lr per step in the tensor's own units, and
     the probe carries sqrt(counts): without a unit the same probe lr would be a 10x larger or
     smaller step at 100x less or more dose. PtyRAD divides its measurements by the same maximum,
     so a probe lr means the same in both codes."""
-    return float(np.sqrt(measurements.mean(axis=0, dtype=np.float64).max()))
+    return float(np.sqrt(mean_pattern.max()))
 
 
 def canvas_origin_ang(prep: Preprocessed) -> np.ndarray:
@@ -152,8 +152,10 @@ class Reconstruction:
         device = resolve_device(recon.device)
         real = getattr(torch, recon.dtype)
         complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
-        tensors = initial_tensors(config, prep)
-        mean_counts = float(prep.measurements.sum(axis=(-2, -1), dtype=np.float64).mean())
+        # one pass over the measurements for everything that needs their mean
+        mean_pattern = prep.measurements.mean(axis=0, dtype=np.float64)  # (ky, kx)
+        mean_counts = float(mean_pattern.sum())
+        tensors = initial_tensors(config, prep, mean_counts)
         tensors = {k: v.to(complex_dtype if v.is_complex() else real) for k, v in tensors.items()}
         obj = config.init.object
         occ = torch.tensor(obj.occupancies or [1.0] * obj.n_modes, dtype=real)
@@ -171,7 +173,7 @@ class Reconstruction:
         ).to(device)
         opt_params = config.model_params.optimizer_params
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs,
-                                    lr_units={"probe": probe_amplitude_unit(prep.measurements)})
+                                    lr_units={"probe": probe_amplitude_unit(mean_pattern)})
         problem = Problem(
             # FFT order, like the model's uncentred predictions: no shift per batch
             measurements=torch.fft.ifftshift(torch.from_numpy(prep.measurements).to(device=device, dtype=real),

@@ -300,9 +300,13 @@ class LossParams(_Strict):
 
 
 # --------------------------------------------------------------------------- constraints
+_START = "first iteration it acts on; null: off"
+_STOP = "last iteration it acts on; null: to the end"
+
+
 class ConstraintSchedule(_Strict):
-    start_iter: Optional[int] = Field(None, description="first iteration it acts on; null: off")
-    stop_iter: Optional[int] = Field(None, description="last iteration it acts on; null: to the end")
+    start_iter: Optional[int] = Field(None, description=_START)
+    stop_iter: Optional[int] = Field(None, description=_STOP)
     freq: int = Field(1, ge=1, description="acts every freq iterations")
 
     @model_validator(mode="after")
@@ -318,10 +322,6 @@ class ConstraintSchedule(_Strict):
         if self.stop_iter is not None and iteration > self.stop_iter:
             return False
         return (iteration - self.start_iter) % self.freq == 0
-
-
-_START = "first iteration it acts on; null: off"
-_STOP = "last iteration it acts on; null: to the end"
 
 
 class ProbeOrthoConstraint(ConstraintSchedule):

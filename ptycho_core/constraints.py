@@ -177,8 +177,6 @@ def smooth_tilts(model: PtychoAD, params, context: DataContext) -> None:
 @register_constraint("position_limit")
 def limit_positions(model: PtychoAD, params, context: DataContext) -> None:
     """Remove the mean position correction (global drift) and cap each correction at max_px."""
-    if not model.update_rules["probe_pos_shifts"].optimized:
-        return
     shifts = model.probe_pos_shifts
     # float64: canvas coordinates of hundreds of pixels would lose the sub-pixel digits in float32
     corners = model.crop_pos.to(torch.float64)

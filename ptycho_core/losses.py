@@ -28,19 +28,22 @@ _EPS = 1e-4
 class BatchStats:
     """The whole optimizer batch, as every part of it sees it.
 
-    size: patterns in the batch; meas_mean: mean measured intensity per pixel over the batch ();
-    meas_pattern_mean: the batch-averaged measured pattern (ky, kx); pred_sum: the sum of the
-    batch's predicted patterns (ky, kx), detached, when the pacbed term needs it and the batch is
-    split (None otherwise: the part is the whole batch)."""
+    meas: the batch's measured patterns (B, ky, kx); meas_mean: their mean intensity per pixel (),
+    which every data term divides by; pred_sum: the sum of the batch's predicted patterns (ky, kx),
+    detached, when the pacbed term needs it and the batch is split (None otherwise: the part is the
+    whole batch)."""
 
-    size: int
+    meas: torch.Tensor
     meas_mean: torch.Tensor
-    meas_pattern_mean: torch.Tensor
     pred_sum: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, meas: torch.Tensor, pred_sum: Optional[torch.Tensor] = None) -> "BatchStats":
-        return cls(size=meas.shape[0], meas_mean=meas.mean(), meas_pattern_mean=meas.mean(dim=0), pred_sum=pred_sum)
+        return cls(meas=meas, meas_mean=meas.mean(), pred_sum=pred_sum)
+
+    @property
+    def size(self) -> int:
+        return self.meas.shape[0]
 
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, BatchStats, object, torch.Tensor], torch.Tensor]
@@ -91,7 +94,7 @@ def pacbed_loss(pred, meas, batch: BatchStats, model=None, indices=None) -> torc
     else:
         mean_pred = (batch.pred_sum - own_sum.detach() + own_sum) / batch.size
         share = pred.shape[0] / batch.size
-    diff = torch.sqrt(mean_pred + _EPS * batch.meas_mean) - torch.sqrt(batch.meas_pattern_mean)
+    diff = torch.sqrt(mean_pred + _EPS * batch.meas_mean) - torch.sqrt(batch.meas.mean(dim=0))
     value = diff.square().mean() / batch.meas_mean
     # full gradient for this part, value counted in proportion to its size
     return value - (1.0 - share) * value.detach()

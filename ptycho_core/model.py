@@ -75,7 +75,17 @@ class PtychoAD(torch.nn.Module):
         self.update_rules = dict(update_rules)
         self.obj_preblur_std = obj_preblur_std or None
         self.detector_blur_std = detector_blur_std or None
-        self.band_limit = band_limit or None  # kept fraction of Nyquist in multislice, see band_mask
+        self.band_limit = band_limit or None  # kept fraction of Nyquist in multislice
+        # (ny, nx) 1 where |k| < band_limit x Nyquist, else 0, in FFT order (None: no limit). Multiplying
+        # two fields doubles their bandwidth; with both held below 2/3 of Nyquist, what a product wraps
+        # around the window lands outside the band and the next propagation removes it, so thick
+        # multislice objects do not alias (abTEM's antialiasing aperture). A buffer: built once, it
+        # follows the model to its device.
+        band_mask = None
+        if self.band_limit:
+            ky, kx = spatial_frequencies(self.window, self.dx_ang, dtype=self.obja.dtype)
+            band_mask = (torch.sqrt(ky**2 + kx**2) < self.band_limit / (2 * self.dx_ang)).to(self.obja.dtype)
+        self.register_buffer("band_mask", band_mask, persistent=False)
         # Known sub-pixel positions are honoured even when the shifts are not optimized.
         self.apply_shifts = self.update_rules["probe_pos_shifts"].optimized or bool(
             torch.any(self.probe_pos_shifts != 0)
@@ -149,17 +159,6 @@ class PtychoAD(torch.nn.Module):
         return [n for n in TENSOR_NAMES if self.update_rules[n].optimized]
 
     # ------------------------------------------------------------------ forward
-    def band_mask(self) -> Optional[torch.Tensor]:
-        """(ny, nx) 1 where |k| < band_limit x Nyquist, else 0, in FFT order (None: no limit).
-
-        Multiplying two fields doubles their bandwidth; with both held below 2/3 of Nyquist, what
-        a product wraps around the window lands outside the band and the next propagation removes
-        it, so thick multislice objects do not alias (abTEM's antialiasing aperture)."""
-        if not self.band_limit:
-            return None
-        ky, kx = spatial_frequencies(self.window, self.dx_ang, device=self.obja.device, dtype=self.obja.dtype)
-        return (torch.sqrt(ky**2 + kx**2) < self.band_limit / (2 * self.dx_ang)).to(self.obja.dtype)
-
     def propagator(self, indices: torch.Tensor) -> torch.Tensor:
         """(T, ny, nx) Fresnel propagator for the batch; cached while dz and tilts are fixed."""
         tilts = self.obj_tilts if self.obj_tilts.shape[0] == 1 else self.obj_tilts[indices]
@@ -171,9 +170,8 @@ class PtychoAD(torch.nn.Module):
             return self._propagator_cache[1]
         ky, kx = spatial_frequencies(self.window, self.dx_ang, device=self.obja.device, dtype=self.obja.dtype)
         prop = fresnel_propagator(ky, kx, self.wavelength_ang, self.slice_thickness, tilts)
-        mask = self.band_mask()
-        if mask is not None:
-            prop = prop * mask
+        if self.band_mask is not None:
+            prop = prop * self.band_mask
         self._propagator_cache = (key, prop.detach()) if cacheable else None
         return prop
 
@@ -193,9 +191,8 @@ class PtychoAD(torch.nn.Module):
             trans = fw.crop_patches(fw.transmission(obja, objp), flat_idx)
         else:
             trans = fw.transmission(fw.crop_patches(obja, flat_idx), fw.crop_patches(objp, flat_idx))
-        mask = self.band_mask() if obja.shape[1] > 1 else None
-        if mask is not None:
-            trans = torch.fft.ifft2(torch.fft.fft2(trans) * mask)
+        if self.band_mask is not None and obja.shape[1] > 1:
+            trans = torch.fft.ifft2(torch.fft.fft2(trans) * self.band_mask)
         probe = self.probe_complex
         if self.apply_shifts:
             probes = fw.fourier_shift(probe, self.probe_pos_shifts[indices])

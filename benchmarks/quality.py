@@ -21,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from abtem_data import quality_dataset, score_against_truth  # noqa: E402  (shared with the slow quality test)
+from abtem_data import quality_config, quality_dataset, score_against_truth  # noqa: E402  (shared with the slow quality test)
 
 SLICES = {"thin": 1, "thick": 8}
 
@@ -60,24 +59,9 @@ RUNS = {
 def ptyflow_config(data: Path, slices: int, iterations: int, settings: dict):
     from ptycho_core.config import config_from_dict, set_dotted
 
-    with h5py.File(data, "r") as f:
-        attrs = dict(f.attrs)
-        scan = f["meas"].shape[:2]
-    raw = {
-        "data": {"path": str(data), "meas_key": "meas"},
-        "experiment": {
-            "energy_kev": float(attrs["energy_kev"]), "conv_angle_mrad": float(attrs["conv_angle_mrad"]),
-            "dx_ang": float(attrs["dx_ang"]), "defocus_ang": float(attrs["defocus_ang"]),
-            "scan": {"shape": list(scan), "step_ang": float(attrs["step_ang"])},
-        },
-        "init": {"object": {"n_slices": slices, "slice_thickness_ang": float(attrs["thickness_ang"]) / slices}},
-        "recon_params": {"iterations": iterations},
-    }
+    raw = quality_config(data, slices, iterations)
     for key, value in settings.items():
-        if key == "defaults":
-            raw["defaults"] = value
-        else:
-            set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return config_from_dict(raw)
 
 
@@ -98,9 +82,7 @@ def run_ptyflow(data: Path, slices: int, iterations: int, settings: dict, thread
     rec.run(iterations)
     seconds = time.perf_counter() - started
     model = rec.model
-    window = np.array(model.window)
-    positions = model.crop_pos.cpu().numpy() + model.probe_pos_shifts.detach().cpu().numpy() + window // 2
-    return {"phase_sum": model.objp.detach().cpu().numpy()[0].sum(axis=0), "positions_px": positions,
+    return {"phase_sum": model.objp.detach().cpu().numpy()[0].sum(axis=0), "positions_px": model.centres_px(),
             "loss": rec.state.history.get("loss", []), "seconds": seconds}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import forward as fw
@@ -131,6 +132,12 @@ class PtychoAD(torch.nn.Module):
                 raise ValueError(f"tensor '{name}': file has shape {shape}, this model needs {own}")
             param.copy_(value.to(param.dtype))
         self._propagator_cache = None
+
+    def centres_px(self) -> np.ndarray:
+        """(N, 2) probe centres on the object canvas (y, x) in px: window corner, sub-pixel shift
+        and half the window."""
+        corners = (self.crop_pos + self.probe_pos_shifts.detach()).cpu().numpy()
+        return corners + np.array(self.window) // 2
 
     @torch.no_grad()
     def recentre_windows(self) -> int:

@@ -90,6 +90,24 @@ def simulate_quality(path: Path, thickness_cells: int, dose_e_per_ang2: float | 
     return path
 
 
+def quality_config(data: Path, slices: int, iterations: int) -> dict:
+    """A raw ptyflow config for a quality dataset with only data, optics, slicing and iterations:
+    everything else is left to the defaults."""
+    with h5py.File(data, "r") as f:
+        attrs = dict(f.attrs)
+        scan = f["meas"].shape[:2]
+    return {
+        "data": {"path": str(data), "meas_key": "meas"},
+        "experiment": {
+            "energy_kev": float(attrs["energy_kev"]), "conv_angle_mrad": float(attrs["conv_angle_mrad"]),
+            "dx_ang": float(attrs["dx_ang"]), "defocus_ang": float(attrs["defocus_ang"]),
+            "scan": {"shape": list(scan), "step_ang": float(attrs["step_ang"])},
+        },
+        "init": {"object": {"n_slices": slices, "slice_thickness_ang": float(attrs["thickness_ang"]) / slices}},
+        "recon_params": {"iterations": iterations},
+    }
+
+
 def quality_dataset(folder: Path, name: str, noisy: bool = True) -> Path:
     """The cached dataset ``name`` (thin or thick), simulated on first use."""
     path = Path(folder) / f"sto_{name}_{'noisy' if noisy else 'clean'}.h5"

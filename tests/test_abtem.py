@@ -13,7 +13,7 @@ from ptycho_core.rundir import prepare
 pytestmark = pytest.mark.slow
 pytest.importorskip("abtem")
 
-from abtem_data import CONV_MRAD, DEFOCUS_ANG, ENERGY_KEV, quality_dataset, score_against_truth, simulate_srtio3  # noqa: E402
+from abtem_data import CONV_MRAD, DEFOCUS_ANG, ENERGY_KEV, quality_config, quality_dataset, score_against_truth, simulate_srtio3  # noqa: E402
 
 
 def test_reconstructs_an_abtem_dataset_from_config_alone(tmp_path):
@@ -157,25 +157,11 @@ def quality_data(tmp_path_factory):
 def test_defaults_reconstruct_abtem_srtio3_in_20_iterations(quality_data, tmp_path, name, slices, floor):
     """Only data, optics and slicing given: in 20 iterations the depth-summed phase correlates with
     abTEM's projected potential better than PtyRAD 1.0.0 reaches in 100 at its own defaults."""
-    import h5py
-
     data = quality_dataset(quality_data, name)
-    with h5py.File(data, "r") as f:
-        attrs = dict(f.attrs)
-        scan = f["meas"].shape[:2]
-    config = config_from_dict({
-        "data": {"path": str(data), "meas_key": "meas"},
-        "experiment": {"energy_kev": float(attrs["energy_kev"]), "conv_angle_mrad": float(attrs["conv_angle_mrad"]),
-                       "dx_ang": float(attrs["dx_ang"]), "defocus_ang": float(attrs["defocus_ang"]),
-                       "scan": {"shape": list(scan), "step_ang": float(attrs["step_ang"])}},
-        "init": {"object": {"n_slices": slices, "slice_thickness_ang": float(attrs["thickness_ang"]) / slices}},
-        "recon_params": {"iterations": 20},
-    })
+    config = config_from_dict(quality_config(data, slices, 20))
     prepare(config, tmp_path / "run")
     rec = Reconstruction.create(config, read_preprocessed(tmp_path / "run" / "preprocessed.h5"))
     rec.run(20)
-    model = rec.model
-    centres = (model.crop_pos + model.probe_pos_shifts.detach()).numpy() + np.array(model.window) // 2
-    score = score_against_truth(model.objp.detach().numpy()[0].sum(axis=0), centres, data)
+    score = score_against_truth(rec.model.objp.detach().numpy()[0].sum(axis=0), rec.model.centres_px(), data)
     print(f"abTEM SrTiO3 {name}: phase Pearson {score:.3f} after 20 iterations at the defaults")
     assert score > floor

@@ -69,8 +69,7 @@ def test_position_refinement_cuts_the_error_three_fold(tmp_path):
         error -= error.mean(axis=0)  # a common shift only moves the whole image
         return math.sqrt((error**2).sum(axis=1).mean())
 
-    window = np.array(prep.window) // 2
-    refined = rec.model.crop_pos.numpy() + rec.model.probe_pos_shifts.detach().numpy() + window
+    refined = rec.model.centres_px()
     before, after = rms(prep.geometry.positions_px), rms(refined)
     assert before > 0.4 and after < before / 3, (before, after)
 

@@ -105,7 +105,7 @@ def test_the_same_settings_mean_the_same_at_any_dose(small_dataset, small_prep):
     for scale in (1.0, 100.0):
         prep = copy.deepcopy(small_prep)
         prep.measurements = prep.measurements * np.float32(scale)
-        rec = Reconstruction.create(cfg.model_copy(update={}), prep)
+        rec = Reconstruction.create(cfg, prep)
         rec.run(4)
         runs.append((rec.model.objp.detach().clone(), rec.model.probe_complex.detach().clone() / np.sqrt(scale)))
     (phase_1, probe_1), (phase_100, probe_100) = runs

@@ -101,7 +101,7 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     baseline = 0 if device == "cuda" else current_rss_bytes()  # interpreter, torch and ptyflow imported
     prep = preprocess(cfg)
     rec = Reconstruction.create(cfg, prep)
-    n_patterns = prep.measurements.shape[0]
+    n_patterns = prep.n_patterns
     if kind == "fft_floor":
         seconds = fft_floor(rec, iterations)
     else:

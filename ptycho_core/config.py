@@ -67,6 +67,9 @@ class PreprocessParams(_Strict):
         False, description="measure dk from the bright-field disk radius and conv_angle_mrad")
     normalize: Literal["none", "mean_sum"] = Field(
         "none", description="mean_sum: scale so the mean pattern sums to 1 (the probe follows)")
+    compression: Literal["none", "lzf", "gzip"] = Field(
+        "none", description="compression of the patterns in preprocessed.h5 (chunked one pattern per chunk): lzf "
+        "or gzip (level 1) trade CPU time per read for disk space; none reads fastest in measurements: disk")
 
 
 # --------------------------------------------------------------------------- experiment
@@ -415,6 +418,14 @@ class ReconParams(_Strict):
         "float32", description="real precision of the tensors (complex ones follow); float64 for checks, 2x slower")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
     segment_figures: bool = Field(True, description="rewrite figures/*.png after every segment, to watch a running job")
+    measurements: Literal["auto", "device", "host", "disk"] = Field("auto", description=(
+        "where the patterns live while iterating: device (all on the GPU, or in RAM on the CPU), host (in RAM, "
+        "pinned, each batch copied to the GPU one batch ahead), disk (each batch read from preprocessed.h5 two "
+        "batches ahead); auto: the fastest that fits memory_budget_gb, logged. The choice never changes the "
+        "results"))
+    memory_budget_gb: Optional[float] = Field(None, gt=0, description=(
+        "GB the patterns may take on the device or in RAM (e.g. 40); null: half of what the device and the "
+        "host have free when the run starts"))
     compile: bool = Field(False, description=(
         "torch.compile the forward model and loss. Compiling takes tens of seconds per process and "
         "inductor generates no code for complex arithmetic, so it pays only on long runs; measure it "
@@ -493,7 +504,7 @@ class PtyflowConfig(_Strict):
 
 
 _FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",
-                                      "compile")}
+                                      "compile", "measurements", "memory_budget_gb")}
 
 
 def _format_errors(error: ValidationError) -> str:

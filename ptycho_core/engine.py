@@ -20,6 +20,7 @@ import torch
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints
 from .losses import BatchStats, total_loss
+from .measurements import MeasurementFeed
 from .model import PtychoAD
 
 
@@ -178,7 +179,7 @@ class EngineState:
 class Problem:
     """What the loop needs besides the model: the data and the settings that shape the steps."""
 
-    measurements: torch.Tensor  # (N, ky, kx) in FFT order (DC at [0, 0]), on the model's device
+    measurements: MeasurementFeed  # batches (B, ky, kx) in FFT order (DC at [0, 0]) on the model's device
     loss_weights: dict[str, float]
     constraint_params: object
     batch_size: int
@@ -234,6 +235,31 @@ def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
     )
 
 
+def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
+                    meas: torch.Tensor, iteration: int, warn: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """One optimizer step on one batch; a batch that does not fit in (GPU) memory is split into
+    more micro-batches (problem.micro_batches, kept for the rest of the run). Returns the loss terms."""
+    parts: dict[str, torch.Tensor] = {}
+    closure = batch_step_closure(model, optimizer, problem, indices, meas, parts)
+    while True:
+        try:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            return parts
+        except torch.cuda.OutOfMemoryError:
+            if problem.micro_batches >= len(indices):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            problem.micro_batches *= 2
+            warn(f"out of memory at iteration {iteration}: splitting each batch into "
+                 f"{problem.micro_batches} parts (same steps, gradients summed)")
+
+
 def run_iterations(
     model: PtychoAD,
     optimizer: torch.optim.Optimizer,
@@ -246,7 +272,6 @@ def run_iterations(
 ) -> bool:
     """Run until ``state.iteration == last_iteration`` or until ``stop_requested()`` is true after a
     batch. Updates ``state`` in place; returns True when it stopped early."""
-    closure_needed = isinstance(optimizer, torch.optim.LBFGS)
     context = problem.context
     n = model.n_positions
     while state.iteration < last_iteration:
@@ -262,39 +287,20 @@ def run_iterations(
         # iteration adds up exactly as an uninterrupted one.
         sums = {k: torch.tensor(v, dtype=torch.float64, device=problem.measurements.device)
                 for k, v in state.partial_loss.items()}
-        for b in range(state.batch_cursor, len(batches)):
-            indices = batches[b].to(problem.measurements.device)
-            meas = problem.measurements[indices]
-            parts_holder: dict[str, torch.Tensor] = {}
-            closure = batch_step_closure(model, optimizer, problem, indices, meas, parts_holder)
-
-            while True:
-                try:
-                    if closure_needed:
-                        optimizer.step(closure)
-                    else:
-                        closure()
-                        optimizer.step()
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    if problem.micro_batches >= len(indices):
-                        raise
-                    optimizer.zero_grad(set_to_none=True)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    problem.micro_batches *= 2
-                    warn(f"out of memory at iteration {iteration}: splitting each batch into "
-                         f"{problem.micro_batches} parts (same steps, gradients summed)")
-            weight = indices.numel() / n
-            for key, value in parts_holder.items():
-                weighted = value.detach().to(torch.float64) * weight
-                sums[key] = sums[key] + weighted if key in sums else weighted
-            state.batch_cursor = b + 1
-            if stop_requested() and state.batch_cursor < len(batches):
-                # a non-finite state must not reach the checkpoint the caller writes next
-                _check_finite(model, sums["total"], iteration)
-                state.partial_loss = {k: float(v) for k, v in sums.items()}
-                return True
+        with problem.measurements.prefetch(batches[state.batch_cursor:]) as fed:
+            for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
+                indices = batches[b].to(problem.measurements.device)
+                parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn)
+                weight = indices.numel() / n
+                for key, value in parts.items():
+                    weighted = value.detach().to(torch.float64) * weight
+                    sums[key] = sums[key] + weighted if key in sums else weighted
+                state.batch_cursor = b + 1
+                if stop_requested() and state.batch_cursor < len(batches):
+                    # a non-finite state must not reach the checkpoint the caller writes next
+                    _check_finite(model, sums["total"], iteration)
+                    state.partial_loss = {k: float(v) for k, v in sums.items()}
+                    return True
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
         _check_finite(model, sums["total"], iteration)
         totals = {k: float(v) for k, v in sums.items()}

@@ -29,6 +29,7 @@ from .config import ConfigError, PtyflowConfig
 from .constraints import DataContext
 from .engine import EngineState, Problem, build_optimizer, compiled_forward_loss, forward_loss, run_iterations
 from .io.preprocess import Preprocessed
+from .measurements import TierChoice, choose_tier, open_feed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
 from .physics import aberration_coefficients, make_probe
 from .resample import read_previous, resample_object, resample_probe
@@ -47,7 +48,7 @@ def initial_tensors(config: PtyflowConfig, prep: Preprocessed, mean_counts: floa
     the probe carries mean_counts, the mean measured counts per pattern."""
     obj = config.init.object
     exp = config.experiment
-    n_pos = prep.measurements.shape[0]
+    n_pos = prep.n_patterns
     canvas = prep.geometry.canvas_shape
     origin = canvas_origin_ang(prep)
     if config.init.probe.source == "file":
@@ -136,8 +137,9 @@ class Reconstruction:
     """Model + optimizer + data + where the run stands."""
 
     def __init__(self, config: PtyflowConfig, model: PtychoAD, optimizer: torch.optim.Optimizer,
-                 problem: Problem, state: EngineState):
+                 problem: Problem, state: EngineState, tier: TierChoice):
         self.config = config
+        self.tier = tier  # where the measurements live, and why
         self.model = model
         self.optimizer = optimizer
         self.problem = problem
@@ -152,9 +154,10 @@ class Reconstruction:
         device = resolve_device(recon.device)
         real = getattr(torch, recon.dtype)
         complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
-        # one pass over the measurements for everything that needs their mean
-        mean_pattern = prep.measurements.mean(axis=0, dtype=np.float64)  # (ky, kx)
+        mean_pattern = prep.mean_pattern  # (ky, kx), measured while preprocessing
         mean_counts = float(mean_pattern.sum())
+        tier = choose_tier(recon.measurements, prep.n_patterns, prep.window, real, recon.batch_size, device,
+                           recon.memory_budget_gb)
         tensors = initial_tensors(config, prep, mean_counts)
         tensors = {k: v.to(complex_dtype if v.is_complex() else real) for k, v in tensors.items()}
         obj = config.init.object
@@ -175,9 +178,7 @@ class Reconstruction:
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs,
                                     lr_units={"probe": probe_amplitude_unit(mean_pattern)})
         problem = Problem(
-            # FFT order, like the model's uncentred predictions: no shift per batch
-            measurements=torch.fft.ifftshift(torch.from_numpy(prep.measurements).to(device=device, dtype=real),
-                                              dim=(-2, -1)),
+            measurements=open_feed(tier.tier, prep.measurements, device, real),
             loss_weights={name: term.weight for name, term in config.loss_params.active_terms().items()},
             constraint_params=config.constraint_params,
             batch_size=recon.batch_size,
@@ -193,7 +194,7 @@ class Reconstruction:
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
             lr_factor=config.model_params.lr_schedule.factor,
         )
-        rec = cls(config, model, optimizer, problem, EngineState())
+        rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:
             source = read_checkpoint(config.init.model_path)
             rec._load_tensors(source)

@@ -37,7 +37,8 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .config import PtyflowConfig, config_from_dict
-from .io.preprocess import input_hash, preprocess, read_preprocessed, write_preprocessed
+from .io.preprocess import check_inputs, preprocess, read_preprocessed
+from .io.readers import DataError
 from .reconstruction import Reconstruction
 
 log = logging.getLogger("ptyflow")
@@ -175,6 +176,7 @@ class PrepareOutcome:
     dk_mrad: float
     input_hash: str
     notes: dict = field(default_factory=dict)
+    input_check: str = ""  # how the inputs were checked against the record (for the log)
 
 
 def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
@@ -194,21 +196,20 @@ def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
                 f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); use a new run directory"
             )
     existing = read_preprocessed(paths.preprocessed)
-    wanted_hash = input_hash(config)
     if existing is not None:
-        if existing.input_hash != wanted_hash:
-            raise RunDirError(
-                f"{paths.preprocessed} was made from different input data or preprocessing settings; "
-                "use a new run directory"
-            )
+        try:
+            input_check = check_inputs(config, existing)
+        except DataError as exc:
+            raise RunDirError(f"{paths.preprocessed} does not match this run's input ({exc}): different input "
+                              "data; use a new run directory") from None
         prep, skipped = existing, True
     else:
-        prep, skipped = preprocess(config, known_hash=wanted_hash), False
-        write_preprocessed(paths.preprocessed, prep)
+        prep, skipped = preprocess(config, paths.preprocessed), False
+        input_check = "input hashed while it was preprocessed"
     # config.yaml is (re)written so iterations and other free settings reflect the latest run
     _write_text_atomic(paths.config, config.to_yaml())
-    return PrepareOutcome(skipped, prep.measurements.shape[0], prep.window, prep.dx_ang, prep.dk_mrad,
-                          prep.input_hash, prep.notes)
+    return PrepareOutcome(skipped, prep.n_patterns, prep.window, prep.dx_ang, prep.dk_mrad,
+                          prep.input_hash, prep.notes, input_check)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -257,6 +258,7 @@ def run_segment(
     on_iteration: Optional[Callable] = None,
     warn: Callable[[str], None] = log.warning,
     signal_name: Callable[[], str] = lambda: "signal",
+    info: Callable[[str], None] = log.info,
 ) -> SegmentOutcome:
     """Continue the run from its newest valid checkpoint up to ``to_iteration`` and checkpoint.
 
@@ -268,46 +270,50 @@ def run_segment(
     prep = read_preprocessed(paths.preprocessed)
     if prep is None:
         raise RunDirError(f"{paths.preprocessed}: missing or incomplete; run the preprocess step first")
-    rec = Reconstruction.create(config, prep)
-    ckpt = newest_checkpoint(run_dir, warn)
-    if ckpt is not None:
-        if ckpt.config_hash != config.resume_hash():
-            raise RunDirError(
-                f"{ckpt.path}: written with a different configuration than {paths.config}; "
-                "use a new run directory"
-            )
-        rec.resume(ckpt)
-    first = rec.state.iteration
-    started = time.perf_counter()
-    stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration, warn=warn)
-    seconds = time.perf_counter() - started
-    paths.checkpoints.mkdir(exist_ok=True)
-    target = paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor)
-    if target.exists():  # only a damaged file can sit here (valid ones are older): keep it aside
-        aside = target.with_name(f"{target.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-        os.replace(target, aside)
-        warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
-    path = rec.save(target)
-    link_newest(paths, path)
-    last_segment = not segment_ends(config, rec.state.iteration)
-    # the last segment's figures would be redrawn by the export straight after
-    if config.recon_params.segment_figures and not stopped and not last_segment:
-        from .io.figures import write_figures
+    try:
+        rec = Reconstruction.create(config, prep)
+        info(rec.tier.reason)
+        ckpt = newest_checkpoint(run_dir, warn)
+        if ckpt is not None:
+            if ckpt.config_hash != config.resume_hash():
+                raise RunDirError(
+                    f"{ckpt.path}: written with a different configuration than {paths.config}; "
+                    "use a new run directory"
+                )
+            rec.resume(ckpt)
+        first = rec.state.iteration
+        started = time.perf_counter()
+        stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration, warn=warn)
+        seconds = time.perf_counter() - started
+        paths.checkpoints.mkdir(exist_ok=True)
+        target = paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor)
+        if target.exists():  # only a damaged file can sit here (valid ones are older): keep it aside
+            aside = target.with_name(f"{target.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(target, aside)
+            warn(f"moved the damaged checkpoint {target.name} aside to {aside.name}")
+        path = rec.save(target)
+        link_newest(paths, path)
+        last_segment = not segment_ends(config, rec.state.iteration)
+        # the last segment's figures would be redrawn by the export straight after
+        if config.recon_params.segment_figures and not stopped and not last_segment:
+            from .io.figures import write_figures
 
-        write_figures(paths.figures, rec.view(), prep.geometry.positions_px)
-    if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
-        raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
-    n_done = max(1, rec.state.iteration - first)
-    history = rec.state.history
-    return SegmentOutcome(
-        first_iteration=first,
-        iteration=rec.state.iteration,
-        checkpoint=path,
-        seconds=seconds,
-        seconds_per_iteration=seconds / n_done,
-        loss=history["loss"][-1] if history.get("loss") else None,
-        history_tail={k: v[-(rec.state.iteration - first):] for k, v in history.items()},
-    )
+            write_figures(paths.figures, rec.view(), prep.geometry.positions_px)
+        if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
+            raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
+        n_done = max(1, rec.state.iteration - first)
+        history = rec.state.history
+        return SegmentOutcome(
+            first_iteration=first,
+            iteration=rec.state.iteration,
+            checkpoint=path,
+            seconds=seconds,
+            seconds_per_iteration=seconds / n_done,
+            loss=history["loss"][-1] if history.get("loss") else None,
+            history_tail={k: v[-(rec.state.iteration - first):] for k, v in history.items()},
+        )
+    finally:
+        prep.measurements.close()  # the next segment or a rerun opens it afresh
 
 
 def link_newest(paths: RunPaths, checkpoint: Path) -> None:

@@ -19,6 +19,7 @@ def preprocess_data(config: dict, run_dir: str) -> dict:
         verb, outcome.n_patterns, *outcome.window, outcome.dx_ang, outcome.dk_mrad,
         outcome.notes.get("bf_disk_radius_px", float("nan")),
     )
+    logger.info(outcome.input_check)
     if "dk_mrad_measured" in outcome.notes:
         logger.info("dk measured from the bright-field disk: %.4f mrad/px", outcome.notes["dk_mrad_measured"])
     return asdict(outcome)

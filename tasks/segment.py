@@ -44,6 +44,7 @@ def reconstruct_segment(run_dir: str, to_iteration: int) -> dict:
             stop_requested=lambda: flag["signal"] is not None,
             on_iteration=progress.iteration_done,
             warn=logger.warning,
+            info=logger.info,
             signal_name=lambda: flag["signal"] or "signal",
         )
     logger.info(

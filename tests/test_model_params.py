@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ptycho_core.config import ConfigError
+from ptycho_core.io.patterns import ArrayPatterns
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction
 
@@ -92,7 +93,7 @@ def test_param_groups_carry_the_per_tensor_lr(small_dataset, small_prep):
     rec = Reconstruction.create(config_with(small_dataset), small_prep)
     lrs = {g["names"][0]: g["lr"] for g in rec.optimizer.param_groups}
     # the probe's lr is in units of the brightest mean-pattern amplitude (sqrt counts)
-    unit = float(np.sqrt(small_prep.measurements.mean(axis=0, dtype=np.float64).max()))
+    unit = float(np.sqrt(small_prep.measurements.load().mean(axis=0, dtype=np.float64).max()))
     assert lrs == pytest.approx({"obja": 1e-2, "objp": 1e-2, "probe": 1e-4 * unit, "probe_pos_shifts": 1e-4}, rel=1e-12)
 
 
@@ -104,7 +105,8 @@ def test_the_same_settings_mean_the_same_at_any_dose(small_dataset, small_prep):
     runs = []
     for scale in (1.0, 100.0):
         prep = copy.deepcopy(small_prep)
-        prep.measurements = prep.measurements * np.float32(scale)
+        prep.measurements = ArrayPatterns(prep.measurements.load() * np.float32(scale))
+        prep.mean_pattern = prep.measurements.mean_pattern()
         rec = Reconstruction.create(cfg, prep)
         rec.run(4)
         runs.append((rec.model.objp.detach().clone(), rec.model.probe_complex.detach().clone() / np.sqrt(scale)))

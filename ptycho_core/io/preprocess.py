@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import h5py
 import numpy as np
@@ -25,6 +26,7 @@ from ..checkpoint import atomic_write
 from ..faults import pause_point
 from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
+from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore
 from .readers import DataError, PatternSource, data_format, open_patterns, read_positions
 
 PREPROCESSED_FORMAT = "ptyflow-preprocessed"
@@ -66,7 +68,8 @@ def raster_positions_ang(shape: tuple[int, int], step_ang: float, rotation_deg: 
 
 @dataclass
 class Preprocessed:
-    measurements: np.ndarray  # (N, ky, kx) float32, DC at the centre
+    measurements: PatternStore  # (N, ky, kx) float32, DC at the centre; in memory or in preprocessed.h5
+    mean_pattern: np.ndarray  # (ky, kx) float64, the mean of the measurements
     positions_ang: np.ndarray  # (N, 2) probe centres (y, x) in Å, as given
     geometry: ScanGeometry
     dx_ang: float
@@ -75,40 +78,134 @@ class Preprocessed:
     wavelength_ang: float
     input_hash: str
     notes: dict = field(default_factory=dict)  # measured values worth reporting (JSON-able)
+    # what the input files looked like when they were read (see input_fingerprint); {} for old files
+    inputs: list = field(default_factory=list)
+    settings_hash: str = ""
 
     @property
     def window(self) -> tuple[int, int]:
         return tuple(self.measurements.shape[-2:])
 
+    @property
+    def n_patterns(self) -> int:
+        return self.measurements.shape[0]
 
-def content_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, or of a folder's files (names and bytes, e.g. a zarr store)."""
+
+# --------------------------------------------------------------------------- input identity
+SAMPLED_BLOCKS = 16
+SAMPLE_BYTES = 64 << 10
+
+
+def _input_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"{path}: data file not found (data.path)")
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # zarr stores
+
+
+def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Event] = None) -> str:
+    """sha256 of a file's bytes, or of a folder's files (names and bytes, e.g. a zarr store)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # zarr stores
-    for item in files:
+    for item in _input_files(path):
         digest.update(str(item.relative_to(path)).encode() if path.is_dir() else b"")
         with open(item, "rb") as fh:
             while block := fh.read(chunk):
                 digest.update(block)
+                if stop is not None and stop.is_set():
+                    return ""
     return digest.hexdigest()
 
 
-def input_hash(config: PtyflowConfig) -> str:
-    """Content hash of the data (and positions) file plus every setting that changes the
-    preprocessed arrays."""
-    settings = {
+def _stat_list(path: Path) -> list[list]:
+    return [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in _input_files(path)]
+
+
+def sampled_digest(path: Path) -> str:
+    """sha256 of SAMPLED_BLOCKS blocks spread evenly over the bytes of ``path`` (first and last
+    included): a change anywhere large, or at the file's ends where headers live, shows here
+    without reading the whole file."""
+    files = _input_files(path)
+    if path.is_dir() and len(files) > SAMPLED_BLOCKS:  # a store of many chunk files: sample files
+        files = [files[round(i * (len(files) - 1) / (SAMPLED_BLOCKS - 1))] for i in range(SAMPLED_BLOCKS)]
+    digest = hashlib.sha256()
+    for item in files:
+        size = item.stat().st_size
+        per_file = SAMPLED_BLOCKS if len(files) == 1 else 2
+        offsets = sorted({max(0, round(i * (size - SAMPLE_BYTES) / max(1, per_file - 1))) for i in range(per_file)})
+        with open(item, "rb") as fh:
+            for offset in offsets:
+                fh.seek(offset)
+                digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def input_fingerprint(path: Path, stop: Optional[threading.Event] = None) -> dict:
+    """What identifies an input file (or folder) now: sizes and modification times of its files,
+    the digest of sampled blocks, and the sha256 of all its bytes."""
+    return {"path": str(path), "files": _stat_list(path), "sampled": sampled_digest(path),
+            "sha256": content_digest(path, stop=stop)}
+
+
+def _settings(config: PtyflowConfig) -> str:
+    return json.dumps({
         "data": config.data.model_dump(mode="json", exclude={"path", "pos_path"}),
         "experiment": config.experiment.model_dump(mode="json"),
-        "preprocess": config.preprocess.model_dump(mode="json"),
+        "preprocess": config.preprocess.model_dump(mode="json", exclude={"compression"}),  # values unchanged
         "pad_px": config.init.object.pad_px,
-    }
-    text = content_digest(Path(config.data.path))
-    if config.data.pos_path:
-        text += content_digest(Path(config.data.pos_path))
-    text += json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    }, sort_keys=True)
+
+
+def settings_hash(config: PtyflowConfig) -> str:
+    """sha256 of every setting that changes the preprocessed arrays."""
+    return hashlib.sha256(_settings(config).encode()).hexdigest()
+
+
+def input_paths(config: PtyflowConfig) -> list[Path]:
+    return [Path(config.data.path)] + ([Path(config.data.pos_path)] if config.data.pos_path else [])
+
+
+def input_hash(config: PtyflowConfig, digests: Optional[list[str]] = None) -> str:
+    """Content hash of the data (and positions) file plus every setting that changes the
+    preprocessed arrays; ``digests``: the files' sha256 when already known."""
+    digests = digests if digests is not None else [content_digest(p) for p in input_paths(config)]
+    return hashlib.sha256(("".join(digests) + _settings(config)).encode()).hexdigest()
+
+
+def check_inputs(config: PtyflowConfig, prep: Preprocessed) -> str:
+    """Whether ``prep`` was made from the data and settings ``config`` names now, without reading
+    whole files where that can be avoided. Returns how it was checked (for the log); raises
+    DataError naming what differs.
+
+    Size, modification time and a digest of sampled blocks of each input must match what
+    preprocessing recorded; when only the modification time moved (a copy, a touch) the file is
+    hashed whole and compared with the recorded sha256. A preprocessed file without that record
+    (written by an older ptyflow) is checked by hashing the inputs whole, as before."""
+    if not prep.inputs or not prep.settings_hash:
+        if input_hash(config) != prep.input_hash:
+            raise DataError("made from different input data or preprocessing settings")
+        return "input check: inputs hashed whole (the preprocessed file records no fingerprint)"
+    if settings_hash(config) != prep.settings_hash:
+        raise DataError("made with different preprocessing settings")
+    paths = input_paths(config)
+    if len(paths) != len(prep.inputs):
+        raise DataError("made from a different set of input files")
+    rehashed = []
+    for path, recorded in zip(paths, prep.inputs):
+        now = _stat_list(path)
+        sizes_now = [(name, size) for name, size, _ in now]
+        sizes_then = [(name, size) for name, size, _ in recorded["files"]]
+        if sizes_now != sizes_then:
+            raise DataError(f"{path} changed since it was preprocessed (its size or files differ)")
+        if sampled_digest(path) != recorded["sampled"]:
+            raise DataError(f"{path} changed since it was preprocessed (sampled blocks differ)")
+        if now != recorded["files"]:  # same size, other mtime: decide by the content
+            if content_digest(path) != recorded["sha256"]:
+                raise DataError(f"{path} changed since it was preprocessed (its content differs)")
+            rehashed.append(path.name)
+    if rehashed:
+        return f"input check: {', '.join(rehashed)} hashed whole (modification time changed, content unchanged)"
+    return (f"input check: size, modification time and {SAMPLED_BLOCKS} sampled blocks of each input match "
+            "the record (not re-hashed)")
 
 
 # --------------------------------------------------------------------------- pattern operations
@@ -209,11 +306,92 @@ def _positions(config: PtyflowConfig, n_total: int, grid) -> np.ndarray:
     return positions
 
 
-def preprocess(config: PtyflowConfig, chunk_bytes: int = 64 << 20, known_hash: Optional[str] = None) -> Preprocessed:
-    """Read, check and prepare the configured data; patterns are processed in blocks so that peak
-    memory stays near the size of the preprocessed array. ``known_hash``: the input_hash if the
-    caller already computed it (hashing a large file twice is slow)."""
+def _read_blocks(source: PatternSource, selected: np.ndarray, grid, per_block: int) -> list[np.ndarray]:
+    """The selected flat indices split into reads of at most ``per_block`` patterns (whole scan
+    rows where there is a grid)."""
+    if grid is not None:
+        per_block = max(grid[1], per_block // grid[1] * grid[1])
+    blocks, done = [], 0
+    while done < len(selected):
+        rest = selected[done:]
+        take = rest[rest < rest[0] + per_block]
+        blocks.append(take)
+        done += len(take)
+    return blocks
+
+
+def _calibration(config: PtyflowConfig, size: int, radius_px: Optional[float]) -> tuple[float, float, dict]:
+    """(dx_ang, dk_mrad, notes) of the preprocessed patterns; radius_px: the measured bright-field
+    disk radius, needed only with preprocess.dk_from_bf_disk."""
     exp, pp = config.experiment, config.preprocess
+    notes = {}
+    if pp.dk_from_bf_disk:
+        dk = exp.conv_angle_mrad / radius_px
+        notes["dk_mrad_measured"] = dk
+        dx = dx_from_dk(exp.energy_kev, dk, size)
+    elif exp.dk_mrad is not None:
+        dk = exp.dk_mrad * pp.bin
+        dx = dx_from_dk(exp.energy_kev, dk, size)
+    else:
+        dx = exp.dx_ang
+        dk = dk_from_dx(exp.energy_kev, dx, size)
+    disk_px = exp.conv_angle_mrad / dk
+    if disk_px >= size / 2:
+        raise DataError(
+            f"experiment.conv_angle_mrad {exp.conv_angle_mrad} mrad at {dk:.4g} mrad/px puts the bright-field disk "
+            f"radius at {disk_px:.1f} px, outside the {size}x{size} patterns (check dx_ang/dk_mrad and preprocess.bin)"
+        )
+    notes.update(dx_ang=dx, dk_mrad=dk, bf_disk_radius_expected_px=disk_px)
+    return dx, dk, notes
+
+
+def _disk_notes(mean_pattern: np.ndarray, where) -> tuple[float, np.ndarray]:
+    if mean_pattern.max() <= 0:
+        raise DataError(f"{where}: the patterns hold no counts after preprocessing")
+    return bf_disk(mean_pattern)
+
+
+class _Fingerprints:
+    """The inputs' fingerprints (input_fingerprint), computed in a thread while preprocessing
+    reads the data: hashing a large file and preprocessing it then share one pass of the disk's
+    time instead of two."""
+
+    def __init__(self, paths: list[Path]):
+        self.stop = threading.Event()
+        self.result: Optional[list[dict]] = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(paths,), daemon=True, name="ptyflow-input-hash")
+        self.thread.start()
+
+    def _run(self, paths):
+        try:
+            self.result = [input_fingerprint(p, self.stop) for p in paths]
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in get()
+            self.error = exc
+
+    def get(self) -> list[dict]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self) -> None:
+        self.stop.set()
+
+
+def preprocess(config: PtyflowConfig, out_path: Optional[str | Path] = None,
+               block_bytes: int = 16 << 20) -> Preprocessed:
+    """Read, check and prepare the configured data, streaming: raw patterns are read and processed
+    a block of at most ``block_bytes`` at a time, so memory stays a few blocks whatever the number
+    of patterns. With ``out_path`` the patterns are written into that preprocessed.h5 (atomically:
+    the file appears only when complete) and read back from it on demand; without, they are kept
+    in memory (small data: tests, benchmarks).
+
+    Steps over the whole set (centring of the bright-field disk, dk from its radius, mean_sum
+    normalization) take one streaming pass first to measure the mean pattern; the inputs' sha256
+    is computed alongside in a thread."""
+    pp = config.preprocess
+    fingerprints = _Fingerprints(input_paths(config))
     source = open_patterns(config.data)
     try:
         raw_shape = source.detector_shape
@@ -233,110 +411,150 @@ def preprocess(config: PtyflowConfig, chunk_bytes: int = 64 << 20, known_hash: O
                 "to crop/pad them square"
             )
         selected, grid = _scan_selection(config, source)
-        fill_plan = _bad_pixel_fill(raw_shape, pp.bad_pixels, str(source.path))
-        out = np.empty((len(selected), size, size), dtype=np.float32)
-        # blocks of at most a tenth of the output keep the peak near 1.1x the preprocessed array
-        block_bytes = min(chunk_bytes, max(out.nbytes // 10, 1 << 20))
-        per_block = max(1, block_bytes // (4 * raw_shape[0] * raw_shape[1]))
-        if grid is not None:  # whole scan rows per read
-            per_block = max(grid[1], per_block // grid[1] * grid[1])
-        done = 0
-        while done < len(selected):
-            first_flat = selected[done]
-            take = selected[done:][selected[done:] < first_flat + per_block]
-            block = source.read(take)
-            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-            if not finite.all():
-                bad = int(take[np.flatnonzero(~finite)[0]])
-                raise DataError(f"{source.path}:{source.key}: pattern {bad} contains NaN or Inf values")
-            out[done:done + len(take)] = _process_block(block, pp, fill_plan)
-            done += len(take)
-            pause_point("preprocess")
         n_total = source.n_patterns
+        positions_all = _positions(config, n_total, grid)  # before the long passes: errors come early
+        fill_plan = _bad_pixel_fill(raw_shape, pp.bad_pixels, str(source.path))
+        blocks = _read_blocks(source, selected, grid, max(1, block_bytes // (4 * raw_shape[0] * raw_shape[1])))
+
+        def processed():
+            for take in blocks:
+                block = source.read(take)
+                finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+                if not finite.all():
+                    bad = int(take[np.flatnonzero(~finite)[0]])
+                    raise DataError(f"{source.path}:{source.key}: pattern {bad} contains NaN or Inf values")
+                yield _process_block(block, pp, fill_plan)
+                pause_point("preprocess")
+
+        notes: dict = {"raw_detector": list(raw_shape), "n_patterns_in_file": int(n_total),
+                       "n_patterns": int(len(selected))}
+        shift, scale, calibration = None, None, None
+        if pp.center_bf_disk or pp.dk_from_bf_disk or pp.normalize == "mean_sum":
+            # the first pass: the mean pattern, before centring and scaling
+            total = np.zeros((size, size), dtype=np.float64)
+            for block in processed():
+                total += block.sum(axis=0, dtype=np.float64)
+            mean_before = total / len(selected)
+            radius_px, centre = _disk_notes(mean_before, config.data.path)
+            notes.update(bf_disk_radius_px=radius_px, bf_disk_centre_px=centre.tolist())
+            calibration = _calibration(config, size, radius_px)
+            if pp.center_bf_disk:
+                shift = tuple(int(v) for v in np.round(np.array([size // 2, size // 2]) - centre))
+                notes["bf_disk_shift_px"] = list(shift)
+            if pp.normalize == "mean_sum":
+                scale = float(mean_before.sum())  # rolling keeps every pattern's sum
+                notes["normalized_by"] = scale
+        else:
+            calibration = _calibration(config, size, None)
+        dx, dk, calibration_notes = calibration
+        notes.update(calibration_notes)
+        if config.data.pos_key is not None and config.data.pos_unit == "px":
+            positions_all = positions_all * dx
+        positions = positions_all[selected].astype(np.float64)
+        geometry = scan_geometry(positions, dx, (size, size), config.init.object.pad_px)
+
+        def final_blocks():
+            for block in processed():
+                if shift is not None:
+                    block = np.roll(block, shift, axis=(1, 2))
+                if scale is not None:
+                    block = block / np.float32(scale)
+                yield np.ascontiguousarray(block, dtype=np.float32)
+
+        prep = Preprocessed(
+            measurements=None, mean_pattern=None, positions_ang=positions, geometry=geometry, dx_ang=dx, dk_mrad=dk,
+            energy_kev=config.experiment.energy_kev, wavelength_ang=wavelength_ang(config.experiment.energy_kev),
+            input_hash="", notes=notes, settings_hash=settings_hash(config),
+        )
+
+        def write_all(store: Callable[[int, np.ndarray], None]) -> None:
+            """Every final block through ``store(first index, block)``; then the mean pattern
+            (summed per block in float64, the same way whatever the destination) and the inputs'
+            fingerprints."""
+            total, done = np.zeros((size, size), dtype=np.float64), 0
+            for block in final_blocks():
+                store(done, block)
+                total += block.sum(axis=0, dtype=np.float64)
+                done += len(block)
+            prep.mean_pattern = total / len(selected)
+            if "bf_disk_radius_px" not in notes:
+                radius_px, centre = _disk_notes(prep.mean_pattern, config.data.path)
+                notes.update(bf_disk_radius_px=radius_px, bf_disk_centre_px=centre.tolist())
+            prep.inputs = fingerprints.get()
+            prep.input_hash = input_hash(config, [fp["sha256"] for fp in prep.inputs])
+
+        shape = (len(selected), size, size)
+        if out_path is None:
+            out = np.empty(shape, dtype=np.float32)
+            write_all(lambda start, block: out.__setitem__(slice(start, start + len(block)), block))
+            prep.measurements = ArrayPatterns(out)
+            return prep
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                dataset = f.create_dataset(PATTERNS_KEY, shape=shape, dtype=np.float32, chunks=(1, size, size),
+                                           **_compression(pp.compression))
+                write_all(lambda start, block: dataset.__setitem__(slice(start, start + len(block)), block))
+                _write_metadata(f, prep)
+
+        atomic_write(Path(out_path), write)
+        prep.measurements = FilePatterns(out_path)
+        return prep
+    except BaseException:
+        fingerprints.cancel()
+        raise
     finally:
         source.close()
 
-    notes: dict = {"raw_detector": list(raw_shape), "n_patterns_in_file": int(n_total), "n_patterns": int(len(out))}
-    mean_pattern = out.mean(axis=0, dtype=np.float64)
-    if mean_pattern.max() <= 0:
-        raise DataError(f"{config.data.path}: the patterns hold no counts after preprocessing")
-    radius_px, centre = bf_disk(mean_pattern)
-    notes.update(bf_disk_radius_px=radius_px, bf_disk_centre_px=centre.tolist())
-    if pp.center_bf_disk:
-        shift = np.round(np.array([size // 2, size // 2]) - centre).astype(int)
-        step = max(1, len(out) // 10)
-        for i in range(0, len(out), step):
-            out[i:i + step] = np.roll(out[i:i + step], tuple(shift), axis=(1, 2))
-        notes["bf_disk_shift_px"] = shift.tolist()
-    wavelength = wavelength_ang(exp.energy_kev)
-    if pp.dk_from_bf_disk:
-        dk = exp.conv_angle_mrad / radius_px
-        notes["dk_mrad_measured"] = dk
-        dx = dx_from_dk(exp.energy_kev, dk, size)
-    elif exp.dk_mrad is not None:
-        dk = exp.dk_mrad * pp.bin
-        dx = dx_from_dk(exp.energy_kev, dk, size)
-    else:
-        dx = exp.dx_ang
-        dk = dk_from_dx(exp.energy_kev, dx, size)
-    disk_px = exp.conv_angle_mrad / dk
-    if disk_px >= size / 2:
-        raise DataError(
-            f"experiment.conv_angle_mrad {exp.conv_angle_mrad} mrad at {dk:.4g} mrad/px puts the bright-field disk "
-            f"radius at {disk_px:.1f} px, outside the {size}x{size} patterns (check dx_ang/dk_mrad and preprocess.bin)"
-        )
-    notes.update(dx_ang=dx, dk_mrad=dk, bf_disk_radius_expected_px=disk_px)
-    if pp.normalize == "mean_sum":
-        scale = float(out.sum(axis=(1, 2)).mean())
-        out /= np.float32(scale)
-        notes["normalized_by"] = scale
 
-    positions_all = _positions(config, n_total, grid)
-    if config.data.pos_key is not None and config.data.pos_unit == "px":
-        positions_all = positions_all * dx
-    positions = positions_all[selected]
-    geometry = scan_geometry(positions, dx, (size, size), config.init.object.pad_px)
-    return Preprocessed(
-        measurements=out,
-        positions_ang=positions.astype(np.float64),
-        geometry=geometry,
-        dx_ang=dx,
-        dk_mrad=dk,
-        energy_kev=exp.energy_kev,
-        wavelength_ang=wavelength,
-        input_hash=known_hash or input_hash(config),
-        notes=notes,
+def _compression(name: str) -> dict:
+    if name == "none":
+        return {}
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    return {"compression": name, "shuffle": True}
+
+
+def _write_metadata(f: h5py.File, prep: Preprocessed) -> None:
+    f.attrs.update(
+        format=PREPROCESSED_FORMAT,
+        dx_ang=prep.dx_ang,
+        dk_mrad=prep.dk_mrad,
+        energy_kev=prep.energy_kev,
+        wavelength_ang=prep.wavelength_ang,
+        input_hash=prep.input_hash,
+        settings_hash=prep.settings_hash,
+        inputs=json.dumps(prep.inputs),
+        canvas_shape=np.asarray(prep.geometry.canvas_shape),
+        notes=json.dumps(prep.notes),
     )
+    f.create_dataset("mean_pattern", data=prep.mean_pattern)
+    f.create_dataset("positions_ang", data=prep.positions_ang)
+    f.create_dataset("positions_px", data=prep.geometry.positions_px)
+    f.create_dataset("crop_pos", data=prep.geometry.crop_pos)
+    f.create_dataset("shifts_px", data=prep.geometry.shifts_px)
+    f.attrs["complete"] = True
 
 
 def write_preprocessed(path: str | Path, prep: Preprocessed) -> Path:
+    """Write ``prep`` (patterns in memory or in another file) to ``path``, a block at a time."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(
-                format=PREPROCESSED_FORMAT,
-                dx_ang=prep.dx_ang,
-                dk_mrad=prep.dk_mrad,
-                energy_kev=prep.energy_kev,
-                wavelength_ang=prep.wavelength_ang,
-                input_hash=prep.input_hash,
-                canvas_shape=np.asarray(prep.geometry.canvas_shape),
-                notes=json.dumps(prep.notes),
-            )
-            f.create_dataset("measurements", data=prep.measurements, chunks=(1, *prep.window))
-            f.create_dataset("positions_ang", data=prep.positions_ang)
-            f.create_dataset("positions_px", data=prep.geometry.positions_px)
-            f.create_dataset("crop_pos", data=prep.geometry.crop_pos)
-            f.create_dataset("shifts_px", data=prep.geometry.shifts_px)
-            f.attrs["complete"] = True
+            dataset = f.create_dataset(PATTERNS_KEY, shape=prep.measurements.shape, dtype=np.float32,
+                                       chunks=(1, *prep.window))
+            for start, block in prep.measurements.blocks():
+                dataset[start:start + len(block)] = block
+            _write_metadata(f, prep)
 
     atomic_write(path, write)
     return path
 
 
 def read_preprocessed(path: str | Path) -> Optional[Preprocessed]:
-    """The preprocessed data in ``path``, or None when it is missing or incomplete."""
+    """The preprocessed data in ``path`` (patterns read on demand), or None when it is missing or
+    incomplete."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -350,8 +568,9 @@ def read_preprocessed(path: str | Path) -> Optional[Preprocessed]:
                 positions_px=f["positions_px"][()],
                 canvas_shape=tuple(int(v) for v in f.attrs["canvas_shape"]),
             )
-            return Preprocessed(
-                measurements=f["measurements"][()],
+            prep = Preprocessed(
+                measurements=FilePatterns(path),
+                mean_pattern=f["mean_pattern"][()] if "mean_pattern" in f else None,
                 positions_ang=f["positions_ang"][()],
                 geometry=geometry,
                 dx_ang=float(f.attrs["dx_ang"]),
@@ -360,6 +579,11 @@ def read_preprocessed(path: str | Path) -> Optional[Preprocessed]:
                 wavelength_ang=float(f.attrs["wavelength_ang"]),
                 input_hash=str(f.attrs["input_hash"]),
                 notes=json.loads(f.attrs.get("notes", "{}")),
+                inputs=json.loads(f.attrs.get("inputs", "[]")),
+                settings_hash=str(f.attrs.get("settings_hash", "")),
             )
-    except OSError:
+    except (OSError, KeyError):
         return None
+    if prep.mean_pattern is None:  # written by an older ptyflow
+        prep.mean_pattern = prep.measurements.mean_pattern()
+    return prep

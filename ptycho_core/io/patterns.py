@@ -1,0 +1,153 @@
+"""The preprocessed patterns, held in memory or in preprocessed.h5, read by pattern index.
+
+Both stores answer the same questions: ``shape``, ``read(indices)`` (any order, repeats allowed),
+``blocks()`` (the whole set, a bounded block at a time) and ``load()`` (all of it at once, for
+data that fits). A reconstruction reads from them through a measurement tier
+(ptycho_core/measurements.py); nothing else needs the whole array in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import h5py
+import numpy as np
+
+from .readers import DataError
+
+PATTERNS_KEY = "measurements"
+BLOCK_BYTES = 32 << 20  # what blocks() holds at a time
+
+
+def contiguous_runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
+    """[(start, stop), ...] of the runs of consecutive values in a sorted array of unique ints."""
+    if len(sorted_unique) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sorted_unique)]])
+    return [(int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+class PatternStore:
+    """(N, ky, kx) float32 patterns, DC at the centre."""
+
+    shape: tuple[int, int, int]
+
+    @property
+    def n_patterns(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def read(self, indices) -> np.ndarray:
+        """Patterns (len(indices), ky, kx) in the order of ``indices``. Neighbouring indices are
+        read as one range, so spatially compact batches of a raster scan cost few reads."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_patterns):
+            raise IndexError(f"pattern indices outside 0..{self.n_patterns - 1}")
+        unique, inverse = np.unique(idx, return_inverse=True)
+        out = np.empty((len(unique), *self.shape[1:]), dtype=np.float32)
+        done = 0
+        for start, stop in contiguous_runs(unique):
+            self._read_range(start, stop, out[done:done + stop - start])
+            done += stop - start
+        return out if len(unique) == len(idx) and (np.diff(idx) > 0).all() else out[inverse]
+
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """(first index, patterns) for consecutive blocks of at most block_bytes."""
+        per_block = max(1, block_bytes // max(1, self.nbytes // max(1, self.n_patterns)))
+        for start in range(0, self.n_patterns, per_block):
+            stop = min(start + per_block, self.n_patterns)
+            out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+            self._read_range(start, stop, out)
+            yield start, out
+
+    def load(self) -> np.ndarray:
+        """Every pattern, in memory (only for data that fit)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for start, block in self.blocks():
+            out[start:start + len(block)] = block
+        return out
+
+    def mean_pattern(self) -> np.ndarray:
+        """(ky, kx) float64 mean over all patterns, in one bounded pass."""
+        total = np.zeros(self.shape[1:], dtype=np.float64)
+        for _, block in self.blocks():
+            total += block.sum(axis=0, dtype=np.float64)
+        return total / max(1, self.n_patterns)
+
+
+class ArrayPatterns(PatternStore):
+    """Patterns already in memory (data preprocessed without a run directory: tests, benchmarks)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.asarray(array, dtype=np.float32)
+        self.shape = tuple(self.array.shape)
+
+    def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
+        out[...] = self.array[start:stop]
+
+    def load(self) -> np.ndarray:
+        return self.array
+
+
+class FilePatterns(PatternStore):
+    """The patterns dataset of preprocessed.h5, opened on first read and kept open.
+
+    A read that fails, or a file whose size or modification time changed since it was opened
+    (rewritten or truncated under a running reconstruction), is a DataError naming the file and
+    the first pattern index of the read."""
+
+    def __init__(self, path: str | Path, key: str = PATTERNS_KEY):
+        self.path = Path(path)
+        self.key = key
+        with h5py.File(self.path, "r") as f:
+            self.shape = tuple(f[key].shape)
+        self._file: Optional[h5py.File] = None
+        self._dataset = None
+        self._stat: Optional[tuple[int, int]] = None
+
+    def _stat_now(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def _open(self):
+        if self._dataset is None:
+            self._stat = self._stat_now()
+            self._file = h5py.File(self.path, "r")
+            self._dataset = self._file[self.key]
+        return self._dataset
+
+    def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
+        dataset = self._open()
+        try:
+            changed = self._stat_now() != self._stat
+        except OSError:
+            changed = True
+        if changed:
+            raise DataError(f"{self.path}: the file changed (rewritten, truncated or removed) while patterns "
+                            f"were being read from it; pattern {start} was not read")
+        try:
+            dataset.read_direct(out, source_sel=np.s_[start:stop])
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{self.path}:{self.key}: cannot read patterns {start}..{stop - 1} ({exc})") from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = self._dataset = None
+
+    def __getstate__(self):  # a store passed to another process reopens the file there
+        return {"path": self.path, "key": self.key, "shape": self.shape}
+
+    def __setstate__(self, state):
+        self.path, self.key, self.shape = state["path"], state["key"], state["shape"]
+        self._file = self._dataset = self._stat = None

@@ -2,6 +2,7 @@
 the input check that does not re-read the raw file, and faults while streaming."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,8 +136,10 @@ def test_a_damaged_or_changed_file_under_a_disk_run_is_one_message_and_the_rerun
         fh.seek(info.byte_offset)
         fh.write(b"\xff" * info.size)
     os.utime(preprocessed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(DataError, match=rf"{preprocessed}:measurements: cannot read patterns 17\.\.17"):
+    with pytest.raises(DataError, match=rf"{preprocessed}:measurements: cannot read patterns") as failed:
         run_segment(run_dir, 4)
+    first, last = map(int, re.search(r"patterns (\d+)\.\.(\d+)", str(failed.value)).groups())
+    assert first <= 17 <= last
     assert latest_valid_checkpoint(run_dir / "checkpoints")[0].iteration == 2
 
     # the file rewritten while the segment runs: the next read says so

@@ -47,6 +47,16 @@ class PatternStore:
     def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _read_sorted(self, unique: np.ndarray, out: np.ndarray) -> None:
+        """Patterns of sorted unique indices into out, one read per run of neighbours."""
+        done = 0
+        for start, stop in contiguous_runs(unique):
+            self._read_range(start, stop, out[done:done + stop - start])
+            done += stop - start
+
+    def _before_read(self, first: int) -> None:
+        """Checks once per read() or block (FilePatterns: is the file still the one opened?)."""
+
     def read(self, indices) -> np.ndarray:
         """Patterns (len(indices), ky, kx) in the order of ``indices``. Neighbouring indices are
         read as one range, so spatially compact batches of a raster scan cost few reads."""
@@ -55,10 +65,9 @@ class PatternStore:
             raise IndexError(f"pattern indices outside 0..{self.n_patterns - 1}")
         unique, inverse = np.unique(idx, return_inverse=True)
         out = np.empty((len(unique), *self.shape[1:]), dtype=np.float32)
-        done = 0
-        for start, stop in contiguous_runs(unique):
-            self._read_range(start, stop, out[done:done + stop - start])
-            done += stop - start
+        if len(unique):
+            self._before_read(int(unique[0]))
+            self._read_sorted(unique, out)
         return out if len(unique) == len(idx) and (np.diff(idx) > 0).all() else out[inverse]
 
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
@@ -67,6 +76,7 @@ class PatternStore:
         for start in range(0, self.n_patterns, per_block):
             stop = min(start + per_block, self.n_patterns)
             out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+            self._before_read(start)
             self._read_range(start, stop, out)
             yield start, out
 
@@ -102,6 +112,11 @@ class ArrayPatterns(PatternStore):
 class FilePatterns(PatternStore):
     """The patterns dataset of preprocessed.h5, opened on first read and kept open.
 
+    Uncompressed patterns (one chunk each, as preprocessing writes them) are read with os.preadv
+    at the chunks' file offsets, listed once when the file is opened: h5py holds the GIL through
+    a read, so a prefetching thread reading through it stalls the compute thread's Python, and
+    one h5py call per chunk costs about ten times a preadv. Compressed chunks go through h5py.
+
     A read that fails, or a file whose size or modification time changed since it was opened
     (rewritten or truncated under a running reconstruction), is a DataError naming the file and
     the first pattern index of the read."""
@@ -111,9 +126,14 @@ class FilePatterns(PatternStore):
         self.key = key
         with h5py.File(self.path, "r") as f:
             self.shape = tuple(f[key].shape)
+        self._reset()
+
+    def _reset(self) -> None:
         self._file: Optional[h5py.File] = None
         self._dataset = None
         self._stat: Optional[tuple[int, int]] = None
+        self._fd: Optional[int] = None
+        self._offsets: Optional[np.ndarray] = None  # (N,) file offset of each pattern's bytes
 
     def _stat_now(self) -> tuple[int, int]:
         st = os.stat(self.path)
@@ -124,30 +144,76 @@ class FilePatterns(PatternStore):
             self._stat = self._stat_now()
             self._file = h5py.File(self.path, "r")
             self._dataset = self._file[self.key]
+            self._offsets = _raw_offsets(self._dataset)
+            if self._offsets is not None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         return self._dataset
 
-    def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
-        dataset = self._open()
+    def _before_read(self, first: int) -> None:
+        self._open()
         try:
             changed = self._stat_now() != self._stat
         except OSError:
             changed = True
         if changed:
             raise DataError(f"{self.path}: the file changed (rewritten, truncated or removed) while patterns "
-                            f"were being read from it; pattern {start} was not read")
+                            f"were being read from it; pattern {first} was not read")
+
+    def _read_range(self, start: int, stop: int, out: np.ndarray) -> None:
+        if self._offsets is not None:
+            return self._read_sorted(np.arange(start, stop), out)
         try:
-            dataset.read_direct(out, source_sel=np.s_[start:stop])
+            self._dataset.read_direct(out, source_sel=np.s_[start:stop])
         except (OSError, ValueError, RuntimeError) as exc:
             raise DataError(f"{self.path}:{self.key}: cannot read patterns {start}..{stop - 1} ({exc})") from None
+
+    def _read_sorted(self, unique: np.ndarray, out: np.ndarray) -> None:
+        if self._offsets is None:
+            return super()._read_sorted(unique, out)
+        offsets = self._offsets[unique]
+        pattern_bytes = out[0].nbytes
+        breaks = np.flatnonzero(np.diff(offsets) != pattern_bytes) + 1  # one read per span in file order
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(offsets)]):
+            try:
+                if os.preadv(self._fd, [out[a:b]], int(offsets[a])) != (b - a) * pattern_bytes:
+                    raise OSError("the file ends early")
+            except OSError as exc:
+                raise DataError(f"{self.path}:{self.key}: cannot read patterns {unique[a]}..{unique[b - 1]} "
+                                f"({exc})") from None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._file = self._dataset = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._reset()
 
     def __getstate__(self):  # a store passed to another process reopens the file there
         return {"path": self.path, "key": self.key, "shape": self.shape}
 
     def __setstate__(self, state):
         self.path, self.key, self.shape = state["path"], state["key"], state["shape"]
-        self._file = self._dataset = self._stat = None
+        self._reset()
+
+
+def _raw_offsets(dataset) -> Optional[np.ndarray]:
+    """File offsets (N,) of each pattern's bytes when the dataset stores plain little-endian
+    float32 one pattern per chunk (or contiguously), every chunk written; else None."""
+    if dataset.dtype != np.dtype("<f4") or dataset.id.get_create_plist().get_nfilters() != 0:
+        return None
+    n, pattern_bytes = dataset.shape[0], int(np.prod(dataset.shape[1:])) * 4
+    if dataset.chunks is None:
+        start = dataset.id.get_offset()
+        return None if start is None else start + np.arange(n, dtype=np.int64) * pattern_bytes
+    if tuple(dataset.chunks) != (1, *dataset.shape[1:]) or not hasattr(dataset.id, "chunk_iter"):
+        return None
+    offsets = np.full(n, -1, dtype=np.int64)
+
+    def visit(info):
+        offsets[info.chunk_offset[0]] = info.byte_offset
+
+    try:
+        dataset.id.chunk_iter(visit)
+    except (OSError, RuntimeError):  # an HDF5 library without H5Dchunk_iter
+        return None
+    return None if (offsets < 0).any() else offsets

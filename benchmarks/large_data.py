@@ -9,7 +9,8 @@ them), made by tiling the 256 patterns of the simulated small preset (each patte
 over a square raster scan until the file holds --raw-gb GB; --raw-gb above the machine's RAM makes
 it a dataset that cannot be loaded. It is preprocessed (bin 4, to 64x64 patterns) and
 reconstructed for 2 iterations with measurements: disk, each in its own process, recording wall
-time and the process's peak RSS (VmHWM). Then the resume start-up on that file: the input check a
+time and the process's peak RSS (VmHWM), and for comparison from RAM (device tier; the binned
+patterns fit). Then the resume start-up on that file: the input check a
 rerun does now (size, mtime, sampled blocks) against hashing the raw file whole (what every start
 and resume did before).
 
@@ -17,7 +18,8 @@ The fits case: --fit-patterns 64x64 patterns tiled the same way (no binning), re
 3 iterations in device, host and disk tiers, and in disk mode with random, compact and sparse
 batching. Before every disk-mode run the preprocessed file is dropped from the page cache
 (posix_fadvise DONTNEED), so disk means disk. Seconds per iteration are medians over iterations
-2..3, through ptycho_core.rundir.run_segment (what the Prefect task calls), in a fresh process each.
+2..3, through ptycho_core.rundir.run_segment (what the Prefect task calls), in a fresh process each,
+and once more through `ptyflow run` (embedded Prefect server) in the device and disk tiers.
 
 Writes large_data.json and large_data.md to --out.
 """
@@ -151,37 +153,72 @@ def large_case(folder: Path, tiles: np.ndarray, raw_gb: float, threads: int) -> 
     run_dir = folder / "large_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     result = {"raw_bytes": raw_bytes, "scan": list(scan), "n_patterns": side * side, "ram_bytes": ram_bytes()}
+    drop_from_page_cache(raw)  # just written: read it from the disk, as a detector's file would be
     result["preprocess"] = child("prepare", config=str(config), run_dir=str(run_dir))
     result["preprocessed_bytes"] = (run_dir / "preprocessed.h5").stat().st_size
     print(f"large: preprocessed in {result['preprocess']['seconds']:.0f} s", flush=True)
     drop_from_page_cache(run_dir / "preprocessed.h5")
     result["reconstruct"] = child("segment", run_dir=str(run_dir), to_iteration=2)
     print(f"large: 2 iterations in {result['reconstruct']['seconds']:.0f} s", flush=True)
+    # the same 2 iterations from RAM (the preprocessed patterns fit): what disk mode costs here
+    shutil.rmtree(run_dir / "checkpoints")
+    from_ram = config_for(folder / "large_device.yaml", raw, scan, 4, threads, measurements="device")
+    child("prepare", config=str(from_ram), run_dir=str(run_dir))  # the run directory's config.yaml now says device
+    result["reconstruct_device"] = child("segment", run_dir=str(run_dir), to_iteration=2)
+    print(f"large: 2 iterations from RAM in {result['reconstruct_device']['seconds']:.0f} s", flush=True)
     result["resume_check"] = child("prepare", config=str(config), run_dir=str(run_dir))
     drop_from_page_cache(raw)
     result["full_hash"] = child("full_hash", config=str(config))
     return result
 
 
-def fits_case(folder: Path, tiles: np.ndarray, n_patterns: int, threads: int) -> dict:
+def fits_case(folder: Path, tiles: np.ndarray, n_patterns: int, threads: int, repeats: int) -> dict:
     side = int(np.sqrt(n_patterns))
     scan = (side, n_patterns // side)
     raw = folder / "fits_raw.h5"
     write_raw(raw, tiles, scan, upsample=1)
-    rows = {}
     runs = [("device", "random"), ("host", "random"), ("disk", "random"), ("disk", "compact"), ("disk", "sparse")]
-    for measurements, batching in runs:
-        config = config_for(folder / "fits.yaml", raw, scan, 1, threads, batching, measurements)
-        run_dir = folder / "fits_run"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        child("prepare", config=str(config), run_dir=str(run_dir))
-        if measurements == "disk":
-            drop_from_page_cache(run_dir / "preprocessed.h5")
-        rows[f"{measurements}/{batching}"] = child("segment", run_dir=str(run_dir), to_iteration=3)
-        print(f"fits: {measurements}/{batching}: {rows[f'{measurements}/{batching}']['seconds_per_iteration']:.2f} "
-              "s/iteration", flush=True)
+    measured: dict[str, list] = {f"{m}/{b}": [] for m, b in runs}
+    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits every run alike
+        for measurements, batching in runs:
+            config = config_for(folder / "fits.yaml", raw, scan, 1, threads, batching, measurements)
+            run_dir = folder / "fits_run"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            child("prepare", config=str(config), run_dir=str(run_dir))
+            if measurements == "disk":
+                drop_from_page_cache(run_dir / "preprocessed.h5")
+            row = child("segment", run_dir=str(run_dir), to_iteration=3)
+            measured[f"{measurements}/{batching}"].append(row)
+            print(f"fits: {measurements}/{batching}: {row['seconds_per_iteration']:.2f} s/iteration", flush=True)
+    rows = {name: sorted(rows, key=lambda r: r["seconds_per_iteration"])[len(rows) // 2]
+            for name, rows in measured.items()}
     preprocessed = (folder / "fits_run" / "preprocessed.h5").stat().st_size
-    return {"n_patterns": scan[0] * scan[1], "preprocessed_bytes": preprocessed, "runs": rows}
+    return {"n_patterns": scan[0] * scan[1], "preprocessed_bytes": preprocessed, "repeats": repeats, "runs": rows,
+            "all_seconds_per_iteration": {k: [r["seconds_per_iteration"] for r in v] for k, v in measured.items()}}
+
+
+def cli_runs(folder: Path, n_patterns: int, threads: int) -> dict:
+    """`ptyflow run` (embedded Prefect server) of the fits data in the device and disk tiers: wall
+    time of the whole command and the median seconds per iteration it recorded."""
+    from ptycho_core.checkpoint import read_checkpoint
+
+    side = int(np.sqrt(n_patterns))
+    scan = (side, n_patterns // side)
+    rows = {}
+    for measurements in ("device", "disk"):
+        config = config_for(folder / "cli.yaml", folder / "fits_raw.h5", scan, 1, threads, measurements=measurements)
+        run_dir = folder / "cli_run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptyflow run failed:\n{proc.stderr[-3000:]}")
+        seconds = read_checkpoint(run_dir / "model.hdf5").history["seconds"]
+        rows[measurements] = {"wall_seconds": time.perf_counter() - started,
+                              "seconds_per_iteration": sorted(seconds[1:])[len(seconds[1:]) // 2]}
+        print(f"ptyflow run, {measurements}: {rows[measurements]}", flush=True)
+    return rows
 
 
 def ram_bytes() -> int:
@@ -192,7 +229,7 @@ def markdown(results: dict) -> str:
     lines = [f"# Large data ({results['date']}, {results['machine']})", ""]
     large = results.get("large")
     if large:
-        pre, rec = large["preprocess"], large["reconstruct"]
+        pre, rec, dev = large["preprocess"], large["reconstruct"], large["reconstruct_device"]
         lines += [
             f"Raw file {gb(large['raw_bytes'])} (uint16, {large['scan'][0]}x{large['scan'][1]} scan, 256x256 "
             f"detector; RAM {gb(large['ram_bytes'])}), preprocessed to {gb(large['preprocessed_bytes'])} (bin 4, "
@@ -201,6 +238,8 @@ def markdown(results: dict) -> str:
             f"| preprocess (stream, hash alongside) | {pre['seconds']:.0f} s | {gb(pre['peak_rss'])} |",
             f"| reconstruct 2 iterations, disk | {rec['seconds']:.0f} s ({rec['seconds_per_iteration']:.0f} "
             f"s/iteration) | {gb(rec['peak_rss'])} |",
+            f"| the same from RAM (device tier), for comparison | {dev['seconds']:.0f} s "
+            f"({dev['seconds_per_iteration']:.0f} s/iteration) | {gb(dev['peak_rss'])} |",
             f"| resume start-up: input check now | {large['resume_check']['seconds']:.2f} s | |",
             f"| resume start-up before: hashing the raw file whole | {large['full_hash']['seconds']:.0f} s | |",
             "",
@@ -209,11 +248,15 @@ def markdown(results: dict) -> str:
     if fits:
         device = fits["runs"]["device/random"]["seconds_per_iteration"]
         lines += [f"{fits['n_patterns']} patterns of 64x64 ({gb(fits['preprocessed_bytes'])}), batch 256, "
-                  "3 iterations per run; disk runs start with the file out of the page cache.", "",
+                  f"3 iterations per run, median of {fits['repeats']} interleaved runs; disk runs start with the "
+                  "file out of the page cache.", "",
                   "| tier/batching | s/iteration | vs device | peak RSS |", "|---|---|---|---|"]
         for name, row in fits["runs"].items():
             lines.append(f"| {name} | {row['seconds_per_iteration']:.2f} | {row['seconds_per_iteration'] / device:.2f} "
                          f"| {gb(row['peak_rss'])} |")
+        for name, row in fits.get("ptyflow_run", {}).items():
+            lines.append(f"| `ptyflow run`, {name}/random | {row['seconds_per_iteration']:.2f} | "
+                         f"{row['seconds_per_iteration'] / device:.2f} | (whole command {row['wall_seconds']:.0f} s) |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +266,7 @@ def main() -> None:
     parser.add_argument("--raw-gb", type=float, default=26.0)
     parser.add_argument("--fit-patterns", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per fits-case setting (median kept)")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the raw and preprocessed files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -231,7 +275,8 @@ def main() -> None:
     tiles = source_patterns(args.dir)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, {os.cpu_count()} cores",
                "threads": args.threads}
-    results["fits"] = fits_case(args.dir, tiles, args.fit_patterns, args.threads)
+    results["fits"] = fits_case(args.dir, tiles, args.fit_patterns, args.threads, args.repeats)
+    results["fits"]["ptyflow_run"] = cli_runs(args.dir, args.fit_patterns, args.threads)
     if not args.skip_large:
         results["large"] = large_case(args.dir, tiles, args.raw_gb, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +286,7 @@ def main() -> None:
     if not args.keep:
         for name in ("large_raw.h5", "fits_raw.h5"):
             (args.dir / name).unlink(missing_ok=True)
-        for name in ("large_run", "fits_run"):
+        for name in ("large_run", "fits_run", "cli_run"):
             shutil.rmtree(args.dir / name, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -157,6 +158,40 @@ def test_a_damaged_or_changed_file_under_a_disk_run_is_one_message_and_the_rerun
 
     outcome = run_segment(run_dir, 4)  # the trailing bytes change no pattern: it resumes from 2
     assert outcome.first_iteration == 2 and outcome.iteration == 4
+    final = read_checkpoint(outcome.checkpoint)
+    for name, value in reference.items():
+        assert torch.equal(final.tensors[name], value), name
+
+
+def test_a_stop_mid_iteration_in_disk_mode_resumes_in_another_tier_to_the_same_tensors(
+        tmp_path, small_dataset, one_thread):
+    """What SIGTERM does (the task's stop flag): the prefetching reader is shut down, the checkpoint
+    is written mid-iteration, and the rerun, here from host memory, ends where an uninterrupted
+    run does."""
+    from ptycho_core.rundir import Preempted
+
+    config = config_with(small_dataset, **{"recon_params.measurements": "disk", "recon_params.iterations": 3,
+                                           "recon_params.segment_iterations": 3, "recon_params.threads": 1,
+                                           "recon_params.batch_size": 16, "recon_params.segment_figures": False})
+    run_dir = tmp_path / "run"
+    prepare(config, run_dir)
+    prep = read_preprocessed(run_dir / "preprocessed.h5")
+    _, reference = tensors_after(config, prep, 3)
+    prep.measurements.close()
+    batches = []
+
+    def stop_after_20_batches():
+        batches.append(1)
+        return len(batches) >= 20
+
+    threads_before = set(threading.enumerate())
+    with pytest.raises(Preempted, match=r"preempted at iteration 1 \(\+\d+ batches of iteration 2\)"):
+        run_segment(run_dir, 3, stop_requested=stop_after_20_batches)
+    assert not set(threading.enumerate()) - threads_before, "a reader thread lives on"
+    config.recon_params.measurements = "host"
+    (run_dir / "config.yaml").write_text(config.to_yaml())  # a free setting: the rerun takes it
+    outcome = run_segment(run_dir, 3)
+    assert outcome.first_iteration == 1
     final = read_checkpoint(outcome.checkpoint)
     for name, value in reference.items():
         assert torch.equal(final.tensors[name], value), name

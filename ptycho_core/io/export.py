@@ -49,7 +49,7 @@ def _write_ome_image(root: zarr.Group, name: str, image: np.ndarray, axes: list[
     """An OME-NGFF 0.5 multiscale image group with PYRAMID_LEVELS levels of 2x in (y, x)."""
     group = root.create_group(name)
     datasets = []
-    level_image = image.astype(np.float32)
+    level_image = image.astype(np.float32, copy=False)
     scale = list(scale_ang)
     for level in range(PYRAMID_LEVELS):
         if level and min(level_image.shape[-2:]) < 2:
@@ -89,9 +89,15 @@ def _write_result(
     positions_px = ckpt.crop_pos.numpy() + t["probe_pos_shifts"] + window // 2
     dz = float(t["slice_thickness"])
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    for name, source, unit in (("object_phase", t["objp"], "rad"), ("object_amplitude", t["obja"], "1")):
+        # plane by plane: a large object is never copied whole (float64 runs convert per plane)
+        arr = root.create_array(name, shape=source.shape, dtype=np.float32, chunks=_chunks(source.shape),
+                                dimension_names=["mode", "z", "y", "x"])
+        for mode in range(source.shape[0]):
+            for z in range(source.shape[1]):
+                arr[mode, z] = source[mode, z].astype(np.float32, copy=False)
+        arr.attrs["unit"] = unit
     arrays = {
-        "object_phase": (t["objp"].astype(np.float32), "rad", ["mode", "z", "y", "x"]),
-        "object_amplitude": (t["obja"].astype(np.float32), "1", ["mode", "z", "y", "x"]),
         "probe": (t["probe"].astype(np.complex64), "sqrt(counts)", ["mode", "y", "x"]),
         "positions_ang": (np.asarray(positions_ang, np.float64), "angstrom", ["position", "yx"]),
         "positions_px": (positions_px.astype(np.float64), "px", ["position", "yx"]),
@@ -105,7 +111,7 @@ def _write_result(
     loss = root.create_group("loss")
     for column, values in ckpt.history.items():
         loss.create_array(column, data=np.asarray(values, np.float64), chunks=(max(1, len(values)),))
-    phase0 = t["objp"][0].astype(np.float32)
+    phase0 = t["objp"][0].astype(np.float32, copy=False)
     _write_ome_image(root, "phase_sum", phase0.sum(axis=0), ["y", "x"], [ckpt.dx_ang, ckpt.dx_ang])
     _write_ome_image(root, "phase_slices", phase0, ["z", "y", "x"], [dz, ckpt.dx_ang, ckpt.dx_ang])
     root.attrs["ptyflow"] = {

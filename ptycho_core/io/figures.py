@@ -13,6 +13,8 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..reconstruction import ResultView, scanned_field_box
 
+MAX_DRAWN_POSITIONS = 5000
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only: runs have no display)."""
@@ -99,8 +101,12 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     moved = refined - initial
     rms = float(np.sqrt((moved**2).sum(axis=1).mean()))
     magnify = 10.0
+    # a facility scan has 10^5-10^6 positions: draw an even subset (the RMS is over all of them)
+    every = max(1, -(-len(initial) // MAX_DRAWN_POSITIONS))
+    initial, moved = initial[::every], moved[::every]
     fig, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
-    ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=5, c="0.5", label="initial")
+    ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=5, c="0.5",
+               label="initial" if every == 1 else f"initial, every {every}th")
     ax.quiver(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, magnify * moved[:, 1] * ckpt.dx_ang,
               magnify * moved[:, 0] * ckpt.dx_ang, angles="xy", scale_units="xy", scale=1, color="C3", width=0.004,
               label=f"correction x{magnify:g}")

@@ -5,7 +5,7 @@
   thread gathers the next batch and copies it to the GPU on a side stream, one batch ahead, so
   the copy overlaps the current batch's compute;
 - disk: nothing held; a background thread reads each batch from preprocessed.h5, DISK_AHEAD
-  batches ahead.
+  batches ahead (and on a GPU copies it like the host tier).
 
 ``recon_params.measurements: auto`` takes the fastest tier whose memory fits
 ``recon_params.memory_budget_gb`` (``choose_tier``). Every tier hands the loop the same values in
@@ -196,28 +196,24 @@ class DeviceFeed(MeasurementFeed):
         return self.all[indices.to(self.device)]
 
 
-class HostFeed(MeasurementFeed):
-    tier = "host"
-    ahead = HOST_AHEAD
+class _CopiedFeed(MeasurementFeed):
+    """A tier whose batches are prepared on the host (float32) and copied to the device: on a GPU
+    from pinned memory on a side stream, so the copy overlaps the compute of the batch before."""
 
     def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
         super().__init__(store, device, dtype)
         self.cuda = self.device.type == "cuda"
-        self.all = torch.empty(store.shape, dtype=torch.float32, pin_memory=self.cuda)
-        for start, block in store.blocks():
-            self.all[start:start + len(block)] = torch.from_numpy(_fft_order(block))
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
-    def _load(self, indices):
-        gathered = torch.index_select(self.all, 0, indices)
+    def _to_device(self, patterns: torch.Tensor):
         if not self.cuda:
-            return gathered.to(self.dtype)
-        gathered = gathered.pin_memory()
+            return patterns.to(self.dtype)
+        pinned = patterns if patterns.is_pinned() else patterns.pin_memory()
         with torch.cuda.stream(self.copy_stream):
-            on_device = gathered.to(self.device, self.dtype, non_blocking=True)
+            on_device = pinned.to(self.device, non_blocking=True).to(self.dtype)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
-        return on_device, done, gathered  # the pinned source lives until the copy is waited for
+        return on_device, done, pinned  # the pinned source lives until the copy is waited for
 
     def _ready(self, loaded):
         if not self.cuda:
@@ -229,13 +225,27 @@ class HostFeed(MeasurementFeed):
         return on_device
 
 
-class DiskFeed(MeasurementFeed):
+class HostFeed(_CopiedFeed):
+    tier = "host"
+    ahead = HOST_AHEAD
+
+    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
+        super().__init__(store, device, dtype)
+        self.all = torch.empty(store.shape, dtype=torch.float32, pin_memory=self.cuda)
+        for start, block in store.blocks():
+            self.all[start:start + len(block)] = torch.from_numpy(_fft_order(block))
+
+    def _load(self, indices):
+        return self._to_device(torch.index_select(self.all, 0, indices))
+
+
+class DiskFeed(_CopiedFeed):
     tier = "disk"
     ahead = DISK_AHEAD
 
     def _load(self, indices):
         block = _fft_order(self.store.read(indices.numpy()))
-        return torch.from_numpy(np.ascontiguousarray(block)).to(self.device, self.dtype)
+        return self._to_device(torch.from_numpy(np.ascontiguousarray(block)))
 
 
 FEEDS = {"device": DeviceFeed, "host": HostFeed, "disk": DiskFeed}

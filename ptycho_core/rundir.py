@@ -179,7 +179,8 @@ class PrepareOutcome:
     input_check: str = ""  # how the inputs were checked against the record (for the log)
 
 
-def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
+def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], None] = log.warning
+            ) -> PrepareOutcome:
     """Write config.yaml and preprocessed.h5, or confirm that the existing ones match.
 
     A run directory that holds a different input or a different configuration is refused
@@ -204,6 +205,11 @@ def prepare(config: PtyflowConfig, run_dir: str | Path) -> PrepareOutcome:
                               "data; use a new run directory") from None
         prep, skipped = existing, True
     else:
+        # a process killed while preprocessing leaves its partial file (as large as the data): the
+        # caller holds the run directory, so no living process is writing these
+        for leftover in paths.root.glob(f".{paths.preprocessed.name}.*.tmp"):
+            leftover.unlink()
+            warn(f"removed {leftover.name}, left by a preprocessing that did not finish")
         prep, skipped = preprocess(config, paths.preprocessed), False
         input_check = "input hashed while it was preprocessed"
     # config.yaml is (re)written so iterations and other free settings reflect the latest run

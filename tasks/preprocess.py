@@ -11,8 +11,8 @@ from ptycho_core.rundir import prepare
 @task(name="preprocess")
 def preprocess_data(config: dict, run_dir: str) -> dict:
     """Write run_dir/config.yaml and preprocessed.h5, or confirm the existing ones (skipped)."""
-    outcome = prepare(config_from_dict(config), run_dir)
     logger = get_run_logger()
+    outcome = prepare(config_from_dict(config), run_dir, warn=logger.warning)
     verb = "reused" if outcome.skipped else "wrote"
     logger.info(
         "%s preprocessed.h5: %d patterns of %dx%d, dx %.4f Å, dk %.4f mrad, bright-field disk radius %.1f px",

@@ -116,6 +116,17 @@ def test_a_resume_checks_the_input_without_reading_it_whole(tmp_path, small_data
         prepare(config, tmp_path / "run")
 
 
+def test_a_partial_preprocessed_file_of_a_killed_run_is_removed(tmp_path, small_dataset):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    leftover = run_dir / ".preprocessed.h5.otherhost.4242.tmp"
+    leftover.write_bytes(b"\0" * 4096)
+    warnings = []
+    prepare(config_with(small_dataset), run_dir, warn=warnings.append)
+    assert not leftover.exists() and (run_dir / "preprocessed.h5").is_file()
+    assert warnings == [f"removed {leftover.name}, left by a preprocessing that did not finish"]
+
+
 def test_a_damaged_or_changed_file_under_a_disk_run_is_one_message_and_the_rerun_resumes(
         tmp_path, small_dataset, one_thread):
     config = config_with(small_dataset, **{"recon_params.measurements": "disk", "recon_params.iterations": 4,

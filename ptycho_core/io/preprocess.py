@@ -17,7 +17,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import h5py
 import numpy as np
@@ -306,18 +306,76 @@ def _positions(config: PtyflowConfig, n_total: int, grid) -> np.ndarray:
     return positions
 
 
-def _read_blocks(source: PatternSource, selected: np.ndarray, grid, per_block: int) -> list[np.ndarray]:
-    """The selected flat indices split into reads of at most ``per_block`` patterns (whole scan
-    rows where there is a grid)."""
+@dataclass
+class _Plan:
+    """What preprocessing will do, decided before any pattern is read (errors come early)."""
+
+    source: PatternSource
+    raw_shape: tuple[int, int]
+    size: int  # of the square preprocessed patterns
+    selected: np.ndarray  # flat indices kept, ascending
+    reads: list[np.ndarray]  # selected indices per read (whole scan rows where there is a grid)
+    positions_all: np.ndarray  # (N_total, 2), in Å or (data.pos_unit px) px
+    fill_plan: list
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.selected), self.size, self.size)
+
+
+def _plan(config: PtyflowConfig, source: PatternSource, block_bytes: int) -> _Plan:
+    pp = config.preprocess
+    raw_shape = source.detector_shape
+    if config.data.detector_shape is not None and tuple(config.data.detector_shape) != raw_shape:
+        raise DataError(
+            f"{source.path}:{source.key}: patterns are {raw_shape[0]}x{raw_shape[1]} but data.detector_shape "
+            f"is {list(config.data.detector_shape)}"
+        )
+    ny, nx = (raw_shape[1], raw_shape[0]) if pp.transpose else raw_shape
+    if ny % pp.bin or nx % pp.bin:
+        raise DataError(f"preprocess.bin {pp.bin} does not divide the {ny}x{nx} detector of {source.path}")
+    binned = (ny // pp.bin, nx // pp.bin)
+    if (pp.target_size_px is None) and binned[0] != binned[1]:
+        raise DataError(
+            f"{source.path}: patterns are {binned[0]}x{binned[1]} after binning; set preprocess.target_size_px "
+            "to crop/pad them square"
+        )
+    selected, grid = _scan_selection(config, source)
+    per_read = max(1, block_bytes // (4 * raw_shape[0] * raw_shape[1]))
     if grid is not None:
-        per_block = max(grid[1], per_block // grid[1] * grid[1])
-    blocks, done = [], 0
+        per_read = max(grid[1], per_read // grid[1] * grid[1])
+    reads, done = [], 0
     while done < len(selected):
         rest = selected[done:]
-        take = rest[rest < rest[0] + per_block]
-        blocks.append(take)
-        done += len(take)
-    return blocks
+        reads.append(rest[rest < rest[0] + per_read])
+        done += len(reads[-1])
+    return _Plan(source, raw_shape, pp.target_size_px or binned[0], selected, reads,
+                 _positions(config, source.n_patterns, grid), _bad_pixel_fill(raw_shape, pp.bad_pixels, str(source.path)))
+
+
+def _processed(plan: _Plan, pp) -> Iterator[np.ndarray]:
+    """One pass over the raw file: the per-pattern steps, a read at a time."""
+    for take in plan.reads:
+        block = plan.source.read(take)
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            bad = int(take[np.flatnonzero(~finite)[0]])
+            raise DataError(f"{plan.source.path}:{plan.source.key}: pattern {bad} contains NaN or Inf values")
+        yield _process_block(block, pp, plan.fill_plan)
+        pause_point("preprocess")
+
+
+def _mean(blocks: Iterator[np.ndarray], size: int, n: int,
+          each: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
+    """(size, size) float64 mean of the blocks' patterns, summed per block the same way whatever
+    else happens to them; ``each(first index, block)`` sees every block on the way."""
+    total, done = np.zeros((size, size), dtype=np.float64), 0
+    for block in blocks:
+        if each is not None:
+            each(done, block)
+        total += block.sum(axis=0, dtype=np.float64)
+        done += len(block)
+    return total / n
 
 
 def _calibration(config: PtyflowConfig, size: int, radius_px: Optional[float]) -> tuple[float, float, dict]:
@@ -345,10 +403,11 @@ def _calibration(config: PtyflowConfig, size: int, radius_px: Optional[float]) -
     return dx, dk, notes
 
 
-def _disk_notes(mean_pattern: np.ndarray, where) -> tuple[float, np.ndarray]:
+def _disk_notes(mean_pattern: np.ndarray, where) -> dict:
     if mean_pattern.max() <= 0:
         raise DataError(f"{where}: the patterns hold no counts after preprocessing")
-    return bf_disk(mean_pattern)
+    radius_px, centre = bf_disk(mean_pattern)
+    return {"bf_disk_radius_px": radius_px, "bf_disk_centre_px": centre.tolist()}
 
 
 class _Fingerprints:
@@ -394,107 +453,67 @@ def preprocess(config: PtyflowConfig, out_path: Optional[str | Path] = None,
     fingerprints = _Fingerprints(input_paths(config))
     source = open_patterns(config.data)
     try:
-        raw_shape = source.detector_shape
-        if config.data.detector_shape is not None and tuple(config.data.detector_shape) != raw_shape:
-            raise DataError(
-                f"{source.path}:{source.key}: patterns are {raw_shape[0]}x{raw_shape[1]} but data.detector_shape "
-                f"is {list(config.data.detector_shape)}"
-            )
-        ny, nx = (raw_shape[1], raw_shape[0]) if pp.transpose else raw_shape
-        if ny % pp.bin or nx % pp.bin:
-            raise DataError(f"preprocess.bin {pp.bin} does not divide the {ny}x{nx} detector of {source.path}")
-        binned = (ny // pp.bin, nx // pp.bin)
-        size = pp.target_size_px or binned[0]
-        if (pp.target_size_px is None) and binned[0] != binned[1]:
-            raise DataError(
-                f"{source.path}: patterns are {binned[0]}x{binned[1]} after binning; set preprocess.target_size_px "
-                "to crop/pad them square"
-            )
-        selected, grid = _scan_selection(config, source)
-        n_total = source.n_patterns
-        positions_all = _positions(config, n_total, grid)  # before the long passes: errors come early
-        fill_plan = _bad_pixel_fill(raw_shape, pp.bad_pixels, str(source.path))
-        blocks = _read_blocks(source, selected, grid, max(1, block_bytes // (4 * raw_shape[0] * raw_shape[1])))
-
-        def processed():
-            for take in blocks:
-                block = source.read(take)
-                finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-                if not finite.all():
-                    bad = int(take[np.flatnonzero(~finite)[0]])
-                    raise DataError(f"{source.path}:{source.key}: pattern {bad} contains NaN or Inf values")
-                yield _process_block(block, pp, fill_plan)
-                pause_point("preprocess")
-
-        notes: dict = {"raw_detector": list(raw_shape), "n_patterns_in_file": int(n_total),
-                       "n_patterns": int(len(selected))}
-        shift, scale, calibration = None, None, None
+        plan = _plan(config, source, block_bytes)
+        notes: dict = {"raw_detector": list(plan.raw_shape), "n_patterns_in_file": int(source.n_patterns),
+                       "n_patterns": int(len(plan.selected))}
+        shift, scale, radius_px = None, None, None
         if pp.center_bf_disk or pp.dk_from_bf_disk or pp.normalize == "mean_sum":
-            # the first pass: the mean pattern, before centring and scaling
-            total = np.zeros((size, size), dtype=np.float64)
-            for block in processed():
-                total += block.sum(axis=0, dtype=np.float64)
-            mean_before = total / len(selected)
-            radius_px, centre = _disk_notes(mean_before, config.data.path)
-            notes.update(bf_disk_radius_px=radius_px, bf_disk_centre_px=centre.tolist())
-            calibration = _calibration(config, size, radius_px)
+            mean_before = _mean(_processed(plan, pp), plan.size, len(plan.selected))  # the first pass
+            notes.update(_disk_notes(mean_before, config.data.path))
+            radius_px, centre = notes["bf_disk_radius_px"], np.array(notes["bf_disk_centre_px"])
             if pp.center_bf_disk:
-                shift = tuple(int(v) for v in np.round(np.array([size // 2, size // 2]) - centre))
+                shift = tuple(int(v) for v in np.round(np.array([plan.size // 2] * 2) - centre))
                 notes["bf_disk_shift_px"] = list(shift)
             if pp.normalize == "mean_sum":
                 scale = float(mean_before.sum())  # rolling keeps every pattern's sum
                 notes["normalized_by"] = scale
-        else:
-            calibration = _calibration(config, size, None)
-        dx, dk, calibration_notes = calibration
+        dx, dk, calibration_notes = _calibration(config, plan.size, radius_px)
         notes.update(calibration_notes)
+        positions_all = plan.positions_all
         if config.data.pos_key is not None and config.data.pos_unit == "px":
             positions_all = positions_all * dx
-        positions = positions_all[selected].astype(np.float64)
-        geometry = scan_geometry(positions, dx, (size, size), config.init.object.pad_px)
+        positions = positions_all[plan.selected].astype(np.float64)
+        prep = Preprocessed(
+            measurements=None, mean_pattern=None, positions_ang=positions, dx_ang=dx, dk_mrad=dk,
+            geometry=scan_geometry(positions, dx, (plan.size, plan.size), config.init.object.pad_px),
+            energy_kev=config.experiment.energy_kev, wavelength_ang=wavelength_ang(config.experiment.energy_kev),
+            input_hash="", notes=notes, settings_hash=settings_hash(config),
+        )
 
-        def final_blocks():
-            for block in processed():
+        def final_blocks() -> Iterator[np.ndarray]:  # the second (or only) pass
+            for block in _processed(plan, pp):
                 if shift is not None:
                     block = np.roll(block, shift, axis=(1, 2))
                 if scale is not None:
                     block = block / np.float32(scale)
                 yield np.ascontiguousarray(block, dtype=np.float32)
 
-        prep = Preprocessed(
-            measurements=None, mean_pattern=None, positions_ang=positions, geometry=geometry, dx_ang=dx, dk_mrad=dk,
-            energy_kev=config.experiment.energy_kev, wavelength_ang=wavelength_ang(config.experiment.energy_kev),
-            input_hash="", notes=notes, settings_hash=settings_hash(config),
-        )
-
-        def write_all(store: Callable[[int, np.ndarray], None]) -> None:
-            """Every final block through ``store(first index, block)``; then the mean pattern
-            (summed per block in float64, the same way whatever the destination) and the inputs'
-            fingerprints."""
-            total, done = np.zeros((size, size), dtype=np.float64), 0
-            for block in final_blocks():
-                store(done, block)
-                total += block.sum(axis=0, dtype=np.float64)
-                done += len(block)
-            prep.mean_pattern = total / len(selected)
+        def write_patterns(store: Callable[[int, np.ndarray], None]) -> None:
+            prep.mean_pattern = _mean(final_blocks(), plan.size, len(plan.selected), each=store)
             if "bf_disk_radius_px" not in notes:
-                radius_px, centre = _disk_notes(prep.mean_pattern, config.data.path)
-                notes.update(bf_disk_radius_px=radius_px, bf_disk_centre_px=centre.tolist())
+                notes.update(_disk_notes(prep.mean_pattern, config.data.path))
             prep.inputs = fingerprints.get()
             prep.input_hash = input_hash(config, [fp["sha256"] for fp in prep.inputs])
 
-        shape = (len(selected), size, size)
         if out_path is None:
-            out = np.empty(shape, dtype=np.float32)
-            write_all(lambda start, block: out.__setitem__(slice(start, start + len(block)), block))
-            prep.measurements = ArrayPatterns(out)
+            in_memory = np.empty(plan.shape, dtype=np.float32)
+
+            def keep(start: int, block: np.ndarray) -> None:
+                in_memory[start:start + len(block)] = block
+
+            write_patterns(keep)
+            prep.measurements = ArrayPatterns(in_memory)
             return prep
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                dataset = f.create_dataset(PATTERNS_KEY, shape=shape, dtype=np.float32, chunks=(1, size, size),
-                                           **_compression(pp.compression))
-                write_all(lambda start, block: dataset.__setitem__(slice(start, start + len(block)), block))
+                dataset = f.create_dataset(PATTERNS_KEY, shape=plan.shape, dtype=np.float32,
+                                           chunks=(1, plan.size, plan.size), **_compression(pp.compression))
+
+                def store(start: int, block: np.ndarray) -> None:
+                    dataset[start:start + len(block)] = block
+
+                write_patterns(store)
                 _write_metadata(f, prep)
 
         atomic_write(Path(out_path), write)

@@ -1,4 +1,4 @@
-"""The ``ptyflow`` command line: demo, run, simulate, inspect.
+"""The ``ptyflow`` command line: demo, run, sweep, simulate, inspect, inspect-data, init-config.
 
 User errors end in one line on stderr and a non-zero exit code, never a traceback.
 Prefect is imported only by the commands that run flows, so the others start fast.
@@ -213,6 +213,49 @@ def inspect(
                 out.print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         else:
             out.print(f"{key}: {value}")
+
+
+def _data_settings(path: Path, data_format: str, key: Optional[str]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(path=str(path.resolve()), format=data_format, meas_key=key, scan_shape=None)
+
+
+@app.command("inspect-data")
+def inspect_data(
+    path: Path = typer.Argument(..., help="a data file (HDF5, Dectris master, npy, mat, tiff, zarr, EMPAD raw)"),
+    data_format: str = typer.Option("auto", "--format", help="data.format, when the extension does not tell"),
+    key: Optional[str] = typer.Option(None, "--key", help="data.meas_key: the dataset of patterns"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output with stable keys"),
+):
+    """Report what a data file holds and the calibration it states, without reading its patterns."""
+    from ptycho_core.io.readers import describe_data
+
+    report = describe_data(_data_settings(path, data_format, key))
+    if as_json:
+        out.print_json(json.dumps(report, default=str))
+        return
+    for name, value in report.items():
+        if isinstance(value, dict):
+            out.print(f"{name}:" + ("" if value else " none stated"))
+            for k, v in value.items():
+                out.print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+        else:
+            out.print(f"{name}: {value}")
+
+
+@app.command("init-config")
+def init_config(
+    path: Path = typer.Argument(..., help="the data file to reconstruct"),
+    data_format: str = typer.Option("auto", "--format", help="data.format, when the extension does not tell"),
+    key: Optional[str] = typer.Option(None, "--key", help="data.meas_key: the dataset of patterns"),
+):
+    """Print a starter config.yaml for PATH: what the file states filled in, the rest marked TODO."""
+    from ptycho_core.io.readers import describe_data
+    from ptycho_core.io.starter import starter_config
+
+    report = describe_data(_data_settings(path, data_format, key))
+    sys.stdout.write(starter_config(report, data_format, key))
 
 
 def _one_line(exc: Exception) -> str:

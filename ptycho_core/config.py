@@ -7,14 +7,19 @@ not a silently ignored setting. ``load_config`` turns any validation problem int
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("ptyflow")
 
 
 class ConfigError(ValueError):
@@ -30,8 +35,9 @@ class DataParams(_Strict):
     """Where the measured diffraction patterns and scan positions live."""
 
     path: str = Field(description="file holding the diffraction patterns (relative to the config file)")
-    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad"] = Field(
-        "auto", description="auto: from the extension")
+    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris"] = Field(
+        "auto", description="auto: from the extension, and for HDF5 from the layout (dectris: a Dectris "
+        "Arina/Eiger/Quadro master file with its linked data files)")
     meas_key: Optional[str] = Field(
         None, description="dataset/variable/array of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx); "
         "null: the format's default (the only 3D/4D dataset of an HDF5 file, CXI's /entry_1/data_1/data)")
@@ -540,8 +546,9 @@ def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
         raise ConfigError(f"{source}: {_format_errors(exc)}") from None
 
 
-def load_config(path: str | Path) -> PtyflowConfig:
-    """Read and validate a YAML config; relative data/model paths are taken from its folder."""
+def load_config(path: str | Path, warn: Optional[Callable[[str], None]] = None) -> PtyflowConfig:
+    """Read and validate a YAML config; relative data/model paths are taken from its folder, and
+    calibration the data file states fills what the config leaves out (calibration_from_data_file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -552,8 +559,53 @@ def load_config(path: str | Path) -> PtyflowConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    config = config_from_dict(raw, source=str(path))
+    config = config_from_dict(calibration_from_data_file(raw, path.parent, warn or log.warning), source=str(path))
     return resolve_paths(config, path.parent)
+
+
+CALIBRATION_TOLERANCE = 0.01  # a stated value this far from the file's is reported
+
+
+def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]) -> Any:
+    """``raw`` with what its data file states (readers.file_calibration: beam energy, dk, the
+    detector's bad pixels) filled in where the config says nothing. A value the config states
+    wins; one that differs from the file's by more than 1 % is reported through ``warn``, naming
+    both. Files that state nothing, or that cannot be read yet, leave ``raw`` as it is (reading
+    the data reports a bad file)."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+        return raw
+    from .io.readers import DataError, file_calibration
+
+    path = Path(data["path"]).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        found = file_calibration(SimpleNamespace(path=str(path), format=data.get("format", "auto")))
+    except (DataError, OSError, KeyError, ValueError):
+        return raw
+    if not found or not isinstance(raw.get("experiment", {}), dict) or not isinstance(raw.get("preprocess", {}), dict):
+        return raw
+    raw = copy.deepcopy(raw)
+    exp, pp = raw.setdefault("experiment", {}), raw.setdefault("preprocess", {})
+
+    def differs(stated, key: str, unit: str, what: str) -> None:
+        if isinstance(stated, (int, float)) and abs(stated - found[key]) > CALIBRATION_TOLERANCE * abs(found[key]):
+            warn(f"experiment.{key}: the config says {stated:g} {unit} but {path.name} states {found[key]:.6g} {unit} "
+                 f"({what}); using the config's value")
+
+    if "energy_kev" in found:
+        if exp.get("energy_kev") is None:
+            exp["energy_kev"] = found["energy_kev"]
+        else:
+            differs(exp["energy_kev"], "energy_kev", "keV", "from its wavelength")
+    if "dk_mrad" in found:
+        if exp.get("dk_mrad") is None and exp.get("dx_ang") is None and not pp.get("dk_from_bf_disk"):
+            exp["dk_mrad"] = found["dk_mrad"]
+        elif exp.get("dk_mrad") is not None:
+            differs(exp["dk_mrad"], "dk_mrad", "mrad/px", "pixel size over camera length")
+    if found.get("bad_pixels") and "bad_pixels" not in pp:
+        pp["bad_pixels"] = [list(yx) for yx in found["bad_pixels"]]
+    return raw
 
 
 def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:

@@ -26,6 +26,12 @@ def wavelength_ang(energy_kev: float) -> float:
     return _HC_KEV_ANG / pc
 
 
+def energy_kev_from_wavelength(wavelength_ang: float) -> float:
+    """Beam energy (keV) of electrons of a relativistic wavelength (Å); inverse of wavelength_ang."""
+    pc = _HC_KEV_ANG / wavelength_ang
+    return math.sqrt(pc * pc + _M0C2_KEV * _M0C2_KEV) - _M0C2_KEV
+
+
 def dx_from_dk(energy_kev: float, dk_mrad: float, n_px: int) -> float:
     """Real-space pixel size (Å) of an n_px detector with pixels of dk_mrad."""
     return wavelength_ang(energy_kev) / (n_px * dk_mrad * 1e-3)

@@ -5,18 +5,29 @@ the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of pattern
 a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
 (memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
 file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
-and EMPAD .raw. Every problem is a ``DataError`` whose message names the file, the
-key and what was expected.
+EMPAD .raw, and Dectris (Arina, Eiger, Quadro) master files with their linked data files. HDF5
+datasets compressed with the filters detectors use (bitshuffle-LZ4, LZ4, Blosc, Zstd) are decoded
+through hdf5plugin. Every problem is a ``DataError`` whose message names the file, the key and
+what was expected.
+
+``file_calibration(data)`` returns what a file states about the experiment (beam energy, dk,
+bad pixels), for formats that carry it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import h5py
 import numpy as np
+
+try:  # registers the HDF5 compression filters detectors write (bitshuffle-LZ4 for Dectris)
+    import hdf5plugin  # noqa: F401
+except ImportError:  # reading such files then ends in a DataError that says what to install
+    hdf5plugin = None
 
 
 class DataError(ValueError):
@@ -32,6 +43,10 @@ CXI_TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
 EMPAD_FRAME = (130, 128)  # rows, columns of one EMPAD frame; the last two rows are metadata
 EMPAD_DETECTOR = (128, 128)
 _MAX_ELEMENTS = 1 << 36  # refuse absurd declared sizes before allocating anything
+DECTRIS_DATA = "/entry/data"
+DECTRIS_DETECTOR = "/entry/instrument/detector"
+DECTRIS_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
+FORMATS = ("hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris")
 
 
 def check_data_path(data) -> None:
@@ -41,15 +56,22 @@ def check_data_path(data) -> None:
 
 
 def data_format(data) -> str:
+    """data.format, or for auto the format told by the extension and, for HDF5, by the layout (a
+    Dectris master file)."""
     if data.format != "auto":
         return data.format
     suffix = Path(data.path).suffix.lower()
     if suffix not in EXTENSIONS:
         raise DataError(
             f"{data.path}: cannot tell the format from the extension '{suffix}'; set data.format "
-            f"(one of {', '.join(sorted(set(EXTENSIONS.values())))})"
+            f"(one of {', '.join(FORMATS)})"
         )
-    return EXTENSIONS[suffix]
+    fmt = EXTENSIONS[suffix]
+    if fmt == "hdf5" and Path(data.path).is_file() and _is_hdf5(Path(data.path)):
+        with _open_hdf5(Path(data.path)) as f:
+            if _dectris_links(f):
+                return "dectris"
+    return fmt
 
 
 @dataclass
@@ -83,13 +105,25 @@ class PatternSource:
         idx = np.asarray(flat_indices)
         if len(self.shape) == 3:
             lo, hi = int(idx[0]), int(idx[-1]) + 1
-            block = np.asarray(self.array[lo:hi])  # one contiguous read, then pick
+            block = self._read(lo, hi, lo)  # one contiguous read, then pick
             return block[idx - lo].astype(np.float32, copy=False)
         nx = self.shape[1]
         rows = idx // nx
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        block = np.asarray(self.array[lo:hi])  # whole scan rows
+        block = self._read(lo, hi, lo * nx)  # whole scan rows
         return block.reshape(-1, *self.detector_shape)[idx - lo * nx].astype(np.float32, copy=False)
+
+    def _read(self, lo: int, hi: int, first_pattern: int) -> np.ndarray:
+        try:
+            return np.asarray(self.array[lo:hi])
+        except OSError as exc:
+            if "filter" in str(exc) or "plugin" in str(exc):
+                raise DataError(
+                    f"{self.path}:{self.key}: the patterns are compressed with an HDF5 filter this installation "
+                    f"cannot decode (bitshuffle-LZ4, as Dectris detectors write, or another); install hdf5plugin "
+                    f"(pip install hdf5plugin). HDF5 said: {str(exc).splitlines()[0]}"
+                ) from None
+            raise DataError(f"{self.path}:{self.key}: cannot read pattern {first_pattern} on ({exc})") from None
 
 
 class _AxesReversed:
@@ -166,6 +200,100 @@ def _hdf5_source(path: Path, key: str) -> PatternSource:
         f.close()
         raise
     return PatternSource(path, key, ds, f.close)
+
+
+# --------------------------------------------------------------------------- Dectris
+def _dectris_links(f: h5py.File) -> list[str]:
+    """The data_NNNNNN entries of a Dectris master file, in order; [] when ``f`` is not one."""
+    if DECTRIS_DETECTOR not in f or not isinstance(f.get(DECTRIS_DATA), h5py.Group):
+        return []
+    return sorted(k for k in f[DECTRIS_DATA].keys() if re.fullmatch(r"data_\d{6}", k))
+
+
+class _Frames:
+    """The data_NNNNNN datasets of a Dectris master file (each (n_i, ky, kx), usually in its own
+    linked file) seen as one (N, ky, kx) array, read in slices of the first axis."""
+
+    def __init__(self, datasets: list):
+        self.datasets = datasets
+        self.starts = np.cumsum([0] + [len(d) for d in datasets])
+        self.shape = (int(self.starts[-1]), *datasets[0].shape[1:])
+
+    def __getitem__(self, item):
+        if not isinstance(item, slice):
+            raise TypeError("Dectris frames are read in blocks of the first axis")
+        start, stop, _ = item.indices(self.shape[0])
+        pieces = [d[max(start, s0) - s0:min(stop, s0 + len(d)) - s0]
+                  for d, s0 in zip(self.datasets, self.starts[:-1]) if max(start, s0) < min(stop, s0 + len(d))]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _dectris_source(path: Path) -> PatternSource:
+    f = _open_hdf5(path)
+    try:
+        names = _dectris_links(f)
+        if not names:
+            raise DataError(f"{path}: not a Dectris master file (no {DECTRIS_DATA}/data_NNNNNN entries under an "
+                            f"{DECTRIS_DETECTOR} group)")
+        datasets = []
+        for name in names:
+            link = f[DECTRIS_DATA].get(name, getlink=True)
+            try:
+                datasets.append(f[DECTRIS_DATA][name])
+            except KeyError:
+                target = f"{link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else name
+                raise DataError(f"{path}: {DECTRIS_DATA}/{name} links to {target}, which cannot be opened (keep the "
+                                "data files next to the master file)") from None
+        shapes = {tuple(d.shape[1:]) for d in datasets}
+        if any(d.ndim != 3 for d in datasets) or len(shapes) != 1:
+            raise DataError(f"{path}: the data_NNNNNN datasets should all be (frames, ky, kx) of one detector size; "
+                            f"found {[tuple(d.shape) for d in datasets]}")
+        frames = _Frames(datasets)
+        _check_layout(path, DECTRIS_DATA, frames.shape)
+    except DataError:
+        f.close()
+        raise
+    return PatternSource(path, DECTRIS_DATA, frames, f.close)
+
+
+_LENGTH_M = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9, "angstrom": 1e-10, "A": 1e-10,
+             "Å": 1e-10}
+
+
+def _length_m(dataset, default_unit: str) -> float:
+    unit = dataset.attrs.get("units", default_unit)
+    unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+    if unit not in _LENGTH_M:
+        raise DataError(f"{dataset.file.filename}:{dataset.name}: unit '{unit}' is not a length ptyflow knows "
+                        f"({', '.join(_LENGTH_M)})")
+    return float(np.asarray(dataset[()]).reshape(-1)[0]) * _LENGTH_M[unit]
+
+
+def file_calibration(data) -> dict:
+    """What the data file states about the experiment, for the formats that carry it (Dectris
+    master files): ``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size over the camera
+    length), ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and ``detector_shape``; {} for
+    the other formats."""
+    path = Path(data.path)
+    if not path.exists() or data_format(data) != "dectris":
+        return {}
+    from ..physics import energy_kev_from_wavelength
+
+    found: dict = {}
+    with _open_hdf5(path) as f:
+        det = f[DECTRIS_DETECTOR]
+        if DECTRIS_WAVELENGTH in f:
+            found["energy_kev"] = energy_kev_from_wavelength(_length_m(f[DECTRIS_WAVELENGTH], "angstrom") * 1e10)
+        if "x_pixel_size" in det and "detector_distance" in det:
+            pixel_m, distance_m = _length_m(det["x_pixel_size"], "m"), _length_m(det["detector_distance"], "m")
+            if distance_m > 0:
+                found["dk_mrad"] = float(np.arctan(pixel_m / distance_m) * 1e3)
+        mask_key = "detectorSpecific/pixel_mask"
+        if mask_key in det:
+            mask = np.asarray(det[mask_key][()])
+            found["bad_pixels"] = [tuple(int(v) for v in yx) for yx in np.argwhere(mask != 0)]
+            found["detector_shape"] = [int(v) for v in mask.shape]
+    return found
 
 
 def _only_pattern_dataset(path: Path) -> str:
@@ -276,6 +404,8 @@ def open_patterns(data) -> PatternSource:
         return PatternSource(path, key or "(array)", node)
     if fmt == "empad":
         return _empad_source(path, data)
+    if fmt == "dectris":
+        return _dectris_source(path)
     raise DataError(f"data.format: unknown format '{fmt}'")
 
 
@@ -295,6 +425,35 @@ def _empad_source(path: Path, data) -> PatternSource:
         raise DataError(f"{path}: holds {n} EMPAD frames but data.scan_shape {list(scan)} needs {scan[0] * scan[1]}")
     frames = np.memmap(path, dtype="<f4", mode="r", shape=(scan[0], scan[1], *EMPAD_FRAME))
     return PatternSource(path, "(raw)", frames[:, :, : EMPAD_DETECTOR[0], :])
+
+
+# --------------------------------------------------------------------------- what a file holds
+def describe_data(data) -> dict:
+    """What a data file holds, without reading its patterns: format, key, shapes, dtype, storage
+    (chunks and compression for HDF5) and the calibration it states (file_calibration)."""
+    fmt = data_format(data)
+    source = open_patterns(data)
+    try:
+        report = {"path": str(source.path), "format": fmt, "key": source.key, "shape": list(source.shape),
+                  "n_patterns": source.n_patterns, "detector_shape": list(source.detector_shape),
+                  "scan_shape": list(source.scan_shape) if source.scan_shape else None,
+                  "dtype": str(getattr(source.array, "dtype", "float32"))}
+        datasets = source.array.datasets if isinstance(source.array, _Frames) else [source.array]
+        if all(isinstance(d, h5py.Dataset) for d in datasets):
+            report["dtype"] = str(datasets[0].dtype)
+            report["chunks"] = list(datasets[0].chunks) if datasets[0].chunks else None
+            plist = datasets[0].id.get_create_plist()
+            report["filters"] = [plist.get_filter(i)[3].decode(errors="replace") or str(plist.get_filter(i)[0])
+                                 for i in range(plist.get_nfilters())]
+            if isinstance(source.array, _Frames):
+                report["data_files"] = [d.file.filename for d in datasets]
+    finally:
+        source.close()
+    calibration = file_calibration(data)
+    if "bad_pixels" in calibration:
+        calibration["bad_pixels"] = len(calibration["bad_pixels"])  # a count here; the list goes into the config
+    report["calibration"] = calibration
+    return report
 
 
 # --------------------------------------------------------------------------- positions

@@ -1,0 +1,175 @@
+"""Files detectors write: HDF5 compressed with bitshuffle-LZ4 (hdf5plugin), Dectris master files
+with linked data files and the calibration they state; inspect-data and init-config."""
+
+import json
+import math
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+import yaml
+
+from ptycho_core.config import ConfigError, load_config
+from ptycho_core.io.preprocess import preprocess
+from ptycho_core.io.readers import DataError, describe_data, open_patterns
+from ptycho_core.physics import wavelength_ang
+
+from conftest import cli
+
+SCAN, DET = (6, 8), 32
+ENERGY_KEV, PIXEL_M, DISTANCE_M = 300.0, 75e-6, 0.15  # dk = atan(75 um / 150 mm) = 0.5 mrad
+MASKED = [(3, 5), (20, 11)]
+
+
+def counts(seed=0) -> np.ndarray:
+    """(N, DET, DET) uint16 patterns with a bright-field disk and Poisson noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:DET, :DET] - DET // 2
+    disk = ((yy**2 + xx**2) <= 7**2) * 400.0 + 5.0
+    return rng.poisson(disk, size=(SCAN[0] * SCAN[1], DET, DET)).astype(np.uint16)
+
+
+def write_dectris(folder: Path, patterns: np.ndarray, per_file: int = 20) -> Path:
+    """A Dectris-style master file (NeXus layout as Arina/Eiger write it) whose data_NNNNNN entries
+    are external links to data files compressed with bitshuffle-LZ4."""
+    folder.mkdir(parents=True, exist_ok=True)
+    master = folder / "scan_master.h5"
+    with h5py.File(master, "w") as f:
+        for i, start in enumerate(range(0, len(patterns), per_file)):
+            name = f"scan_data_{i + 1:06d}.h5"
+            with h5py.File(folder / name, "w") as data:
+                data.create_dataset("entry/data/data", data=patterns[start:start + per_file],
+                                    chunks=(1, DET, DET), **hdf5plugin.Bitshuffle(cname="lz4"))
+            f[f"entry/data/data_{i + 1:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
+        det = f.create_group("entry/instrument/detector")
+        for name, value, unit in (("x_pixel_size", PIXEL_M, "m"), ("y_pixel_size", PIXEL_M, "m"),
+                                  ("detector_distance", DISTANCE_M, "m")):
+            det[name] = value
+            det[name].attrs["units"] = unit
+        mask = np.zeros((DET, DET), dtype=np.uint32)
+        for yx in MASKED:
+            mask[yx] = 1
+        det["detectorSpecific/pixel_mask"] = mask
+        f["entry/instrument/beam/incident_wavelength"] = wavelength_ang(ENERGY_KEV)
+        f["entry/instrument/beam/incident_wavelength"].attrs["units"] = "angstrom"
+    return master
+
+
+def config_file(folder: Path, data_path: Path, experiment: dict, **data) -> Path:
+    raw = {"data": {"path": str(data_path), **data},
+           "experiment": {"conv_angle_mrad": 2.5, "scan": {"shape": list(SCAN), "step_ang": 0.5}, **experiment},
+           "recon_params": {"iterations": 1}}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_dectris_master_file_reads_like_plain_hdf5_and_fills_the_calibration(tmp_path, monkeypatch):
+    patterns = counts()
+    master = write_dectris(tmp_path / "detector", patterns)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    monkeypatch.chdir(tmp_path)  # the links resolve next to the master file, wherever ptyflow runs
+    # the config states neither energy nor dk nor bad pixels: the master file does
+    dectris = load_config(config_file(tmp_path / "detector", master, {}))
+    assert dectris.data.format == "auto" and math.isclose(dectris.experiment.energy_kev, ENERGY_KEV, rel_tol=1e-9)
+    assert math.isclose(dectris.experiment.dk_mrad, math.atan(PIXEL_M / DISTANCE_M) * 1e3, rel_tol=1e-12)
+    assert sorted(map(tuple, dectris.preprocess.bad_pixels)) == MASKED
+    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {
+        "energy_kev": ENERGY_KEV, "dk_mrad": dectris.experiment.dk_mrad}))
+    plain.preprocess.bad_pixels = [list(yx) for yx in MASKED]
+    a, b = preprocess(dectris), preprocess(plain)
+    assert np.array_equal(a.measurements.load(), b.measurements.load())
+    # the energy comes back from the wavelength to 1e-15: dx agrees to the last digits
+    assert math.isclose(a.dx_ang, b.dx_ang, rel_tol=1e-12) and np.array_equal(a.positions_ang, b.positions_ang)
+
+
+def test_a_config_value_wins_over_the_file_and_a_disagreement_is_reported(tmp_path):
+    master = write_dectris(tmp_path / "detector", counts())
+    warnings = []
+    cfg = load_config(config_file(tmp_path, master, {"energy_kev": 200.0, "dk_mrad": 0.502}), warn=warnings.append)
+    assert cfg.experiment.energy_kev == 200.0 and cfg.experiment.dk_mrad == 0.502
+    assert len(warnings) == 1, warnings  # 0.502 is within 1 % of the file's 0.5
+    assert warnings[0].startswith("experiment.energy_kev: the config says 200 keV but scan_master.h5 states 300 keV")
+
+
+def test_bitshuffle_lz4_hdf5_reads_and_a_missing_filter_names_the_package(tmp_path):
+    patterns = counts(1)
+    with h5py.File(tmp_path / "lz4.h5", "w") as f:
+        f.create_dataset("meas", data=patterns, chunks=(1, DET, DET), **hdf5plugin.Bitshuffle(cname="lz4"))
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
+    compressed = preprocess(load_config(config_file(tmp_path, tmp_path / "lz4.h5", experiment)))
+    plain = preprocess(load_config(config_file(tmp_path, tmp_path / "plain.h5", experiment)))
+    assert np.array_equal(compressed.measurements.load(), plain.measurements.load())
+
+    # without hdf5plugin (blocked) and no HDF5 plugin directory, the read fails: one message
+    script = ("import sys; sys.modules['hdf5plugin'] = None\n"
+              "from ptycho_core.config import load_config\nfrom ptycho_core.io.preprocess import preprocess\n"
+              "from ptycho_core.io.readers import DataError\n"
+              f"try:\n    preprocess(load_config({str(tmp_path / 'config.yaml')!r}))\n"
+              "except DataError as exc:\n    print(exc)\n")
+    config_file(tmp_path, tmp_path / "lz4.h5", experiment)
+    env = {"HDF5_PLUGIN_PATH": str(tmp_path / "no-plugins"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path.cwd())
+    assert done.returncode == 0, done.stderr
+    assert f"{tmp_path / 'lz4.h5'}:/meas: the patterns are compressed with an HDF5 filter" in done.stdout
+    assert "pip install hdf5plugin" in done.stdout
+
+
+def test_a_missing_data_file_of_a_master_file_is_named(tmp_path):
+    master = write_dectris(tmp_path / "detector", counts())
+    (tmp_path / "detector" / "scan_data_000002.h5").unlink()
+    cfg = load_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    with pytest.raises(DataError, match=r"scan_master\.h5: /entry/data/data_000002 links to "
+                                        r"scan_data_000002\.h5:/entry/data/data, which cannot be opened"):
+        preprocess(cfg)
+
+
+def test_reading_a_block_of_a_dectris_file_reads_only_that_block(tmp_path):
+    patterns = np.tile(counts(), (20, 1, 1))  # 960 frames in 48 files of 20
+    master = write_dectris(tmp_path / "detector", patterns)
+    cfg = load_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5},
+                                  scan_shape=[24, 40]))
+    source = open_patterns(cfg.data)
+    try:
+        tracemalloc.start()
+        block = source.read(np.arange(395, 405))  # spans two data files
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        source.close()
+    assert np.array_equal(block, patterns[395:405].astype(np.float32))
+    # the whole file as float32 would be 3.9 MB; the read holds the block and a decoded chunk or two
+    assert peak < 4 * block.nbytes < 4 * patterns.size / 20, peak
+
+
+def test_inspect_data_and_init_config_on_a_dectris_file(tmp_path):
+    master = write_dectris(tmp_path / "detector", counts())
+    done = subprocess.run(cli("inspect-data", master, "--json"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["format"] == "dectris" and report["shape"] == [SCAN[0] * SCAN[1], DET, DET]
+    assert report["dtype"] == "uint16" and len(report["data_files"]) == 3
+    assert math.isclose(report["calibration"]["energy_kev"], ENERGY_KEV, rel_tol=1e-9)
+    assert report["calibration"]["bad_pixels"] == len(MASKED)
+    assert describe_data(load_config(config_file(tmp_path, master, {})).data)["calibration"] == report["calibration"]
+
+    starter = subprocess.run(cli("init-config", master), capture_output=True, text=True)
+    assert starter.returncode == 0, starter.stderr
+    text = starter.stdout
+    assert "energy_kev: 300  # stated by the file" in text and "conv_angle_mrad: TODO" in text
+    (tmp_path / "starter.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="experiment.conv_angle_mrad"):
+        load_config(tmp_path / "starter.yaml")  # a TODO fails naming its field
+    filled = (text.replace("conv_angle_mrad: TODO", "conv_angle_mrad: 2.5").replace("defocus_ang: TODO", "defocus_ang: 0")
+              .replace("shape: [TODO, TODO]", "shape: [6, 8]").replace("step_ang: TODO", "step_ang: 0.5"))
+    (tmp_path / "starter.yaml").write_text(filled)
+    cfg = load_config(tmp_path / "starter.yaml")
+    assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-3) and preprocess(cfg).n_patterns == 48

@@ -35,9 +35,9 @@ class DataParams(_Strict):
     """Where the measured diffraction patterns and scan positions live."""
 
     path: str = Field(description="file holding the diffraction patterns (relative to the config file)")
-    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris"] = Field(
+    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib"] = Field(
         "auto", description="auto: from the extension, and for HDF5 from the layout (dectris: a Dectris "
-        "Arina/Eiger/Quadro master file with its linked data files)")
+        "Arina/Eiger/Quadro master file with its linked data files; mib: a Quantum Detectors Merlin file)")
     meas_key: Optional[str] = Field(
         None, description="dataset/variable/array of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx); "
         "null: the format's default (the only 3D/4D dataset of an HDF5 file, CXI's /entry_1/data_1/data)")
@@ -568,7 +568,7 @@ CALIBRATION_TOLERANCE = 0.01  # a stated value this far from the file's is repor
 
 def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]) -> Any:
     """``raw`` with what its data file states (readers.file_calibration: beam energy, dk, the
-    detector's bad pixels) filled in where the config says nothing. A value the config states
+    detector's bad pixels, the scan grid) filled in where the config says nothing. A value the config states
     wins; one that differs from the file's by more than 1 % is reported through ``warn``, naming
     both. Files that state nothing, or that cannot be read yet, leave ``raw`` as it is (reading
     the data reports a bad file)."""
@@ -598,6 +598,20 @@ def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]
             exp["energy_kev"] = found["energy_kev"]
         else:
             differs(exp["energy_kev"], "energy_kev", "keV", "from its wavelength")
+    energy = exp.get("energy_kev")
+    if "dk_inv_ang" in found and isinstance(energy, (int, float)) and energy > 0:
+        from .physics import wavelength_ang
+
+        found["dk_mrad"] = found["dk_inv_ang"] * wavelength_ang(energy) * 1e3  # small angles: q = theta / lambda
+    if "scan" in found:
+        stated = exp.get("scan")
+        if stated is None and data.get("pos_key") is None:
+            exp["scan"] = dict(found["scan"])
+        elif isinstance(stated, dict) and isinstance(stated.get("step_ang"), (int, float)):
+            file_step = found["scan"]["step_ang"]
+            if abs(stated["step_ang"] - file_step) > CALIBRATION_TOLERANCE * file_step:
+                warn(f"experiment.scan.step_ang: the config says {stated['step_ang']:g} Å but {path.name} states "
+                     f"{file_step:.6g} Å; using the config's value")
     if "dk_mrad" in found:
         if exp.get("dk_mrad") is None and exp.get("dx_ang") is None and not pp.get("dk_from_bf_disk"):
             exp["dk_mrad"] = found["dk_mrad"]

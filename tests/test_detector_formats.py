@@ -173,3 +173,100 @@ def test_inspect_data_and_init_config_on_a_dectris_file(tmp_path):
     (tmp_path / "starter.yaml").write_text(filled)
     cfg = load_config(tmp_path / "starter.yaml")
     assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-3) and preprocess(cfg).n_patterns == 48
+
+
+def mib_frame(index: int, frame: np.ndarray) -> bytes:
+    """One Merlin frame as the detector writes it: a 384-byte ASCII header (single chip), then the
+    counts as big-endian uint16, rows in readout order."""
+    thresholds = ["1.000000E+1"] + ["0.000000E+0"] * 7
+    dacs = ["175", "511"] + ["000"] * 25
+    fields = (["MQ1", f"{index + 1:06d}", "00384", "01", f"{frame.shape[1]:04d}", f"{frame.shape[0]:04d}", "U16",
+               "   1x1", "01", "2026-11-26 12:00:00.000000", "0.000100", "0", "0", "0"] + thresholds + ["3RX"] + dacs
+              + [f"2026-11-26T12:00:00.{index:09d}Z", "100000ns", "12", ""])
+    header = ",".join(fields).encode("ascii")
+    assert len(header) <= 384
+    return header.ljust(384, b" ") + frame.astype(">u2").tobytes()
+
+
+def write_mib(path: Path, patterns: np.ndarray, hdr_frames=None) -> Path:
+    # RosettaSciIO shows frames flipped top to bottom from their readout order: store them so
+    # that they read back as ``patterns``
+    path.write_bytes(b"".join(mib_frame(i, p[::-1]) for i, p in enumerate(patterns)))
+    if hdr_frames is not None:
+        path.with_suffix(".hdr").write_text(
+            "HDR,\t\nTime and Date Stamp (day, mnth, yr, hr, min, s):\t26/11/2026 12:00:00\n"
+            f"Frames in Acquisition (Number):\t{hdr_frames}\nFrames per Trigger (Number):\t{SCAN[1]}\nEnd\t\n")
+    return path
+
+
+def test_a_merlin_mib_file_reads_like_plain_hdf5(tmp_path):
+    patterns = counts(2)
+    mib = write_mib(tmp_path / "scan.mib", patterns, hdr_frames=len(patterns))
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
+    (tmp_path / "m").mkdir()
+    merlin = load_config(config_file(tmp_path / "m", mib, experiment, scan_shape=list(SCAN)))
+    assert merlin.data.format == "auto" and describe_data(merlin.data)["format"] == "mib"
+    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", experiment))
+    assert np.array_equal(preprocess(merlin).measurements.load(), preprocess(plain).measurements.load())
+    source = open_patterns(merlin.data)
+    try:
+        assert source.shape == (*SCAN, DET, DET)
+        assert type(source.array).__module__.startswith("dask"), "the frames should be read lazily"
+        assert np.array_equal(source.read(np.arange(9, 14)), patterns[9:14].astype(np.float32))
+    finally:
+        source.close()
+
+
+def test_merlin_files_that_do_not_add_up_are_refused(tmp_path):
+    patterns = counts(3)
+    experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
+    write_mib(tmp_path / "scan.mib", patterns, hdr_frames=len(patterns) + 5)
+    cfg = load_config(config_file(tmp_path, tmp_path / "scan.mib", experiment))
+    with pytest.raises(DataError, match=rf"scan\.hdr: says {len(patterns) + 5} frames in the acquisition but "
+                                        rf"scan\.mib holds {len(patterns)}"):
+        preprocess(cfg)
+    with open(tmp_path / "scan.mib", "ab") as fh:
+        fh.write(b"\0" * 100)  # a frame cut short
+    with pytest.raises(DataError, match="is not a whole number of 32x32 U16 frames of 2432 bytes"):
+        preprocess(cfg)
+    (tmp_path / "other.mib").write_bytes(b"XYZ" * 1000)
+    with pytest.raises(DataError, match="not a Merlin .mib file"):
+        preprocess(load_config(config_file(tmp_path, tmp_path / "other.mib", experiment)))
+
+
+def write_emd(path: Path, cube: np.ndarray, step_ang: float, dq_inv_nm: float) -> Path:
+    """An EMD 1.0 file as the published layout describes it (root version attributes, a group of
+    emd_group_type 1 holding data and one dim vector per axis, each with name and units)."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(version_major=0, version_minor=2)
+        group = f.create_group("data/datacube")
+        group.attrs["emd_group_type"] = 1
+        group.create_dataset("data", data=cube, chunks=(1, cube.shape[1], *cube.shape[2:]))
+        axes = [("R_y", np.arange(cube.shape[0]) * step_ang / 10, "nm"),
+                ("R_x", np.arange(cube.shape[1]) * step_ang / 10, "nm"),
+                ("Q_y", (np.arange(cube.shape[2]) - cube.shape[2] // 2) * dq_inv_nm, "1/nm"),
+                ("Q_x", (np.arange(cube.shape[3]) - cube.shape[3] // 2) * dq_inv_nm, "1/nm")]
+        for i, (name, values, unit) in enumerate(axes, start=1):
+            group[f"dim{i}"] = values
+            group[f"dim{i}"].attrs.update(name=name, units=unit)
+    return path
+
+
+def test_an_emd_datacube_states_its_scan_and_detector_calibration(tmp_path):
+    patterns = counts(4)
+    dq_inv_nm = 0.5 / (wavelength_ang(ENERGY_KEV) * 1e3) * 10  # 0.5 mrad per pixel at 300 keV
+    emd = write_emd(tmp_path / "cube.emd", patterns.reshape(*SCAN, DET, DET), 0.5, dq_inv_nm)
+    raw = {"data": {"path": str(emd)}, "experiment": {"energy_kev": ENERGY_KEV, "conv_angle_mrad": 2.5},
+           "recon_params": {"iterations": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")  # no scan, no dk: the file states both
+    assert list(cfg.experiment.scan.shape) == list(SCAN) and cfg.experiment.scan.step_ang == pytest.approx(0.5)
+    assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-9)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    a, b = preprocess(cfg), preprocess(plain)
+    assert np.array_equal(a.measurements.load(), b.measurements.load())
+    assert np.allclose(a.positions_ang, b.positions_ang, atol=1e-9)

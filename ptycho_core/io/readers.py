@@ -5,7 +5,8 @@ the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of pattern
 a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
 (memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
 file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
-EMPAD .raw, and Dectris (Arina, Eiger, Quadro) master files with their linked data files. HDF5
+EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, and
+Quantum Detectors Merlin .mib files (through RosettaSciIO). HDF5
 datasets compressed with the filters detectors use (bitshuffle-LZ4, LZ4, Blosc, Zstd) are decoded
 through hdf5plugin. Every problem is a ``DataError`` whose message names the file, the key and
 what was expected.
@@ -37,6 +38,7 @@ class DataError(ValueError):
 EXTENSIONS = {
     ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".nxs": "hdf5", ".emd": "hdf5", ".cxi": "cxi",
     ".npy": "npy", ".mat": "mat", ".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr", ".raw": "empad",
+    ".mib": "mib",
 }
 CXI_DATA = "/entry_1/data_1/data"
 CXI_TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
@@ -46,7 +48,7 @@ _MAX_ELEMENTS = 1 << 36  # refuse absurd declared sizes before allocating anythi
 DECTRIS_DATA = "/entry/data"
 DECTRIS_DETECTOR = "/entry/instrument/detector"
 DECTRIS_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
-FORMATS = ("hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris")
+FORMATS = ("hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib", "emd")
 
 
 def check_data_path(data) -> None:
@@ -71,6 +73,8 @@ def data_format(data) -> str:
         with _open_hdf5(Path(data.path)) as f:
             if _dectris_links(f):
                 return "dectris"
+            if _emd_groups(f):
+                return "emd"
     return fmt
 
 
@@ -256,6 +260,130 @@ def _dectris_source(path: Path) -> PatternSource:
     return PatternSource(path, DECTRIS_DATA, frames, f.close)
 
 
+# --------------------------------------------------------------------------- Quantum Detectors Merlin
+def _mib_source(path: Path, data) -> PatternSource:
+    """A Merlin .mib file (with its .hdr beside it when there is one), read lazily through
+    RosettaSciIO: frames are memory-mapped past their headers and read a block at a time."""
+    try:
+        from rsciio.quantumdetector import file_reader
+    except ImportError:
+        raise DataError(f"{path}: reading Quantum Detectors .mib files needs RosettaSciIO "
+                        "(pip install 'ptyflow[formats]', or pip install rosettasciio)") from None
+    with open(path, "rb") as fh:
+        head = fh.read(384)
+    fields = head.decode("ascii", errors="replace").split(",")
+    if not head.startswith(b"MQ1,") or len(fields) < 8:
+        raise DataError(f"{path}: not a Merlin .mib file (a frame header starts with 'MQ1,')")
+    try:
+        header_bytes, width, height = int(fields[2]), int(fields[4]), int(fields[5])
+        depth = {"U08": 1, "U16": 2, "U32": 4}[fields[6]]
+    except (ValueError, KeyError):
+        raise DataError(f"{path}: unsupported Merlin frame header ({','.join(fields[:8])}): expected the "
+                        "header size, width, height and U08/U16/U32 counts") from None
+    frame_bytes = header_bytes + width * height * depth
+    size = path.stat().st_size
+    if size % frame_bytes:
+        raise DataError(f"{path}: {size} bytes is not a whole number of {width}x{height} {fields[6]} frames of "
+                        f"{frame_bytes} bytes (a truncated or mixed file)")
+    n_frames = size // frame_bytes
+    hdr = path.with_suffix(".hdr")
+    if hdr.is_file():
+        declared = _hdr_value(hdr, "Frames in Acquisition (Number)")
+        if declared is not None and declared != n_frames:
+            raise DataError(f"{hdr}: says {declared} frames in the acquisition but {path.name} holds {n_frames}")
+    scan = data.scan_shape
+    navigation = (scan[1], scan[0]) if scan is not None else (n_frames,)  # rsciio takes (x, y)
+    if scan is not None and scan[0] * scan[1] != n_frames:
+        raise DataError(f"{path}: holds {n_frames} frames but data.scan_shape {list(scan)} needs {scan[0] * scan[1]}")
+    try:
+        frames = file_reader(str(path), lazy=True, navigation_shape=navigation)[0]["data"]
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises on a bad file
+        raise DataError(f"{path}: RosettaSciIO could not read it as a Merlin .mib file ({exc})") from None
+    _check_layout(path, "(frames)", tuple(frames.shape))
+    return PatternSource(path, "(frames)", frames)
+
+
+def _hdr_value(hdr: Path, name: str):
+    for line in hdr.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("\t")
+        if key.rstrip(":") == name:
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------- EMD 1.0
+def _emd_groups(f: h5py.File) -> list[str]:
+    """Groups of an EMD 1.0 file (emd_group_type 1) whose ``data`` is 3D or 4D: datacubes."""
+    if "version_major" not in f.attrs:
+        return []
+    found: list[str] = []
+
+    def visit(name, obj):
+        kind = np.asarray(obj.attrs.get("emd_group_type", 0) if isinstance(obj, h5py.Group) else 0).reshape(-1)
+        # py4DSTEM's variant names its group types ('array', ...): not this layout
+        if kind.dtype.kind in "iu" and kind.size and kind[0] == 1 \
+                and isinstance(obj.get("data"), h5py.Dataset) and obj["data"].ndim in (3, 4):
+            found.append("/" + name)
+
+    f.visititems(visit)
+    return found
+
+
+def _emd_data_key(path: Path, key: Optional[str]) -> str:
+    """The data dataset of the EMD group data.meas_key names (the group or its data), or of the
+    file's only datacube."""
+    with _open_hdf5(path) as f:
+        groups = _emd_groups(f)
+    if key is not None:
+        group = key[:-len("/data")] if key.endswith("/data") else key
+        group = "/" + group.strip("/")
+        if group not in groups:
+            raise DataError(f"{path}: no EMD datacube '{key}'; datacubes in the file: {', '.join(groups) or 'none'}")
+        return group + "/data"
+    if len(groups) != 1:
+        raise DataError(f"{path}: set data.meas_key to one of the EMD datacubes: {', '.join(groups) or 'none'}")
+    return groups[0] + "/data"
+
+
+_INVERSE_LENGTH_PER_ANG = {"1/A": 1.0, "A^-1": 1.0, "1/Å": 1.0, "Å^-1": 1.0, "1/angstrom": 1.0, "1/nm": 0.1,
+                           "nm^-1": 0.1}
+
+
+def _emd_calibration(f: h5py.File, key: str) -> dict:
+    """Scan step and shape, and the detector's pixel size, from the dim vectors of an EMD 1.0
+    datacube: dim1, dim2 along the scan (lengths), the last two along the detector (mrad, or an
+    inverse length that needs the beam energy: dk_inv_ang)."""
+    group = f[key.rsplit("/", 1)[0]]
+    ndim = group["data"].ndim
+    found: dict = {}
+
+    def step(i):
+        dim = group.get(f"dim{i}")
+        if not isinstance(dim, h5py.Dataset) or dim.size < 2:
+            return None, ""
+        unit = dim.attrs.get("units", "")
+        unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+        values = np.asarray(dim[()], dtype=np.float64).reshape(-1)
+        return float(values[1] - values[0]), unit
+
+    if ndim == 4:
+        steps = [step(1), step(2)]
+        if all(unit in _LENGTH_M and value for value, unit in steps):
+            ys, xs = (abs(value) * _LENGTH_M[unit] * 1e10 for value, unit in steps)
+            if abs(ys - xs) <= 1e-6 * ys:
+                found["scan"] = {"shape": [int(group["data"].shape[0]), int(group["data"].shape[1])], "step_ang": ys}
+    value, unit = step(ndim)
+    if value:
+        if unit == "mrad":
+            found["dk_mrad"] = abs(value)
+        elif unit in _INVERSE_LENGTH_PER_ANG:
+            found["dk_inv_ang"] = abs(value) * _INVERSE_LENGTH_PER_ANG[unit]
+    return found
+
+
 _LENGTH_M = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9, "angstrom": 1e-10, "A": 1e-10,
              "Å": 1e-10}
 
@@ -270,12 +398,18 @@ def _length_m(dataset, default_unit: str) -> float:
 
 
 def file_calibration(data) -> dict:
-    """What the data file states about the experiment, for the formats that carry it (Dectris
-    master files): ``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size over the camera
-    length), ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and ``detector_shape``; {} for
-    the other formats."""
+    """What the data file states about the experiment, for the formats that carry it; {} for the
+    others. Dectris master files: ``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size
+    over the camera length), ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and
+    ``detector_shape``. EMD 1.0 datacubes: ``scan`` ({shape, step_ang}) and ``dk_mrad`` or
+    ``dk_inv_ang`` (an inverse length per pixel, which the beam energy turns into mrad)."""
     path = Path(data.path)
-    if not path.exists() or data_format(data) != "dectris":
+    fmt = data_format(data) if path.exists() else None
+    if fmt == "emd":
+        key = _emd_data_key(path, getattr(data, "meas_key", None))
+        with _open_hdf5(path) as f:
+            return _emd_calibration(f, key)
+    if fmt != "dectris":
         return {}
     from ..physics import energy_kev_from_wavelength
 
@@ -406,6 +540,10 @@ def open_patterns(data) -> PatternSource:
         return _empad_source(path, data)
     if fmt == "dectris":
         return _dectris_source(path)
+    if fmt == "mib":
+        return _mib_source(path, data)
+    if fmt == "emd":
+        return _hdf5_source(path, _emd_data_key(path, key))
     raise DataError(f"data.format: unknown format '{fmt}'")
 
 

@@ -209,18 +209,43 @@ def check_inputs(config: PtyflowConfig, prep: Preprocessed) -> str:
 
 
 # --------------------------------------------------------------------------- pattern operations
-def _bad_pixel_fill(shape: tuple[int, int], bad: list[tuple[int, int]], where: str):
-    """For each bad pixel, the valid 3x3 neighbours whose mean replaces it."""
-    bad_set = {tuple(b) for b in bad}
-    plan = []
-    for ky, kx in bad_set:
-        if not (0 <= ky < shape[0] and 0 <= kx < shape[1]):
-            raise DataError(f"preprocess.bad_pixels: ({ky}, {kx}) is outside the {shape[0]}x{shape[1]} detector of {where}")
-        neighbours = [(ky + dy, kx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                      if (dy or dx) and 0 <= ky + dy < shape[0] and 0 <= kx + dx < shape[1]
-                      and (ky + dy, kx + dx) not in bad_set]
-        plan.append(((ky, kx), tuple(np.array(neighbours).T) if neighbours else None))
-    return plan
+@dataclass(frozen=True)
+class BadPixelFill:
+    """How bad pixels are replaced, as index arrays so that a detector mask of thousands of
+    pixels (module gaps) costs one gather per block: pixel (ys[i], xs[i]) becomes the mean of its
+    valid 3x3 neighbours (neighbour_ys[i, valid[i]], neighbour_xs[i, valid[i]]), or 0 if none."""
+
+    ys: np.ndarray  # (B,)
+    xs: np.ndarray  # (B,)
+    neighbour_ys: np.ndarray  # (B, 8), clipped into the detector where invalid
+    neighbour_xs: np.ndarray  # (B, 8)
+    valid: np.ndarray  # (B, 8) bool: inside the detector and not bad itself
+
+    def apply(self, block: np.ndarray) -> None:
+        """Replace the bad pixels of ``block`` (b, ky, kx) in place."""
+        if not len(self.ys):
+            return
+        values = np.where(self.valid, block[:, self.neighbour_ys, self.neighbour_xs], np.float32(0))  # (b, B, 8)
+        count = self.valid.sum(axis=1)
+        block[:, self.ys, self.xs] = np.where(count > 0, values.sum(axis=2) / np.maximum(count, 1).astype(np.float32),
+                                              np.float32(0))
+
+
+def _bad_pixel_fill(shape: tuple[int, int], bad: list[tuple[int, int]], where: str) -> BadPixelFill:
+    """The BadPixelFill of the (ky, kx) pixels ``bad`` on a detector of ``shape``."""
+    pixels = np.unique(np.asarray(bad, dtype=np.int64).reshape(-1, 2), axis=0)
+    outside = (pixels < 0).any(axis=1) | (pixels >= np.array(shape)).any(axis=1)
+    if outside.any():
+        ky, kx = pixels[np.flatnonzero(outside)[0]]
+        raise DataError(f"preprocess.bad_pixels: ({ky}, {kx}) is outside the {shape[0]}x{shape[1]} detector of {where}")
+    is_bad = np.zeros(shape, dtype=bool)
+    is_bad[pixels[:, 0], pixels[:, 1]] = True
+    offsets = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # (8, 2)
+    around = pixels[:, None, :] + offsets[None]  # (B, 8, 2)
+    inside = ((around >= 0) & (around < np.array(shape))).all(axis=2)
+    ny = np.clip(around[..., 0], 0, shape[0] - 1)
+    nx = np.clip(around[..., 1], 0, shape[1] - 1)
+    return BadPixelFill(pixels[:, 0], pixels[:, 1], ny, nx, inside & ~is_bad[ny, nx])
 
 
 def _crop_or_pad(block: np.ndarray, size: int) -> np.ndarray:
@@ -240,8 +265,7 @@ def _crop_or_pad(block: np.ndarray, size: int) -> np.ndarray:
 
 def _process_block(block: np.ndarray, pp, fill_plan) -> np.ndarray:
     """Per-pattern steps, in the documented order, on a block (B, ky, kx) float32."""
-    for (ky, kx), neighbours in fill_plan:
-        block[:, ky, kx] = block[(slice(None), *neighbours)].mean(axis=1) if neighbours is not None else 0.0
+    fill_plan.apply(block)
     if pp.transpose:
         block = block.transpose(0, 2, 1)
     if pp.flip_y:
@@ -316,7 +340,7 @@ class _Plan:
     selected: np.ndarray  # flat indices kept, ascending
     reads: list[np.ndarray]  # selected indices per read (whole scan rows where there is a grid)
     positions_all: np.ndarray  # (N_total, 2), in Å or (data.pos_unit px) px
-    fill_plan: list
+    fill_plan: BadPixelFill
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ from .rundir import (
     RunPaths,
     checkpoint_summary,
     is_finished,
+    lock_holder,
     newest_checkpoint,
     read_run_config,
     segment_ends,
@@ -54,7 +55,8 @@ def inspect_run_dir(run_dir: Path) -> dict:
         "checkpoints": checkpoint_summary(run_dir),
         "export": paths.result.is_dir(),
         "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
-        "locked_by": None,
+        "locked_by": None,  # the living process holding it (host, PID, since, flow run)
+        "stale_lock": None,  # what a process that died holding it (SIGKILL) left in .lock
     }
     try:
         config = read_run_config(run_dir)
@@ -70,6 +72,5 @@ def inspect_run_dir(run_dir: Path) -> dict:
         segments_done=sum(1 for e in all_ends if e <= done),
         last_loss=ckpt.history["loss"][-1] if ckpt and ckpt.history.get("loss") else None,
     )
-    if paths.lock.is_file() and paths.lock.read_text().strip():
-        report["locked_by"] = paths.lock.read_text().strip()
+    report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

@@ -140,6 +140,28 @@ def run_lock(run_dir: str | Path, owner: Optional[dict] = None) -> Iterator[dict
         os.close(fd)  # releases the flock
 
 
+def lock_holder(run_dir: str | Path) -> tuple[Optional[dict], Optional[dict]]:
+    """(holder, stale): the record of the living process holding the run directory, or None; and
+    the record a dead holder left in .lock (a SIGKILLed run), or None. Decided by the flock
+    itself, not by the file's text, which outlives a killed process."""
+    path = RunPaths(Path(run_dir)).lock
+    if not path.is_file():
+        return None, None
+    record = _read_holder(path) or None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return record or {}, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None, record
+    finally:
+        os.close(fd)
+
+
 def _read_holder(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")

@@ -47,6 +47,7 @@ def test_inspect_json_has_stable_keys(tmp_path, run_cli, small_dataset):
     assert {k: report[k] for k in ("kind", "iteration", "target_iteration", "finished", "segments_done", "export")} == {
         "kind": "run_dir", "iteration": 4, "target_iteration": 4, "finished": True, "segments_done": 2, "export": True}
     assert [c["file"] for c in report["checkpoints"]] == ["iter_000002.h5", "iter_000004.h5"]
+    assert report["locked_by"] is None and report["stale_lock"] is None  # a finished run lets go cleanly
     ckpt = json.loads(run_cli("inspect", tmp_path / "run" / "model.hdf5", "--json").stdout)
     assert ckpt["kind"] == "checkpoint" and ckpt["tensors"]["probe"] == [1, 64, 64]
     result = json.loads(run_cli("inspect", tmp_path / "run" / "result.zarr", "--json").stdout)

@@ -17,7 +17,7 @@ from ptycho_core.checkpoint import read_checkpoint
 from ptycho_core.config import load_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import RunDirError, run_lock
+from ptycho_core.rundir import RunDirError, lock_holder, run_lock
 
 from conftest import cli
 from serverkit import alive, descendants
@@ -167,9 +167,14 @@ def test_second_run_is_refused_and_stale_lock_taken_over(tmp_path, pipeline_conf
     assert f"in use by host {os.uname().nodename} PID {os.getpid()}" in refused.stderr
     assert "Traceback" not in refused.stderr and not (run_dir / "config.yaml").exists()
 
+    with run_lock(run_dir, owner={"flow_run_id": "abc"}):
+        holder, stale = lock_holder(run_dir)
+        assert holder["pid"] == os.getpid() and holder["flow_run_id"] == "abc" and stale is None
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run_dir / ".lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {gone.pid}, "since": "earlier"}}')
+    # what inspect reports: nobody holds it, the text is what a dead process left
+    assert lock_holder(run_dir) == (None, {"host": os.uname().nodename, "pid": gone.pid, "since": "earlier"})
     import logging
 
     records = []

@@ -207,10 +207,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _temporary(path: Path, host: str, pid) -> Path:
+    return path.with_name(f".{path.name}.{host}.{pid}.tmp")
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The partial files that atomic_write calls for ``path`` left behind when their process was
+    killed (only meaningful while the caller holds whatever guards ``path``)."""
+    path = Path(path)
+    return sorted(path.parent.glob(_temporary(path, "*", "*").name))
+
+
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(tmp_path)`` so readers only ever see a complete file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = _temporary(path, socket.gethostname(), os.getpid())
     try:
         write(tmp)
         pause_point("checkpoint_write")

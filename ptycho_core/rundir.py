@@ -33,6 +33,7 @@ from .checkpoint import (
     atomic_write,
     checkpoint_name,
     latest_valid_checkpoint,
+    leftover_temporaries,
     list_checkpoints,
     read_checkpoint,
 )
@@ -229,7 +230,7 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
     else:
         # a process killed while preprocessing leaves its partial file (as large as the data): the
         # caller holds the run directory, so no living process is writing these
-        for leftover in paths.root.glob(f".{paths.preprocessed.name}.*.tmp"):
+        for leftover in leftover_temporaries(paths.preprocessed):
             leftover.unlink()
             warn(f"removed {leftover.name}, left by a preprocessing that did not finish")
         prep, skipped = preprocess(config, paths.preprocessed), False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import h5py
 import numpy as np
@@ -29,6 +29,20 @@ def contiguous_runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(sorted_unique)]])
     return [(int(sorted_unique[a]), int(sorted_unique[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def mean_of_blocks(blocks: Iterable[np.ndarray], n: int,
+                   each: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
+    """(ky, kx) float64 mean of n patterns that arrive in blocks (b, ky, kx), summed block by block
+    the same way wherever they come from, so a mean taken while preprocessing equals one taken from
+    preprocessed.h5 later; ``each(first index, block)`` sees every block on the way."""
+    total, done = 0.0, 0
+    for block in blocks:
+        if each is not None:
+            each(done, block)
+        total = total + block.sum(axis=0, dtype=np.float64)
+        done += len(block)
+    return total / n
 
 
 class PatternStore:
@@ -68,11 +82,11 @@ class PatternStore:
         if len(unique):
             self._before_read(int(unique[0]))
             self._read_sorted(unique, out)
-        return out if len(unique) == len(idx) and (np.diff(idx) > 0).all() else out[inverse]
+        return out if (np.diff(idx) > 0).all() else out[inverse]  # ascending: already in order
 
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
         """(first index, patterns) for consecutive blocks of at most block_bytes."""
-        per_block = max(1, block_bytes // max(1, self.nbytes // max(1, self.n_patterns)))
+        per_block = max(1, block_bytes // (4 * int(np.prod(self.shape[1:]))))
         for start in range(0, self.n_patterns, per_block):
             stop = min(start + per_block, self.n_patterns)
             out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
@@ -89,10 +103,7 @@ class PatternStore:
 
     def mean_pattern(self) -> np.ndarray:
         """(ky, kx) float64 mean over all patterns, in one bounded pass."""
-        total = np.zeros(self.shape[1:], dtype=np.float64)
-        for _, block in self.blocks():
-            total += block.sum(axis=0, dtype=np.float64)
-        return total / max(1, self.n_patterns)
+        return mean_of_blocks((block for _, block in self.blocks()), self.n_patterns)
 
 
 class ArrayPatterns(PatternStore):

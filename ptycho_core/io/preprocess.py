@@ -1,7 +1,8 @@
 """From measured data to what the model uses: patterns (N, ky, kx), positions, calibration.
 
 ``preprocess(config)`` reads the data the config names, checks it, and returns a
-``Preprocessed``; ``write_preprocessed`` / ``read_preprocessed`` keep it in preprocessed.h5.
+``Preprocessed``; given a path it writes them into preprocessed.h5, which ``read_preprocessed``
+reads back (patterns on demand).
 
 Order of the steps (each set in ``config.preprocess``): scan selection (crop, step), bad pixels
 (raw detector coordinates), transpose, flips, background, clipping of negative counts, binning,
@@ -26,7 +27,7 @@ from ..checkpoint import atomic_write
 from ..faults import pause_point
 from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
-from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore
+from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore, mean_of_blocks
 from .readers import DataError, PatternSource, data_format, open_patterns, read_positions
 
 PREPROCESSED_FORMAT = "ptyflow-preprocessed"
@@ -116,8 +117,12 @@ def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Ev
 
 
 def _stat_list(path: Path) -> list[list]:
-    return [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns]
-            for f in _input_files(path)]
+    """[name, size, mtime_ns] of each file of an input."""
+    rows = []
+    for item in _input_files(path):
+        st = item.stat()
+        rows.append([str(item.relative_to(path)) if path.is_dir() else item.name, st.st_size, st.st_mtime_ns])
+    return rows
 
 
 def sampled_digest(path: Path) -> str:
@@ -369,10 +374,10 @@ def _plan(config: PtyflowConfig, source: PatternSource, block_bytes: int) -> _Pl
     if grid is not None:
         per_read = max(grid[1], per_read // grid[1] * grid[1])
     reads, done = [], 0
-    while done < len(selected):
-        rest = selected[done:]
-        reads.append(rest[rest < rest[0] + per_read])
-        done += len(reads[-1])
+    while done < len(selected):  # selected is ascending: each read ends where its index range does
+        stop = int(np.searchsorted(selected, selected[done] + per_read))
+        reads.append(selected[done:stop])
+        done = stop
     return _Plan(source, raw_shape, pp.target_size_px or binned[0], selected, reads,
                  _positions(config, source.n_patterns, grid), _bad_pixel_fill(raw_shape, pp.bad_pixels, str(source.path)))
 
@@ -387,19 +392,6 @@ def _processed(plan: _Plan, pp) -> Iterator[np.ndarray]:
             raise DataError(f"{plan.source.path}:{plan.source.key}: pattern {bad} contains NaN or Inf values")
         yield _process_block(block, pp, plan.fill_plan)
         pause_point("preprocess")
-
-
-def _mean(blocks: Iterator[np.ndarray], size: int, n: int,
-          each: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
-    """(size, size) float64 mean of the blocks' patterns, summed per block the same way whatever
-    else happens to them; ``each(first index, block)`` sees every block on the way."""
-    total, done = np.zeros((size, size), dtype=np.float64), 0
-    for block in blocks:
-        if each is not None:
-            each(done, block)
-        total += block.sum(axis=0, dtype=np.float64)
-        done += len(block)
-    return total / n
 
 
 def _calibration(config: PtyflowConfig, size: int, radius_px: Optional[float]) -> tuple[float, float, dict]:
@@ -482,7 +474,7 @@ def preprocess(config: PtyflowConfig, out_path: Optional[str | Path] = None,
                        "n_patterns": int(len(plan.selected))}
         shift, scale, radius_px = None, None, None
         if pp.center_bf_disk or pp.dk_from_bf_disk or pp.normalize == "mean_sum":
-            mean_before = _mean(_processed(plan, pp), plan.size, len(plan.selected))  # the first pass
+            mean_before = mean_of_blocks(_processed(plan, pp), len(plan.selected))  # the first pass
             notes.update(_disk_notes(mean_before, config.data.path))
             radius_px, centre = notes["bf_disk_radius_px"], np.array(notes["bf_disk_centre_px"])
             if pp.center_bf_disk:
@@ -513,7 +505,7 @@ def preprocess(config: PtyflowConfig, out_path: Optional[str | Path] = None,
                 yield np.ascontiguousarray(block, dtype=np.float32)
 
         def write_patterns(store: Callable[[int, np.ndarray], None]) -> None:
-            prep.mean_pattern = _mean(final_blocks(), plan.size, len(plan.selected), each=store)
+            prep.mean_pattern = mean_of_blocks(final_blocks(), len(plan.selected), each=store)
             if "bf_disk_radius_px" not in notes:
                 notes.update(_disk_notes(prep.mean_pattern, config.data.path))
             prep.inputs = fingerprints.get()
@@ -577,22 +569,6 @@ def _write_metadata(f: h5py.File, prep: Preprocessed) -> None:
     f.create_dataset("crop_pos", data=prep.geometry.crop_pos)
     f.create_dataset("shifts_px", data=prep.geometry.shifts_px)
     f.attrs["complete"] = True
-
-
-def write_preprocessed(path: str | Path, prep: Preprocessed) -> Path:
-    """Write ``prep`` (patterns in memory or in another file) to ``path``, a block at a time."""
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            dataset = f.create_dataset(PATTERNS_KEY, shape=prep.measurements.shape, dtype=np.float32,
-                                       chunks=(1, *prep.window))
-            for start, block in prep.measurements.blocks():
-                dataset[start:start + len(block)] = block
-            _write_metadata(f, prep)
-
-    atomic_write(path, write)
-    return path
 
 
 def read_preprocessed(path: str | Path) -> Optional[Preprocessed]:

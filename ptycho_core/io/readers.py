@@ -5,14 +5,14 @@ the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of pattern
 a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
 (memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
 file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
-EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, and
-Quantum Detectors Merlin .mib files (through RosettaSciIO). HDF5
+EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, EMD 1.0
+datacubes, and Quantum Detectors Merlin .mib files (through RosettaSciIO). HDF5
 datasets compressed with the filters detectors use (bitshuffle-LZ4, LZ4, Blosc, Zstd) are decoded
 through hdf5plugin. Every problem is a ``DataError`` whose message names the file, the key and
 what was expected.
 
 ``file_calibration(data)`` returns what a file states about the experiment (beam energy, dk,
-bad pixels), for formats that carry it.
+bad pixels, the scan grid), for formats that carry it.
 """
 
 from __future__ import annotations

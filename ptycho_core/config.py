@@ -580,7 +580,8 @@ def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]
     path = Path(data["path"]).expanduser()
     path = path if path.is_absolute() else base / path
     try:
-        found = file_calibration(SimpleNamespace(path=str(path), format=data.get("format", "auto")))
+        found = file_calibration(SimpleNamespace(path=str(path), format=data.get("format", "auto"),
+                                                 meas_key=data.get("meas_key")))
     except (DataError, OSError, KeyError, ValueError):
         return raw
     if not found or not isinstance(raw.get("experiment", {}), dict) or not isinstance(raw.get("preprocess", {}), dict):

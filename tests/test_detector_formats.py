@@ -270,3 +270,20 @@ def test_an_emd_datacube_states_its_scan_and_detector_calibration(tmp_path):
     a, b = preprocess(cfg), preprocess(plain)
     assert np.array_equal(a.measurements.load(), b.measurements.load())
     assert np.allclose(a.positions_ang, b.positions_ang, atol=1e-9)
+
+
+def test_the_emd_datacube_the_config_names_is_the_one_whose_calibration_is_read(tmp_path):
+    """With two datacubes the file alone cannot say which is meant: data.meas_key does, for the
+    patterns and for the calibration alike."""
+    cube = counts(5).reshape(*SCAN, DET, DET)
+    emd = write_emd(tmp_path / "two.emd", cube, 0.5, 0.5 / (wavelength_ang(ENERGY_KEV) * 1e3) * 10)
+    with h5py.File(emd, "a") as f:
+        f.copy("data/datacube", "data/other")
+        f["data/other/dim1"][...] = f["data/other/dim1"][()] * 2  # another scan step: 1.0 Å
+        f["data/other/dim2"][...] = f["data/other/dim2"][()] * 2
+    raw = {"data": {"path": str(emd), "meas_key": "/data/other"},
+           "experiment": {"energy_kev": ENERGY_KEV, "conv_angle_mrad": 2.5}, "recon_params": {"iterations": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.experiment.scan.step_ang == pytest.approx(1.0) and cfg.experiment.dk_mrad == pytest.approx(0.5)
+    assert preprocess(cfg).n_patterns == SCAN[0] * SCAN[1]

@@ -604,15 +604,30 @@ def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]
         from .physics import wavelength_ang
 
         found["dk_mrad"] = found["dk_inv_ang"] * wavelength_ang(energy) * 1e3  # small angles: q = theta / lambda
-    if "scan" in found:
+    if found.get("transposed"):
+        # py4DSTEM's QR_flip: how a transpose composes with its rotation is not pinned down here,
+        # so neither is applied silently
+        found.get("scan", {}).pop("rotation_deg", None)
+        warn(f"{path.name} states that its patterns are transposed relative to the scan (QR_flip); ptyflow does not "
+             "apply that or the file's scan rotation: set preprocess.transpose and experiment.scan.rotation_deg")
+    if "scan" in found and data.get("pos_key") is None:
         stated = exp.get("scan")
-        if stated is None and data.get("pos_key") is None:
+        if stated is None:
             exp["scan"] = dict(found["scan"])
-        elif isinstance(stated, dict) and isinstance(stated.get("step_ang"), (int, float)):
+        elif isinstance(stated, dict):
             file_step = found["scan"]["step_ang"]
-            if abs(stated["step_ang"] - file_step) > CALIBRATION_TOLERANCE * file_step:
+            if isinstance(stated.get("step_ang"), (int, float)) \
+                    and abs(stated["step_ang"] - file_step) > CALIBRATION_TOLERANCE * file_step:
                 warn(f"experiment.scan.step_ang: the config says {stated['step_ang']:g} Å but {path.name} states "
                      f"{file_step:.6g} Å; using the config's value")
+            if "rotation_deg" in found["scan"]:
+                file_rotation = found["scan"]["rotation_deg"]
+                if stated.get("rotation_deg") is None:
+                    stated["rotation_deg"] = file_rotation
+                elif isinstance(stated["rotation_deg"], (int, float)) \
+                        and abs(stated["rotation_deg"] - file_rotation) > max(0.1, CALIBRATION_TOLERANCE * abs(file_rotation)):
+                    warn(f"experiment.scan.rotation_deg: the config says {stated['rotation_deg']:g}° but {path.name} "
+                         f"states {file_rotation:.6g}°; using the config's value")
     if "dk_mrad" in found:
         if exp.get("dk_mrad") is None and exp.get("dx_ang") is None and not pp.get("dk_from_bf_disk"):
             exp["dk_mrad"] = found["dk_mrad"]

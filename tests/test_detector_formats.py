@@ -287,3 +287,53 @@ def test_the_emd_datacube_the_config_names_is_the_one_whose_calibration_is_read(
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.experiment.scan.step_ang == pytest.approx(1.0) and cfg.experiment.dk_mrad == pytest.approx(0.5)
     assert preprocess(cfg).n_patterns == SCAN[0] * SCAN[1]
+
+
+PY4DSTEM_FILE = Path(__file__).with_name("data") / "py4dstem_datacube.h5"
+
+
+def py4dstem_patterns() -> np.ndarray:
+    """The patterns tests/data/make_py4dstem_file.py gave py4DSTEM: (3, 4, 16, 16) uint16."""
+    return (np.arange(3 * 4 * 16 * 16, dtype=np.uint32) % 97).astype(np.uint16).reshape(3, 4, 16, 16)
+
+
+def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
+    """tests/data/py4dstem_datacube.h5 was written by py4DSTEM 0.14.18 itself (emdfile layout:
+    'array' groups, dim vectors numbered from 0, a calibration in the root's metadatabundle)."""
+    energy = 200.0
+    raw = {"data": {"path": str(PY4DSTEM_FILE)}, "experiment": {"energy_kev": energy, "conv_angle_mrad": 3.0},
+           "recon_params": {"iterations": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert describe_data(cfg.data)["format"] == "emd"
+    scan = cfg.experiment.scan
+    assert list(scan.shape) == [3, 4] and scan.step_ang == pytest.approx(0.5) and scan.rotation_deg == pytest.approx(12.5)
+    assert cfg.experiment.dk_mrad == pytest.approx(0.025 * wavelength_ang(energy) * 1e3, rel=1e-9)
+
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = py4dstem_patterns()
+    plain = {**raw, "data": {"path": str(tmp_path / "plain.h5")},
+             "experiment": {**raw["experiment"], "dk_mrad": cfg.experiment.dk_mrad,
+                            "scan": {"shape": [3, 4], "step_ang": 0.5, "rotation_deg": 12.5}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plain))
+    a, b = preprocess(cfg), preprocess(load_config(tmp_path / "p.yaml"))
+    assert np.array_equal(a.measurements.load(), b.measurements.load())
+    assert np.allclose(a.positions_ang, b.positions_ang, atol=1e-9)
+
+    # a config that states another rotation wins, and the disagreement is reported
+    raw["experiment"]["scan"] = {"shape": [3, 4], "step_ang": 0.5, "rotation_deg": -3.0}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    warnings: list[str] = []
+    assert load_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == -3.0
+    assert any("rotation_deg: the config says -3° but py4dstem_datacube.h5 states 12.5°" in w for w in warnings)
+
+    # QR_flip (patterns transposed relative to the scan) is reported, and no rotation is guessed
+    flipped = tmp_path / "flipped.h5"
+    flipped.write_bytes(PY4DSTEM_FILE.read_bytes())
+    with h5py.File(flipped, "a") as f:
+        f["datacube_root/metadatabundle/calibration/QR_flip"][()] = True
+    raw = {**raw, "data": {"path": str(flipped)}, "experiment": {"energy_kev": energy, "conv_angle_mrad": 3.0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    warnings.clear()
+    assert load_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == 0.0
+    assert any("transposed relative to the scan (QR_flip)" in w for w in warnings), warnings

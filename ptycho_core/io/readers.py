@@ -316,16 +316,21 @@ def _hdr_value(hdr: Path, name: str):
 
 # --------------------------------------------------------------------------- EMD 1.0
 def _emd_groups(f: h5py.File) -> list[str]:
-    """Groups of an EMD 1.0 file (emd_group_type 1) whose ``data`` is 3D or 4D: datacubes."""
+    """Datacube groups of an EMD 1.0 file whose ``data`` is 3D or 4D: groups of emd_group_type 1
+    (the Berkeley layout), or 'array' (py4DSTEM's, written through emdfile)."""
     if "version_major" not in f.attrs:
         return []
     found: list[str] = []
 
     def visit(name, obj):
-        kind = np.asarray(obj.attrs.get("emd_group_type", 0) if isinstance(obj, h5py.Group) else 0).reshape(-1)
-        # py4DSTEM's variant names its group types ('array', ...): not this layout
-        if kind.dtype.kind in "iu" and kind.size and kind[0] == 1 \
-                and isinstance(obj.get("data"), h5py.Dataset) and obj["data"].ndim in (3, 4):
+        kind = obj.attrs.get("emd_group_type", 0) if isinstance(obj, h5py.Group) else 0
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if isinstance(kind, str):
+            is_cube = kind == "array"
+        else:
+            kind = np.asarray(kind).reshape(-1)
+            is_cube = kind.dtype.kind in "iu" and kind.size > 0 and kind[0] == 1
+        if is_cube and isinstance(obj.get("data"), h5py.Dataset) and obj["data"].ndim in (3, 4):
             found.append("/" + name)
 
     f.visititems(visit)
@@ -354,14 +359,17 @@ _INVERSE_LENGTH_PER_ANG = {"1/A": 1.0, "A^-1": 1.0, "1/Å": 1.0, "Å^-1": 1.0, "
 
 def _emd_calibration(f: h5py.File, key: str) -> dict:
     """Scan step and shape, and the detector's pixel size, from the dim vectors of an EMD 1.0
-    datacube: dim1, dim2 along the scan (lengths), the last two along the detector (mrad, or an
-    inverse length that needs the beam energy: dk_inv_ang)."""
+    datacube: the first two along the scan (lengths), the last two along the detector (mrad, or an
+    inverse length that needs the beam energy: dk_inv_ang). The Berkeley layout numbers the dim
+    vectors from 1, emdfile (py4DSTEM) from 0. A py4DSTEM calibration next to the datacube adds
+    the scan rotation (QR_rotation_degrees) and whether the patterns are transposed (QR_flip)."""
     group = f[key.rsplit("/", 1)[0]]
     ndim = group["data"].ndim
+    first = 0 if "dim0" in group else 1
     found: dict = {}
 
     def step(i):
-        dim = group.get(f"dim{i}")
+        dim = group.get(f"dim{i + first}")
         if not isinstance(dim, h5py.Dataset) or dim.size < 2:
             return None, ""
         unit = dim.attrs.get("units", "")
@@ -370,17 +378,27 @@ def _emd_calibration(f: h5py.File, key: str) -> dict:
         return float(values[1] - values[0]), unit
 
     if ndim == 4:
-        steps = [step(1), step(2)]
+        steps = [step(0), step(1)]
         if all(unit in _LENGTH_M and value for value, unit in steps):
             ys, xs = (abs(value) * _LENGTH_M[unit] * 1e10 for value, unit in steps)
             if abs(ys - xs) <= 1e-6 * ys:
                 found["scan"] = {"shape": [int(group["data"].shape[0]), int(group["data"].shape[1])], "step_ang": ys}
-    value, unit = step(ndim)
+    value, unit = step(ndim - 1)
     if value:
         if unit == "mrad":
             found["dk_mrad"] = abs(value)
         elif unit in _INVERSE_LENGTH_PER_ANG:
             found["dk_inv_ang"] = abs(value) * _INVERSE_LENGTH_PER_ANG[unit]
+    calibration = group.parent.get("metadatabundle/calibration")
+    if isinstance(calibration, h5py.Group):
+        rotation = calibration.get("QR_rotation_degrees")
+        # py4DSTEM: the counter-clockwise rotation of real space relative to diffraction space,
+        # the same sense as experiment.scan.rotation_deg (scan vectors turned into detector axes)
+        if isinstance(rotation, h5py.Dataset) and "scan" in found:
+            found["scan"]["rotation_deg"] = float(np.asarray(rotation[()]).reshape(-1)[0])
+        flip = calibration.get("QR_flip")
+        if isinstance(flip, h5py.Dataset) and bool(np.asarray(flip[()]).reshape(-1)[0]):
+            found["transposed"] = True
     return found
 
 
@@ -401,8 +419,9 @@ def file_calibration(data) -> dict:
     """What the data file states about the experiment, for the formats that carry it; {} for the
     others. Dectris master files: ``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size
     over the camera length), ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and
-    ``detector_shape``. EMD 1.0 datacubes: ``scan`` ({shape, step_ang}) and ``dk_mrad`` or
-    ``dk_inv_ang`` (an inverse length per pixel, which the beam energy turns into mrad)."""
+    ``detector_shape``. EMD 1.0 datacubes: ``scan`` ({shape, step_ang}, and rotation_deg from a
+    py4DSTEM calibration), ``dk_mrad`` or ``dk_inv_ang`` (an inverse length per pixel, which the
+    beam energy turns into mrad) and ``transposed`` (py4DSTEM's QR_flip)."""
     path = Path(data.path)
     fmt = data_format(data) if path.exists() else None
     if fmt == "emd":

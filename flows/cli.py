@@ -215,6 +215,15 @@ def inspect(
             out.print(f"{key}: {value}")
 
 
+def _short(value) -> str:
+    """A calibration value for people: floats to 6 significant digits, also inside a mapping."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _data_settings(path: Path, data_format: str, key: Optional[str]):
     from types import SimpleNamespace
 
@@ -223,7 +232,7 @@ def _data_settings(path: Path, data_format: str, key: Optional[str]):
 
 @app.command("inspect-data")
 def inspect_data(
-    path: Path = typer.Argument(..., help="a data file (HDF5, Dectris master, npy, mat, tiff, zarr, EMPAD raw)"),
+    path: Path = typer.Argument(..., help="a data file (HDF5, Dectris master, EMD/py4DSTEM, Velox, .dm4, .mib, npy, mat, tiff, zarr, EMPAD raw)"),
     data_format: str = typer.Option("auto", "--format", help="data.format, when the extension does not tell"),
     key: Optional[str] = typer.Option(None, "--key", help="data.meas_key: the dataset of patterns"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output with stable keys"),
@@ -239,7 +248,7 @@ def inspect_data(
         if isinstance(value, dict):
             out.print(f"{name}:" + ("" if value else " none stated"))
             for k, v in value.items():
-                out.print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+                out.print(f"  {k}: {_short(v)}")
         else:
             out.print(f"{name}: {value}")
 

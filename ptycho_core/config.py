@@ -35,9 +35,11 @@ class DataParams(_Strict):
     """Where the measured diffraction patterns and scan positions live."""
 
     path: str = Field(description="file holding the diffraction patterns (relative to the config file)")
-    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib"] = Field(
-        "auto", description="auto: from the extension, and for HDF5 from the layout (dectris: a Dectris "
-        "Arina/Eiger/Quadro master file with its linked data files; mib: a Quantum Detectors Merlin file)")
+    format: Literal["auto", "hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib", "emd", "dm",
+                    "velox"] = Field(
+        "auto", description="auto: from the extension, and for HDF5 from the layout. dectris: a Dectris "
+        "Arina/Eiger/Quadro master file with its linked data files; mib: a Quantum Detectors Merlin file; emd: an "
+        "EMD 1.0 datacube (py4DSTEM's included); dm: a Gatan .dm3/.dm4 file; velox: a Thermo Fisher Velox .emd file")
     meas_key: Optional[str] = Field(
         None, description="dataset/variable/array of patterns, (N, ky, kx) or (scan_y, scan_x, ky, kx); "
         "null: the format's default (the only 3D/4D dataset of an HDF5 file, CXI's /entry_1/data_1/data)")
@@ -47,7 +49,8 @@ class DataParams(_Strict):
         "(CXI: the sample translations)")
     pos_unit: Literal["ang", "px"] = Field("ang", description="unit of the positions in pos_key: ang (Å) or px (object pixels)")
     scan_shape: Optional[tuple[int, int]] = Field(
-        None, description="(scan_y, scan_x) of a flat stack of patterns (needed for EMPAD .raw)")
+        None, description="(scan_y, scan_x) of a flat stack of patterns (needed for EMPAD .raw; Merlin .mib and Velox "
+        "files state it, or take it from here)")
     detector_shape: Optional[tuple[int, int]] = Field(
         None, description="expected (ky, kx) of the raw patterns; a file that differs is refused")
 
@@ -632,7 +635,9 @@ def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]
         if exp.get("dk_mrad") is None and exp.get("dx_ang") is None and not pp.get("dk_from_bf_disk"):
             exp["dk_mrad"] = found["dk_mrad"]
         elif exp.get("dk_mrad") is not None:
-            differs(exp["dk_mrad"], "dk_mrad", "mrad/px", "pixel size over camera length")
+            differs(exp["dk_mrad"], "dk_mrad", "mrad/px", "its detector calibration")
+    if "scan_shape" in found and raw["data"].get("scan_shape") is None:
+        raw["data"]["scan_shape"] = list(found["scan_shape"])
     if found.get("bad_pixels") and "bad_pixels" not in pp:
         pp["bad_pixels"] = [list(yx) for yx in found["bad_pixels"]]
     return raw

@@ -337,3 +337,154 @@ def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
     warnings.clear()
     assert load_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == 0.0
     assert any("transposed relative to the scan (QR_flip)" in w for w in warnings), warnings
+
+
+# --------------------------------------------------------------------------- Gatan .dm4
+def dq_inv_ang(dk_mrad: float, energy_kev: float) -> float:
+    return dk_mrad * 1e-3 / wavelength_ang(energy_kev)  # small angles: q = theta / lambda
+
+
+def test_a_gatan_dm4_file_reads_like_plain_hdf5_with_its_calibration(tmp_path):
+    """tests/dm_file.py writes DM4 from the format description; RosettaSciIO (which ptyflow reads
+    it through) must find in it the 4D image, its axis calibrations and the microscope's voltage."""
+    from dm_file import image, write_dm4
+
+    patterns = counts(6)
+    cube = patterns.reshape(*SCAN, DET, DET)
+    haadf = image(np.ones(SCAN, np.float32), [0.05, 0.05], ["nm", "nm"], "HAADF")
+    dq_nm = dq_inv_ang(0.5, ENERGY_KEV) * 10
+    four_d = image(cube, [0.05, 0.05, dq_nm, dq_nm], ["nm", "nm", "1/nm", "1/nm"], "4D STEM",
+                   {"Microscope Info": {"Voltage": ENERGY_KEV * 1e3, "STEM Camera Length": 91.0}})
+    dm4 = write_dm4(tmp_path / "scan.dm4", [haadf, four_d])
+    raw = {"data": {"path": str(dm4)}, "experiment": {"conv_angle_mrad": 2.5}, "recon_params": {"iterations": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")  # energy, dk and the scan all come from the file
+    assert cfg.data.format == "auto" and describe_data(cfg.data)["format"] == "dm"
+    assert cfg.experiment.energy_kev == pytest.approx(ENERGY_KEV)
+    assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-6)  # the file's 1/nm are float32
+    assert list(cfg.experiment.scan.shape) == list(SCAN) and cfg.experiment.scan.step_ang == pytest.approx(0.5)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    assert np.array_equal(preprocess(cfg).measurements.load(), preprocess(plain).measurements.load())
+
+    # two 4D images: the file alone cannot say which, data.meas_key names one by its name
+    write_dm4(tmp_path / "two.dm4", [four_d, image(cube[::-1].copy(), [0.1, 0.1, dq_nm, dq_nm],
+                                                   ["nm", "nm", "1/nm", "1/nm"], "other",
+                                                   {"Microscope Info": {"Voltage": ENERGY_KEV * 1e3}})])
+    raw["data"]["path"] = str(tmp_path / "two.dm4")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw | {"experiment": {"energy_kev": 300, "conv_angle_mrad": 2.5,
+                                                                          "dk_mrad": 0.5}}))
+    with pytest.raises(DataError, match="two.dm4: set data.meas_key to the name of the image of patterns; 3D/4D "
+                                        "images in the file: '4D STEM', 'other'"):
+        preprocess(load_config(tmp_path / "c.yaml"))
+    raw["data"]["meas_key"] = "other"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    other = load_config(tmp_path / "c.yaml")
+    assert other.experiment.scan.step_ang == pytest.approx(1.0)
+    assert np.array_equal(open_patterns(other.data).read(np.arange(8)), cube[-1].astype(np.float32))
+
+
+def test_reading_a_block_of_a_dm4_file_reads_only_that_block(tmp_path):
+    from dm_file import image, write_dm4
+
+    big = np.tile(counts(7), (20, 1, 1)).reshape(24, 40, DET, DET)  # 960 patterns, 2 MB
+    dm4 = write_dm4(tmp_path / "big.dm4", [image(big, [0.05, 0.05, 0.2, 0.2], ["nm", "nm", "1/nm", "1/nm"], "4D")])
+    cfg = load_config(config_file(tmp_path, dm4, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    source = open_patterns(cfg.data)
+    try:
+        tracemalloc.start()
+        block = source.read(np.arange(395, 405))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        source.close()
+    assert np.array_equal(block, big.reshape(-1, DET, DET)[395:405].astype(np.float32))
+    # the read holds its two scan rows (80 patterns) as uint16 and the block as float32, not the 2 MB file
+    assert peak < big.nbytes / 4, peak
+
+
+# --------------------------------------------------------------------------- Thermo Fisher Velox
+def write_velox(path: Path, frames: np.ndarray, metadata: dict, haadf: bool = True) -> Path:
+    """A Velox .emd file in the layout RosettaSciIO reads: a Version JSON, /Data/Image/<id>/Data
+    stored (ky, kx, frames) one frame per chunk, and the image's JSON metadata as bytes in column
+    0 of /Data/Image/<id>/Metadata."""
+    def metadata_bytes(meta: dict) -> np.ndarray:
+        return np.frombuffer(json.dumps(meta).encode(), np.uint8).reshape(-1, 1)
+
+    with h5py.File(path, "w") as f:
+        f["Version"] = np.array([json.dumps({"format": "Velox", "version": "11"}).encode()])
+        stack = f.create_group("Data/Image/6d1e5a0c9a3b4a6f8e1f2d3c4b5a6978")
+        stack.create_dataset("Data", data=frames.transpose(1, 2, 0), chunks=(*frames.shape[1:], 1))
+        stack["Metadata"] = metadata_bytes(metadata)
+        if haadf:  # a STEM image of the same scan, one frame
+            image = f.create_group("Data/Image/0a9b8c7d6e5f40312a1b2c3d4e5f6a7b")
+            image.create_dataset("Data", data=np.ones((*SCAN, 1), np.float32))
+            image["Metadata"] = metadata_bytes({**metadata, "BinaryResult": {
+                "PixelSize": {"width": "5e-11", "height": "5e-11"}, "PixelUnitX": "m", "PixelUnitY": "m",
+                "Offset": {"x": "0", "y": "0"}}})
+    return path
+
+
+def velox_metadata(scan=SCAN) -> dict:
+    dq_per_m = dq_inv_ang(0.5, ENERGY_KEV) * 1e10
+    return {"Optics": {"AccelerationVoltage": str(ENERGY_KEV * 1e3), "CameraLength": "0.091"},
+            "BinaryResult": {"PixelSize": {"width": repr(dq_per_m), "height": repr(dq_per_m)},
+                             "PixelUnitX": "1/m", "PixelUnitY": "1/m", "Offset": {"x": "0", "y": "0"}},
+            "Scan": {"ScanSize": {"width": str(scan[1]), "height": str(scan[0])}, "FrameTime": "0.5"},
+            "Acquisition": {"AcquisitionStartDatetime": {"DateTime": "1764180000"}}}
+
+
+def test_a_velox_file_reads_like_plain_hdf5_with_its_calibration(tmp_path):
+    from rsciio.emd import file_reader
+
+    patterns = counts(8)
+    velox = write_velox(tmp_path / "scan.emd", patterns, velox_metadata())
+    # the independent reader sees the same layout: the camera stack as (frames, ky, kx)
+    stacks = [d["data"] for d in file_reader(str(velox), select_type="images") if np.ndim(d["data"]) == 3]
+    assert len(stacks) == 1 and np.array_equal(stacks[0], patterns)
+
+    raw = {"data": {"path": str(velox)}, "experiment": {"conv_angle_mrad": 2.5, "scan": {"shape": list(SCAN),
+                                                                                        "step_ang": 0.5}},
+           "recon_params": {"iterations": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")  # energy, dk and the scan shape from the file
+    assert describe_data(cfg.data)["format"] == "velox" and describe_data(cfg.data)["scan_shape"] == list(SCAN)
+    assert cfg.experiment.energy_kev == pytest.approx(ENERGY_KEV) and cfg.experiment.dk_mrad == pytest.approx(0.5)
+    assert list(cfg.data.scan_shape) == list(SCAN)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["meas"] = patterns
+    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    assert np.array_equal(preprocess(cfg).measurements.load(), preprocess(plain).measurements.load())
+
+    # a scan shape that does not account for the frames is refused, naming both
+    raw["data"]["scan_shape"] = [5, 8]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError, match=r"scan\.emd: holds 48 frames but data\.scan_shape \[5, 8\] needs 40"):
+        preprocess(load_config(tmp_path / "c.yaml"))
+
+
+def test_reading_a_block_of_a_velox_file_reads_only_that_block(tmp_path):
+    frames = np.tile(counts(9), (20, 1, 1))  # 960 frames, one chunk each
+    velox = write_velox(tmp_path / "big.emd", frames, velox_metadata((24, 40)), haadf=False)
+    cfg = load_config(config_file(tmp_path, velox, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    source = open_patterns(cfg.data)
+    try:
+        tracemalloc.start()
+        block = source.read(np.arange(395, 405))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        source.close()
+    assert np.array_equal(block, frames[395:405].astype(np.float32))
+    assert peak < frames.nbytes / 4, peak  # two scan rows of frames, not the 2 MB file
+
+
+def test_every_format_a_reader_knows_is_a_config_choice():
+    from typing import get_args
+
+    from ptycho_core.config import DataParams
+    from ptycho_core.io.readers import EXTENSIONS, FORMATS
+
+    assert get_args(DataParams.model_fields["format"].annotation) == ("auto", *FORMATS)
+    assert set(EXTENSIONS.values()) <= set(FORMATS)

@@ -6,7 +6,8 @@ a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumP
 (memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
 file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
 EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, EMD 1.0
-datacubes, and Quantum Detectors Merlin .mib files (through RosettaSciIO). HDF5
+datacubes (py4DSTEM's included), Thermo Fisher Velox .emd image stacks, and, through
+RosettaSciIO, Quantum Detectors Merlin .mib and Gatan .dm3/.dm4 files. HDF5
 datasets compressed with the filters detectors use (bitshuffle-LZ4, LZ4, Blosc, Zstd) are decoded
 through hdf5plugin. Every problem is a ``DataError`` whose message names the file, the key and
 what was expected.
@@ -17,6 +18,7 @@ bad pixels, the scan grid), for formats that carry it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ class DataError(ValueError):
 EXTENSIONS = {
     ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".nxs": "hdf5", ".emd": "hdf5", ".cxi": "cxi",
     ".npy": "npy", ".mat": "mat", ".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr", ".raw": "empad",
-    ".mib": "mib",
+    ".mib": "mib", ".dm4": "dm", ".dm3": "dm",
 }
 CXI_DATA = "/entry_1/data_1/data"
 CXI_TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
@@ -48,7 +50,7 @@ _MAX_ELEMENTS = 1 << 36  # refuse absurd declared sizes before allocating anythi
 DECTRIS_DATA = "/entry/data"
 DECTRIS_DETECTOR = "/entry/instrument/detector"
 DECTRIS_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
-FORMATS = ("hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib", "emd")
+FORMATS = ("hdf5", "cxi", "npy", "mat", "tiff", "zarr", "empad", "dectris", "mib", "emd", "dm", "velox")
 
 
 def check_data_path(data) -> None:
@@ -73,6 +75,8 @@ def data_format(data) -> str:
         with _open_hdf5(Path(data.path)) as f:
             if _dectris_links(f):
                 return "dectris"
+            if _velox_version(f) is not None:
+                return "velox"
             if _emd_groups(f):
                 return "emd"
     return fmt
@@ -261,14 +265,18 @@ def _dectris_source(path: Path) -> PatternSource:
 
 
 # --------------------------------------------------------------------------- Quantum Detectors Merlin
+def _rsciio(path: Path, module: str, what: str):
+    try:
+        return __import__(f"rsciio.{module}", fromlist=["file_reader"]).file_reader
+    except ImportError:
+        raise DataError(f"{path}: reading {what} needs RosettaSciIO "
+                        "(pip install 'ptyflow[formats]', or pip install rosettasciio)") from None
+
+
 def _mib_source(path: Path, data) -> PatternSource:
     """A Merlin .mib file (with its .hdr beside it when there is one), read lazily through
     RosettaSciIO: frames are memory-mapped past their headers and read a block at a time."""
-    try:
-        from rsciio.quantumdetector import file_reader
-    except ImportError:
-        raise DataError(f"{path}: reading Quantum Detectors .mib files needs RosettaSciIO "
-                        "(pip install 'ptyflow[formats]', or pip install rosettasciio)") from None
+    file_reader = _rsciio(path, "quantumdetector", "Quantum Detectors .mib files")
     with open(path, "rb") as fh:
         head = fh.read(384)
     fields = head.decode("ascii", errors="replace").split(",")
@@ -312,6 +320,192 @@ def _hdr_value(hdr: Path, name: str):
             except ValueError:
                 return None
     return None
+
+
+# --------------------------------------------------------------------------- Gatan DigitalMicrograph
+def _dm_image(path: Path, key: Optional[str]) -> dict:
+    """The 3D/4D image of a .dm3/.dm4 file as RosettaSciIO reads it lazily (its tag tree parsed,
+    the pixels memory-mapped): the one such image, or the one whose name data.meas_key gives."""
+    file_reader = _rsciio(path, "digitalmicrograph", "Gatan .dm3/.dm4 files")
+    try:
+        images = file_reader(str(path), lazy=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises on a bad file
+        raise DataError(f"{path}: RosettaSciIO could not read it as a DigitalMicrograph file ({exc})") from None
+    cubes = [im for im in images if im["data"].ndim in (3, 4)]
+    names = [im["metadata"].get("General", {}).get("title", "") for im in cubes]
+    if key is not None:
+        cubes = [im for im, name in zip(cubes, names) if name == key.strip("/")]
+    if len(cubes) != 1:
+        listed = ", ".join(f"'{n}'" for n in names) or "none"
+        raise DataError(f"{path}: " + (f"no 3D/4D image named '{key}'" if key is not None else
+                                       "set data.meas_key to the name of the image of patterns")
+                        + f"; 3D/4D images in the file: {listed}")
+    return cubes[0]
+
+
+def _dm_source(path: Path, key: Optional[str]) -> PatternSource:
+    cube = _dm_image(path, key)
+    title = cube["metadata"].get("General", {}).get("title", "") or "(image)"
+    _check_layout(path, title, tuple(cube["data"].shape))
+    return PatternSource(path, title, cube["data"])
+
+
+def _dm_calibration(path: Path, key: Optional[str]) -> dict:
+    """Beam energy (Microscope Info.Voltage), and from the image's axis calibrations the scan
+    step and shape (a 4D image's first two axes, in lengths) and the detector's pixel size (mrad,
+    or an inverse length: dk_inv_ang). DigiScan's rotation is the scan coils' setting, not the
+    scan's angle to the detector, so it is not used."""
+    cube = _dm_image(path, key)
+    found: dict = {}
+    tags = cube["original_metadata"].get("ImageList", {}).get("TagGroup0", {}).get("ImageTags", {})
+    voltage = tags.get("Microscope Info", {}).get("Voltage") if isinstance(tags, dict) else None
+    if isinstance(voltage, (int, float)) and voltage > 0:
+        found["energy_kev"] = float(voltage) / 1e3
+    axes = cube["axes"]
+    if len(axes) == 4:
+        scan = [(abs(float(a["scale"])), str(a["units"]).replace("µ", "u")) for a in axes[:2]]
+        if all(unit in _LENGTH_M and step for step, unit in scan):
+            ys, xs = (step * _LENGTH_M[unit] * 1e10 for step, unit in scan)
+            if abs(ys - xs) <= 1e-6 * ys:
+                found["scan"] = {"shape": [int(axes[0]["size"]), int(axes[1]["size"])], "step_ang": ys}
+    scale, unit = abs(float(axes[-1]["scale"])), str(axes[-1]["units"])
+    if scale and unit == "mrad":
+        found["dk_mrad"] = scale
+    elif scale and unit in _INVERSE_LENGTH_PER_ANG:
+        found["dk_inv_ang"] = scale * _INVERSE_LENGTH_PER_ANG[unit]
+    return found
+
+
+# --------------------------------------------------------------------------- Thermo Fisher Velox
+VELOX_IMAGES = "/Data/Image"
+
+
+def _velox_version(f: h5py.File) -> Optional[str]:
+    """The Velox file version (from its Version dataset's JSON), or None for other files."""
+    if not isinstance(f.get("Version"), h5py.Dataset) or not isinstance(f.get(VELOX_IMAGES), h5py.Group):
+        return None
+    try:
+        stated = json.loads(bytes(np.asarray(f["Version"][()]).reshape(-1)[0]).decode().rstrip("\x00"))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    return str(stated.get("version")) if stated.get("format") in ("Velox", "DevelopersKit") else None
+
+
+def _velox_metadata(group: h5py.Group) -> dict:
+    """The JSON metadata Velox stores with an image, as bytes in column 0 of its Metadata."""
+    try:
+        raw = np.asarray(group["Metadata"][:, 0]).tobytes()
+        return json.loads(raw.decode("utf-8").rstrip("\x00"))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+class _VeloxFrames:
+    """A Velox image stack, stored (ky, kx, frames) with one frame per chunk, seen as
+    (frames, ky, kx); a block is read frame by frame, which for such chunks is one chunk read each
+    (a strided read of several frames is scattered element by element and is slow)."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.dataset = dataset
+        self.shape = (dataset.shape[2], dataset.shape[0], dataset.shape[1])
+        self.dtype = dataset.dtype
+
+    def __getitem__(self, item):
+        if not isinstance(item, slice):
+            raise TypeError("Velox frames are read in blocks of the first axis")
+        frames = range(*item.indices(self.shape[0]))
+        out = np.empty((len(frames), *self.shape[1:]), self.dtype)
+        for i, frame in enumerate(frames):
+            self.dataset.read_direct(out, np.s_[:, :, frame], np.s_[i])
+        return out
+
+
+def _velox_stack(f: h5py.File, path: Path, key: Optional[str]) -> h5py.Group:
+    """The image group holding the diffraction frames: the one stack of several frames, or the one
+    data.meas_key names (its id under /Data/Image)."""
+    groups = {name: g for name, g in f[VELOX_IMAGES].items()
+              if isinstance(g, h5py.Group) and isinstance(g.get("Data"), h5py.Dataset) and g["Data"].ndim == 3}
+    stacks = [name for name, g in groups.items() if g["Data"].shape[2] > 1]
+    if key is not None:
+        name = key.strip("/").rsplit("/", 2)[-2 if key.rstrip("/").endswith("Data") else -1]
+        if name not in groups:
+            raise DataError(f"{path}: no Velox image '{key}'; image stacks in the file: {', '.join(stacks) or 'none'}")
+        return groups[name]
+    if len(stacks) != 1:
+        raise DataError(f"{path}: set data.meas_key to the Velox image stack of diffraction frames; stacks in "
+                        f"the file: {', '.join(stacks) or 'none'}")
+    return groups[stacks[0]]
+
+
+def _velox_source(path: Path, data) -> PatternSource:
+    f = _open_hdf5(path)
+    try:
+        if _velox_version(f) is None:
+            raise DataError(f"{path}: not a Velox file (no Version JSON naming Velox, or no {VELOX_IMAGES} group)")
+        group = _velox_stack(f, path, data.meas_key)
+        frames = _VeloxFrames(group["Data"])
+        scan = data.scan_shape or _velox_scan_shape(_velox_metadata(group), frames.shape[0])
+        array: Any = frames
+        if scan is not None:
+            if scan[0] * scan[1] != frames.shape[0]:
+                raise DataError(f"{path}: holds {frames.shape[0]} frames but data.scan_shape {list(scan)} needs "
+                                f"{scan[0] * scan[1]}")
+            array = _ScanGrid(frames, tuple(scan))
+        _check_layout(path, group["Data"].name, array.shape)
+    except DataError:
+        f.close()
+        raise
+    return PatternSource(path, group["Data"].name, array, f.close)
+
+
+class _ScanGrid:
+    """A flat (N, ky, kx) array seen as (scan_y, scan_x, ky, kx), read in blocks of scan rows."""
+
+    def __init__(self, flat, scan: tuple[int, int]):
+        self.flat, self.scan = flat, scan
+        self.shape = (*scan, *flat.shape[1:])
+        self.dtype = getattr(flat, "dtype", None)
+
+    def __getitem__(self, item):
+        start, stop, _ = item.indices(self.scan[0])
+        return self.flat[start * self.scan[1]:stop * self.scan[1]].reshape(stop - start, *self.shape[1:])
+
+
+def _velox_scan_shape(metadata: dict, n_frames: int) -> Optional[tuple[int, int]]:
+    size = metadata.get("Scan", {}).get("ScanSize", {}) if isinstance(metadata.get("Scan"), dict) else {}
+    try:
+        shape = (int(size["height"]), int(size["width"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return shape if shape[0] * shape[1] == n_frames else None
+
+
+def _velox_calibration(path: Path, key: Optional[str]) -> dict:
+    """Beam energy (Optics.AccelerationVoltage, V), the frames' pixel size when it is an inverse
+    length (BinaryResult.PixelSize in PixelUnitX: dk_inv_ang) and the scan shape (Scan.ScanSize,
+    when it accounts for every frame). Velox's ScanRotation is the scan coils' setting, not the
+    scan's angle to the camera, so it is not used."""
+    with _open_hdf5(path) as f:
+        group = _velox_stack(f, path, key)
+        metadata = _velox_metadata(group)
+        n_frames = group["Data"].shape[2]
+    found: dict = {}
+    try:
+        found["energy_kev"] = float(metadata["Optics"]["AccelerationVoltage"]) / 1e3
+    except (KeyError, TypeError, ValueError):
+        pass
+    result = metadata.get("BinaryResult", {})
+    unit = {"1/m": 1e-10, "1/nm": 0.1, "1/A": 1.0}.get(str(result.get("PixelUnitX", "")))
+    try:
+        width = float(result["PixelSize"]["width"])
+    except (KeyError, TypeError, ValueError):
+        width = 0.0
+    if unit is not None and width > 0:
+        found["dk_inv_ang"] = width * unit
+    scan = _velox_scan_shape(metadata, n_frames)
+    if scan is not None:
+        found["scan_shape"] = list(scan)
+    return found
 
 
 # --------------------------------------------------------------------------- EMD 1.0
@@ -428,6 +622,10 @@ def file_calibration(data) -> dict:
         key = _emd_data_key(path, getattr(data, "meas_key", None))
         with _open_hdf5(path) as f:
             return _emd_calibration(f, key)
+    if fmt == "dm":
+        return _dm_calibration(path, getattr(data, "meas_key", None))
+    if fmt == "velox":
+        return _velox_calibration(path, getattr(data, "meas_key", None))
     if fmt != "dectris":
         return {}
     from ..physics import energy_kev_from_wavelength
@@ -563,6 +761,10 @@ def open_patterns(data) -> PatternSource:
         return _mib_source(path, data)
     if fmt == "emd":
         return _hdf5_source(path, _emd_data_key(path, key))
+    if fmt == "dm":
+        return _dm_source(path, key)
+    if fmt == "velox":
+        return _velox_source(path, data)
     raise DataError(f"data.format: unknown format '{fmt}'")
 
 

@@ -214,3 +214,24 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, run_cli):
     result = run_cli("run", missing, "--run-dir", tmp_path / "run")
     assert result.returncode == 2 and "x.h5: data file not found (data.path)" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_core_warning_inside_a_run_reaches_the_run_logs_on_the_server(tmp_path, pipeline_config, prefect_api,
+                                                                        run_cli):
+    """ptycho_core warns through the `ptyflow` logger; inside a flow run that warning must be in
+    the run's logs on the server (what the UI shows), not only on a console nobody watches."""
+    raw = yaml.safe_load(Path(pipeline_config).read_text())
+    raw["recon_params"].update(iterations=2, segment_iterations=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run_dir / ".lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {gone.pid}, "since": "earlier"}}')
+    done = run_cli("run", config, "--run-dir", run_dir)
+    assert done.returncode == 0, done.stderr
+    logs = httpx.post(f"{prefect_api}/logs/filter", json={"limit": 200, "sort": "TIMESTAMP_DESC"}, timeout=30).json()
+    ours = [entry for entry in logs if f"taking over the stale lock of {run_dir}" in entry["message"]]
+    assert ours, [entry["message"] for entry in logs][:20]
+    assert ours[0]["flow_run_id"] and ours[0]["level"] == 30 and ours[0]["name"] == "ptyflow"

@@ -83,7 +83,20 @@ def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
     links = "\n".join(f"- [{Path(p).name}](file://{p})" for p in summary["figures"])
     create_markdown_artifact(
         f"## Reconstruction of {run_dir}\n\nIteration {summary['iteration']}, final loss "
-        f"{summary['final_loss']:.5g}.\n\n- result: [{summary['result']}](file://{summary['result']})\n{links}\n",
+        f"{summary['final_loss']:.5g}.\n\n{_inline_images(run_dir)}\n\n"
+        f"- result: [{summary['result']}](file://{summary['result']})\n{links}\n",
         description=f"results of {run_dir}",
     )
     return summary
+
+
+def _inline_images(run_dir: str) -> str:
+    """The phase and the loss curve as small PNGs inside the markdown: file links open only on the
+    machine that holds the run directory, the artifact opens wherever the UI does."""
+    import base64
+
+    from ptycho_core.checkpoint import read_checkpoint
+    from ptycho_core.io.figures import thumbnail_pngs
+
+    pngs = thumbnail_pngs(read_checkpoint(Path(run_dir) / "model.hdf5"))
+    return " ".join(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})" for name, png in pngs.items())

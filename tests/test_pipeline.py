@@ -216,7 +216,7 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, run_cli):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_a_core_warning_inside_a_run_reaches_the_run_logs_on_the_server(tmp_path, pipeline_config, prefect_api,
+def test_the_server_shows_the_cores_warnings_and_the_result_images(tmp_path, pipeline_config, prefect_api,
                                                                         run_cli):
     """ptycho_core warns through the `ptyflow` logger; inside a flow run that warning must be in
     the run's logs on the server (what the UI shows), not only on a console nobody watches."""
@@ -235,3 +235,20 @@ def test_a_core_warning_inside_a_run_reaches_the_run_logs_on_the_server(tmp_path
     ours = [entry for entry in logs if f"taking over the stale lock of {run_dir}" in entry["message"]]
     assert ours, [entry["message"] for entry in logs][:20]
     assert ours[0]["flow_run_id"] and ours[0]["level"] == 30 and ours[0]["name"] == "ptyflow"
+
+    # the run's markdown artifact carries the phase and the loss curve themselves, not only file links
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 50, "sort": "CREATED_DESC"},
+                           timeout=30).json()
+    mine = [a for a in artifacts if a["type"] == "markdown" and a["description"] == f"results of {run_dir}"]
+    assert len(mine) == 1 and mine[0]["flow_run_id"] == ours[0]["flow_run_id"]
+    import base64
+    import io
+    import re
+
+    import matplotlib.image
+
+    images = dict(re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", mine[0]["data"]))
+    assert set(images) == {"phase", "loss"}
+    phase = matplotlib.image.imread(io.BytesIO(base64.b64decode(images["phase"])), format="png")
+    assert 16 <= max(phase.shape[:2]) <= 192 and phase[..., 0].std() > 0.05  # an image, not a blank
+    assert matplotlib.image.imread(io.BytesIO(base64.b64decode(images["loss"])), format="png").shape[1] == 256

@@ -120,6 +120,38 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     return written
 
 
+def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str, bytes]:
+    """Small PNGs to embed where a file link does not open (the Prefect UI on another machine):
+    ``phase``, the object phase summed over slices over the scanned field, at most ``max_px`` on a
+    side (every n-th pixel); ``loss``, the total loss per iteration."""
+    import io
+
+    plt = pyplot()
+    phase = ckpt.tensors["objp"][0].numpy().sum(0)
+    window = np.array(ckpt.tensors["probe"].shape[-2:])
+    phase = phase[scanned_field_box(ckpt.crop_pos.numpy() + window // 2, phase.shape, margin_px=4)]
+    step = max(1, -(-max(phase.shape) // max_px))
+    phase = phase[::step, ::step]
+    vmin, vmax = np.percentile(phase, [0.5, 99.5])
+    out = {}
+    buffer = io.BytesIO()
+    plt.imsave(buffer, phase, cmap="gray", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1, format="png")
+    out["phase"] = buffer.getvalue()
+    fig, ax = plt.subplots(figsize=(3.2, 2.0), layout="constrained")
+    hist = ckpt.history
+    if hist.get("iteration"):
+        ax.semilogy(hist["iteration"], hist["loss"], color="C0")
+    ax.set_xlabel("iteration", fontsize=8)
+    ax.set_ylabel("loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80, format="png")
+    plt.close(fig)
+    out["loss"] = buffer.getvalue()
+    return out
+
+
 def _save(fig, path: Path, plt) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     # constrained layout, not bbox_inches="tight": "tight" draws every figure twice

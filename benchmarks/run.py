@@ -3,12 +3,18 @@ floor, measured in one run. Not run by CI.
 
     python benchmarks/run.py [--iterations 6] [--cases small,medium,multislice] [--ptyrad-python PATH]
                              [--device cpu|cuda] [--threads 2] [--no-scaling] [--out benchmarks/results]
+    python benchmarks/run.py --devices 2 [--cases medium,multislice] [--batch 128]
 
 Every measurement runs in its own subprocess so that peak memory (the process's own peak RSS,
 VmHWM, on CPU; max_memory_allocated on CUDA) belongs to that case alone. Times are medians over
 iterations 2..N. After the side-by-side cases, a scaling table (ptyflow and the floor only) changes
 one factor at a time from the small case: patterns, batch size, slices, probe modes
 (--no-scaling skips it). Writes results.json and results.md to --out.
+
+--devices N measures one reconstruction on 1, 2, 4 ... N processes instead (recon_params.devices:
+'cpu:k' on the CPU, k GPUs on CUDA), through the segment the pipeline runs (rundir.run_segment,
+helper ranks included), and reports speed-up and efficiency per case; on the CPU the machine's
+cores are shared out among the processes, so a 2-core machine has 1 core per process at 2.
 """
 
 from __future__ import annotations
@@ -180,9 +186,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every code this many times, interleaved, and keep each one's median run "
                              "(on a shared machine a single run can be off by 2x)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="measure 1, 2, 4 ... N processes per reconstruction instead (recon_params.devices)")
+    parser.add_argument("--batch", type=int, default=None, help="with --devices: the batch size of every case")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.devices:
+        import os
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure_devices(Path(tmp), args)
+        meta = {"device": args.device, "cores": os.cpu_count(), "iterations": args.iterations,
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+        (out / "devices.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        text = devices_markdown(rows, meta)
+        (out / "devices.md").write_text(text)
+        print(text)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
@@ -244,6 +265,73 @@ def measure_scaling(tmp: Path, args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def devices_child(config: str, iterations: int, device: str, processes: int, batch: int, modes: int) -> dict:
+    """Runs in a fresh interpreter: one segment of ``iterations`` on ``processes`` processes."""
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
+    from ptycho_core.rundir import prepare, run_segment
+
+    raw = yaml.safe_load(Path(config).read_text())
+    for key, value in equivalent_overrides(iterations, device, modes, batch).items():
+        set_dotted(raw, key, value)
+    devices = None if processes == 1 else (f"cpu:{processes}" if device == "cpu" else processes)
+    set_dotted(raw, "recon_params.devices", devices)
+    cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
+    run_dir = Path(config).parent / f"run-{processes}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    prepare(cfg, run_dir)
+    started = time.perf_counter()
+    outcome = run_segment(run_dir, iterations)
+    seconds = outcome.history_tail["seconds"][1:]
+    return {"seconds_per_iteration": float(np.median(seconds)), "segment_seconds": time.perf_counter() - started,
+            "iterations_timed": len(seconds)}
+
+
+def measure_devices(tmp: Path, args) -> list[dict]:
+    """Seconds per iteration on 1, 2, 4 ... args.devices processes, per case."""
+    counts = [1]
+    while counts[-1] * 2 <= args.devices:
+        counts.append(counts[-1] * 2)
+    if counts[-1] != args.devices:
+        counts.append(args.devices)
+    rows = []
+    for name in args.cases.split(","):
+        scan, det, slices, modes, batch = CASES[name]
+        batch = args.batch or batch
+        config = make_dataset(name, tmp)
+        for processes in counts:
+            code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import run; "
+                    f"print('RESULT' + json.dumps(run.devices_child({str(config)!r}, {args.iterations}, "
+                    f"{args.device!r}, {processes}, {batch}, {modes})))")
+            result = result_of(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True),
+                               f"{name} on {processes} processes")
+            row = {"case": name, "patterns": scan[0] * scan[1], "slices": slices, "probe_modes": modes, "batch": batch,
+                   "processes": processes, **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for row in rows:
+        one = next(r for r in rows if r["case"] == row["case"] and r["processes"] == 1)
+        row["speed_up"] = one["seconds_per_iteration"] / row["seconds_per_iteration"]
+        row["efficiency"] = row["speed_up"] / row["processes"]
+    return rows
+
+
+def devices_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"One reconstruction on several processes (recon_params.devices), device {meta['device']}, "
+             f"{meta['cores']} cores, median of iterations 2..{meta['iterations']}, {meta['date']}:", "",
+             "| case | patterns | slices | modes | batch | processes | s/it | speed-up | efficiency |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['patterns']} | {r['slices']} | {r['probe_modes']} | {r['batch']} "
+                     f"| {r['processes']} | {r['seconds_per_iteration']:.3f} | {r['speed_up']:.2f} "
+                     f"| {r['efficiency']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def compile_markdown(rows: list[dict]) -> str:

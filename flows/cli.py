@@ -25,6 +25,7 @@ out = Console(soft_wrap=True)
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL = 3
 EXIT_STORAGE = 4
+EXIT_DISTRIBUTED = 5  # a rank of a multi-process run died; the newest checkpoint is intact
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -70,19 +71,19 @@ class BarReporter:
         )
 
 
-def _run_flow(config, run_dir: Path, verbose: bool = False) -> dict:
+def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured)."""
     _quiet_prefect(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flows import progress as progress_hooks
     from flows.embedded import prefect_backend
-    from flows.reconstruct import reconstruct, resolve_config
+    from flows.reconstruct import reconstruct, resolve_config, with_devices
     from ptycho_core.rundir import newest_checkpoint, start_iteration
 
     if not verbose:
         _show_run_warnings()
-    cfg = resolve_config(config)
+    cfg = with_devices(resolve_config(config), devices)
     from ptycho_core.io.readers import check_data_path
 
     check_data_path(cfg.data)  # before a Prefect server starts: a missing file fails in a second
@@ -125,10 +126,12 @@ def run(
     config: Path = typer.Argument(..., help="configuration YAML"),
     run_dir: Path = typer.Option(..., "--run-dir", "-o", help="run directory (created; rerun to resume)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's own log lines"),
+    devices: Optional[str] = typer.Option(
+        None, "--devices", help="recon_params.devices for this run: a GPU count (4), GPU ids (0,2) or cpu:N"),
 ):
     """Reconstruct the dataset of CONFIG into RUN_DIR (resumes what is already there)."""
     started = time.perf_counter()
-    summary = _run_flow(str(config), run_dir.resolve(), verbose)
+    summary = _run_flow(str(config), run_dir.resolve(), verbose, devices)
     _print_summary(summary, time.perf_counter() - started)
 
 
@@ -279,6 +282,7 @@ def main() -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
     from ptycho_core.checkpoint import CheckpointError, StorageError
     from ptycho_core.config import ConfigError
+    from ptycho_core.distributed import DistributedError
     from ptycho_core.engine import NumericalError
     from ptycho_core.io.readers import DataError
     from ptycho_core.rundir import Preempted, RunDirError
@@ -298,6 +302,10 @@ def main() -> None:
     except StorageError as exc:
         console.print(f"[red]storage error:[/red] {exc}", highlight=False)
         sys.exit(EXIT_STORAGE)
+    except DistributedError as exc:
+        console.print(f"[red]a process of the run failed:[/red] {_one_line(exc)}; the newest checkpoint is kept, "
+                      "rerun the same command to resume", highlight=False)
+        sys.exit(EXIT_DISTRIBUTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -38,6 +38,15 @@ def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
     return resolve_paths(config_from_dict(config), Path.cwd())
 
 
+def with_devices(cfg: PtyflowConfig, devices) -> PtyflowConfig:
+    """``cfg`` with recon_params.devices replaced (a setting a run may change when it resumes)."""
+    if devices is None or devices == "":
+        return cfg
+    raw = cfg.to_dict()
+    raw["recon_params"]["devices"] = devices
+    return config_from_dict(raw, source="devices")
+
+
 def close_abandoned_run(flow_run_id: str, holder: dict, run_dir: str, logger) -> None:
     """Mark Crashed the flow run of a process that died holding ``run_dir`` (SIGKILL, power loss).
 
@@ -57,10 +66,12 @@ def close_abandoned_run(flow_run_id: str, holder: dict, run_dir: str, logger) ->
 
 
 @flow(name="reconstruct")
-def reconstruct(config: Union[dict, str], run_dir: str) -> dict:
-    """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README)."""
+def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None) -> dict:
+    """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README).
+    ``devices``: instead of the config's recon_params.devices (the whole-node deployment gives
+    every run all of the node's GPUs)."""
     logger = get_run_logger()
-    cfg = resolve_config(config)
+    cfg = with_devices(resolve_config(config), devices)
     run_dir = str(Path(run_dir).resolve())
     check_data_path(cfg.data)
     me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}

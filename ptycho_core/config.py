@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -439,6 +439,57 @@ class ReconParams(_Strict):
         "torch.compile the forward model and loss. Compiling takes tens of seconds per process and "
         "inductor generates no code for complex arithmetic, so it pays only on long runs; measure it "
         "with benchmarks/run.py --compile"))
+    devices: Optional[Union[int, str, list[int]]] = Field(None, description=(
+        "one reconstruction on several processes, each computing a share of every batch (gradients summed "
+        "with torch.distributed; results equal one process's to float rounding): a GPU count (4: GPUs 0-3), "
+        "a list of GPU ids ([0, 2]) or 'cpu:N' for N CPU processes; null: one process on recon_params.device"))
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _no_booleans(cls, value):
+        if isinstance(value, bool):  # YAML's true would otherwise pass as 1
+            raise ValueError("expected a GPU count, a list of GPU ids or 'cpu:N'")
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):  # from a command line or a template
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)+", value):
+            return [int(v) for v in value.split(",")]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value):
+        if value is None:
+            return value
+        if isinstance(value, str):
+            match = re.fullmatch(r"cpu:(\d+)", value.strip())
+            if not match or int(match.group(1)) < 1:
+                raise ValueError(f"'{value}' is not a device setting; expected a GPU count (4), a list of GPU ids "
+                                 "([0, 1]) or 'cpu:N' (cpu:2)")
+            return f"cpu:{int(match.group(1))}"
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"{value} devices; expected at least 1")
+            return value
+        if not value or any(i < 0 for i in value) or len(set(value)) != len(value):
+            raise ValueError(f"{value}: expected distinct GPU ids >= 0")
+        return value
+
+    @property
+    def process_count(self) -> int:
+        """How many processes compute each batch."""
+        if self.devices is None:
+            return 1
+        if isinstance(self.devices, str):
+            return int(self.devices.split(":")[1])
+        return self.devices if isinstance(self.devices, int) else len(self.devices)
+
+    @model_validator(mode="after")
+    def _enough_patterns_per_process(self):
+        if self.process_count > self.batch_size:
+            raise ValueError(f"devices: {self.process_count} processes would share batches of "
+                             f"{self.batch_size} patterns (recon_params.batch_size); use at most {self.batch_size} "
+                             "processes or larger batches")
+        return self
 
 
 # --------------------------------------------------------------------------- root
@@ -513,7 +564,7 @@ class PtyflowConfig(_Strict):
 
 
 _FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",
-                                      "compile", "measurements", "memory_budget_gb")}
+                                      "compile", "measurements", "memory_budget_gb", "devices")}
 
 
 def _format_errors(error: ValidationError) -> str:

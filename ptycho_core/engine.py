@@ -19,6 +19,7 @@ import torch
 
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints
+from .distributed import Collective
 from .losses import BatchStats, total_loss
 from .measurements import MeasurementFeed
 from .model import PtychoAD
@@ -190,25 +191,37 @@ class Problem:
     micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
     lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
+    collective: Optional[Collective] = None  # several processes share each batch (recon_params.devices)
 
 
 def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
-                       meas: torch.Tensor, parts_out: dict) -> Callable[[], torch.Tensor]:
+                       meas: torch.Tensor, parts_out: dict, batch: Optional[torch.Tensor] = None
+                       ) -> Callable[[], torch.Tensor]:
     """The gradient of one optimizer batch: forward, loss, backward, in ``problem.micro_batches``
     parts when the whole batch does not fit in memory. Every part is scored against the whole
     batch (losses.BatchStats), so the parts' gradients add up to exactly the whole batch's and the
-    step is the same. Fills ``parts_out`` with the loss terms and the total."""
+    step is the same. With several processes (``problem.collective``) ``indices``/``meas`` are this
+    process's share of the optimizer batch ``batch`` (its pattern indices), and the shares'
+    gradients are summed across the processes. Fills ``parts_out`` with the loss terms and the total."""
+    collective = problem.collective
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         chunks = [c for c in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches)
                   if len(c)]
         pred_sum = None
-        if len(chunks) > 1 and problem.loss_weights.get("pacbed"):
+        if (len(chunks) > 1 or collective is not None) and problem.loss_weights.get("pacbed"):
             # the batch-averaged pattern needs every part's prediction before any part's gradient
             with torch.no_grad():
-                pred_sum = sum(model(indices[c], centered=False).sum(dim=0) for c in chunks)
-        stats = BatchStats.of(meas, pred_sum)
+                pred_sum = sum((model(indices[c], centered=False).sum(dim=0) for c in chunks),
+                               torch.zeros(meas.shape[1:], dtype=meas.dtype, device=meas.device))
+                if collective is not None:
+                    pred_sum = collective.sum(pred_sum)
+        if collective is not None:
+            stats = collective.batch_stats(meas, batch, bool(problem.loss_weights.get("pacbed")))
+            stats.pred_sum = pred_sum
+        else:
+            stats = BatchStats.of(meas, pred_sum)
         totals: dict[str, torch.Tensor] = {}
         loss_sum = None
         for chunk in chunks:
@@ -217,6 +230,11 @@ def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, proble
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             for key, value in parts.items():
                 totals[key] = totals[key] + value if key in totals else value
+        if collective is not None:
+            if loss_sum is not None:
+                totals["total"] = loss_sum
+            totals = collective.reduce_step(model, totals, [k for k, w in problem.loss_weights.items() if w])
+            loss_sum = totals.pop("total")
         parts_out.clear()
         parts_out.update(totals, total=loss_sum)
         return loss_sum
@@ -236,11 +254,12 @@ def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
 
 
 def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
-                    meas: torch.Tensor, iteration: int, warn: Callable[[str], None]) -> dict[str, torch.Tensor]:
+                    meas: torch.Tensor, iteration: int, warn: Callable[[str], None],
+                    batch: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch; a batch that does not fit in (GPU) memory is split into
     more micro-batches (problem.micro_batches, kept for the rest of the run). Returns the loss terms."""
     parts: dict[str, torch.Tensor] = {}
-    closure = batch_step_closure(model, optimizer, problem, indices, meas, parts)
+    closure = batch_step_closure(model, optimizer, problem, indices, meas, parts, batch)
     while True:
         try:
             if isinstance(optimizer, torch.optim.LBFGS):
@@ -250,7 +269,8 @@ def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: 
                 optimizer.step()
             return parts
         except torch.cuda.OutOfMemoryError:
-            if problem.micro_batches >= len(indices):
+            # with several processes a retry would repeat collectives the others have passed
+            if problem.micro_batches >= len(indices) or problem.collective is not None:
                 raise
             optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
@@ -274,6 +294,14 @@ def run_iterations(
     batch. Updates ``state`` in place; returns True when it stopped early."""
     context = problem.context
     n = model.n_positions
+    collective = problem.collective
+
+    def stopping() -> bool:
+        return collective.stop if collective is not None else stop_requested()
+
+    if collective is not None:
+        collective.start(problem.measurements, n)
+
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
         model.set_iteration(iteration)
@@ -287,16 +315,21 @@ def run_iterations(
         # iteration adds up exactly as an uninterrupted one.
         sums = {k: torch.tensor(v, dtype=torch.float64, device=problem.measurements.device)
                 for k, v in state.partial_loss.items()}
-        with problem.measurements.prefetch(batches[state.batch_cursor:]) as fed:
+        # with several processes each computes its share of every batch; they stop together, at
+        # the batch after which any of them asked to (rank 0 is the one signals reach)
+        shares = batches if collective is None else [collective.own(b) for b in batches]
+        with problem.measurements.prefetch(shares[state.batch_cursor:]) as fed:
             for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
-                indices = batches[b].to(problem.measurements.device)
-                parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn)
-                weight = indices.numel() / n
+                indices = shares[b].to(problem.measurements.device)
+                if collective is not None:
+                    collective.vote = stop_requested()
+                parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn, batches[b])
+                weight = len(batches[b]) / n
                 for key, value in parts.items():
                     weighted = value.detach().to(torch.float64) * weight
                     sums[key] = sums[key] + weighted if key in sums else weighted
                 state.batch_cursor = b + 1
-                if stop_requested() and state.batch_cursor < len(batches):
+                if stopping() and state.batch_cursor < len(batches):
                     # a non-finite state must not reach the checkpoint the caller writes next
                     _check_finite(model, sums["total"], iteration)
                     state.partial_loss = {k: float(v) for k, v in sums.items()}
@@ -308,6 +341,8 @@ def run_iterations(
         # a position correction past half a pixel moves its probe window by whole pixels, so the
         # Fourier shift inside the window stays sub-pixel and never wraps the probe's tail around
         model.recentre_windows()
+        if collective is not None:
+            collective.share_model(model)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
         row["seconds"] = time.perf_counter() - started
@@ -315,6 +350,6 @@ def run_iterations(
         state.record(row)
         if on_iteration is not None:
             on_iteration(state, row)
-        if stop_requested() and state.iteration < last_iteration:
+        if stopping() and state.iteration < last_iteration:
             return True
     return False

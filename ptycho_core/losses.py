@@ -28,22 +28,21 @@ _EPS = 1e-4
 class BatchStats:
     """The whole optimizer batch, as every part of it sees it.
 
-    meas: the batch's measured patterns (B, ky, kx); meas_mean: their mean intensity per pixel (),
-    which every data term divides by; pred_sum: the sum of the batch's predicted patterns (ky, kx),
-    detached, when the pacbed term needs it and the batch is split (None otherwise: the part is the
-    whole batch)."""
+    size: the batch's number of patterns; meas_mean: their mean intensity per pixel (), which
+    every data term divides by; meas_pattern: their mean pattern (ky, kx), for the pacbed term;
+    pred_sum: the sum of the batch's predicted patterns (ky, kx), detached, when the pacbed term
+    needs it and the batch is split (None otherwise: the part is the whole batch). A batch split
+    across micro-batches or processes (distributed.Collective) gives every part the same stats."""
 
-    meas: torch.Tensor
+    size: int
     meas_mean: torch.Tensor
+    meas_pattern: Optional[torch.Tensor]  # None when no term needs it (a batch split across processes)
     pred_sum: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, meas: torch.Tensor, pred_sum: Optional[torch.Tensor] = None) -> "BatchStats":
-        return cls(meas=meas, meas_mean=meas.mean(), pred_sum=pred_sum)
-
-    @property
-    def size(self) -> int:
-        return self.meas.shape[0]
+        """The stats of ``meas`` (B, ky, kx), the whole batch."""
+        return cls(size=meas.shape[0], meas_mean=meas.mean(), meas_pattern=meas.mean(dim=0), pred_sum=pred_sum)
 
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor, BatchStats, object, torch.Tensor], torch.Tensor]
@@ -94,7 +93,7 @@ def pacbed_loss(pred, meas, batch: BatchStats, model=None, indices=None) -> torc
     else:
         mean_pred = (batch.pred_sum - own_sum.detach() + own_sum) / batch.size
         share = pred.shape[0] / batch.size
-    diff = torch.sqrt(mean_pred + _EPS * batch.meas_mean) - torch.sqrt(batch.meas.mean(dim=0))
+    diff = torch.sqrt(mean_pred + _EPS * batch.meas_mean) - torch.sqrt(batch.meas_pattern)
     value = diff.square().mean() / batch.meas_mean
     # full gradient for this part, value counted in proportion to its size
     return value - (1.0 - share) * value.detach()

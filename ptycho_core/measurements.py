@@ -151,11 +151,38 @@ class MeasurementFeed:
     tier: str
     ahead: int = 0
 
-    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
+    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype,
+                 owned: Optional[np.ndarray] = None):
         self.store = store
         self.device = torch.device(device)
         self.dtype = dtype
         self.n_patterns = store.n_patterns
+        # the patterns this process uses (one rank of several: recon_params.devices); the memory
+        # tiers hold only these, at rows[index]
+        self.owned = owned
+        self.rows = None
+        if owned is not None:
+            self.rows = torch.full((store.n_patterns,), -1, dtype=torch.long)
+            self.rows[torch.from_numpy(owned)] = torch.arange(len(owned))
+
+    def _held(self) -> tuple[int, ...]:
+        """Shape of what a memory tier holds: every pattern, or this process's."""
+        shape = tuple(self.store.shape)
+        return shape if self.owned is None else (len(self.owned), *shape[1:])
+
+    def _fill(self, target: torch.Tensor, chunk: int = 1024) -> None:
+        """Copy the held patterns into ``target``: the whole store block by block, or this
+        process's patterns ``chunk`` at a time (a rank reads only what it holds)."""
+        if self.owned is None:
+            for start, block in self.store.blocks():
+                target[start:start + len(block)] = torch.from_numpy(_fft_order(block)).to(target.device, target.dtype)
+            return
+        for first in range(0, len(self.owned), chunk):
+            patterns = torch.from_numpy(_fft_order(self.store.read(self.owned[first:first + chunk])))
+            target[first:first + len(patterns)] = patterns.to(target.device, target.dtype)
+
+    def _row(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices if self.rows is None else self.rows[indices.cpu()]
 
     def _load(self, indices: torch.Tensor):
         """What the prefetch thread prepares for one batch (see _ready)."""
@@ -186,22 +213,23 @@ class MeasurementFeed:
 class DeviceFeed(MeasurementFeed):
     tier = "device"
 
-    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
-        super().__init__(store, device, dtype)
-        self.all = torch.empty(store.shape, dtype=dtype, device=self.device)
-        for start, block in store.blocks():
-            self.all[start:start + len(block)] = torch.from_numpy(_fft_order(block)).to(self.device, dtype)
+    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype,
+                 owned: Optional[np.ndarray] = None):
+        super().__init__(store, device, dtype, owned)
+        self.all = torch.empty(self._held(), dtype=dtype, device=self.device)
+        self._fill(self.all)
 
     def _load(self, indices):
-        return self.all[indices.to(self.device)]
+        return self.all[self._row(indices).to(self.device)]
 
 
 class _CopiedFeed(MeasurementFeed):
     """A tier whose batches are prepared on the host (float32) and copied to the device: on a GPU
     from pinned memory on a side stream, so the copy overlaps the compute of the batch before."""
 
-    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
-        super().__init__(store, device, dtype)
+    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype,
+                 owned: Optional[np.ndarray] = None):
+        super().__init__(store, device, dtype, owned)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
@@ -229,14 +257,14 @@ class HostFeed(_CopiedFeed):
     tier = "host"
     ahead = HOST_AHEAD
 
-    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype):
-        super().__init__(store, device, dtype)
-        self.all = torch.empty(store.shape, dtype=torch.float32, pin_memory=self.cuda)
-        for start, block in store.blocks():
-            self.all[start:start + len(block)] = torch.from_numpy(_fft_order(block))
+    def __init__(self, store: PatternStore, device: torch.device, dtype: torch.dtype,
+                 owned: Optional[np.ndarray] = None):
+        super().__init__(store, device, dtype, owned)
+        self.all = torch.empty(self._held(), dtype=torch.float32, pin_memory=self.cuda)
+        self._fill(self.all)
 
     def _load(self, indices):
-        return self._to_device(torch.index_select(self.all, 0, indices))
+        return self._to_device(torch.index_select(self.all, 0, self._row(indices)))
 
 
 class DiskFeed(_CopiedFeed):
@@ -251,6 +279,8 @@ class DiskFeed(_CopiedFeed):
 FEEDS = {"device": DeviceFeed, "host": HostFeed, "disk": DiskFeed}
 
 
-def open_feed(tier: str, store: PatternStore, device: torch.device, dtype: torch.dtype) -> MeasurementFeed:
-    return FEEDS[tier](store, device, dtype)
+def open_feed(tier: str, store: PatternStore, device: torch.device, dtype: torch.dtype,
+              owned: Optional[np.ndarray] = None) -> MeasurementFeed:
+    """The feed of ``tier``; ``owned``: the sorted pattern indices this process uses (of several)."""
+    return FEEDS[tier](store, device, dtype, owned)
 

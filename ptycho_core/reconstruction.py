@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, PtyflowConfig
 from .constraints import DataContext
+from .distributed import Collective
 from .engine import EngineState, Problem, build_optimizer, compiled_forward_loss, forward_loss, run_iterations
 from .io.preprocess import Preprocessed
 from .measurements import TierChoice, choose_tier, open_feed
@@ -146,17 +147,22 @@ class Reconstruction:
         self.state = state
 
     @classmethod
-    def create(cls, config: PtyflowConfig, prep: Preprocessed) -> "Reconstruction":
-        """Initialize from the config; honours init.model_path and optimizer_params.load_state."""
+    def create(cls, config: PtyflowConfig, prep: Preprocessed, device: Optional[torch.device] = None,
+               collective: Optional[Collective] = None) -> "Reconstruction":
+        """Initialize from the config; honours init.model_path and optimizer_params.load_state.
+        ``device``: instead of recon_params.device; ``collective``: this process is one rank of
+        several (recon_params.devices) and holds only its share of the patterns."""
         recon = config.recon_params
         if recon.threads:
             torch.set_num_threads(recon.threads)
-        device = resolve_device(recon.device)
+        device = device if device is not None else resolve_device(recon.device)
+        owned = collective.owned(prep.n_patterns) if collective is not None else None
         real = getattr(torch, recon.dtype)
         complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
         mean_pattern = prep.mean_pattern  # (ky, kx), measured while preprocessing
         mean_counts = float(mean_pattern.sum())
-        tier = choose_tier(recon.measurements, prep.n_patterns, prep.window, real, recon.batch_size, device,
+        held = len(owned) if owned is not None else prep.n_patterns
+        tier = choose_tier(recon.measurements, held, prep.window, real, recon.batch_size, device,
                            recon.memory_budget_gb)
         tensors = initial_tensors(config, prep, mean_counts)
         tensors = {k: v.to(complex_dtype if v.is_complex() else real) for k, v in tensors.items()}
@@ -178,7 +184,7 @@ class Reconstruction:
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs,
                                     lr_units={"probe": probe_amplitude_unit(mean_pattern)})
         problem = Problem(
-            measurements=open_feed(tier.tier, prep.measurements, device, real),
+            measurements=open_feed(tier.tier, prep.measurements, device, real, owned),
             loss_weights={name: term.weight for name, term in config.loss_params.active_terms().items()},
             constraint_params=config.constraint_params,
             batch_size=recon.batch_size,
@@ -193,6 +199,7 @@ class Reconstruction:
             ),
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
             lr_factor=config.model_params.lr_schedule.factor,
+            collective=collective,
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:

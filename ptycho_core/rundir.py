@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -38,6 +38,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .config import PtyflowConfig, config_from_dict
+from .distributed import device_list, helper_ranks
 from .io.preprocess import check_inputs, preprocess, read_preprocessed
 from .io.readers import DataError
 from .reconstruction import Reconstruction
@@ -300,20 +301,29 @@ def run_segment(
     if prep is None:
         raise RunDirError(f"{paths.preprocessed}: missing or incomplete; run the preprocess step first")
     try:
-        rec = Reconstruction.create(config, prep)
-        info(rec.tier.reason)
         ckpt = newest_checkpoint(run_dir, warn)
-        if ckpt is not None:
-            if ckpt.config_hash != config.resume_hash():
-                raise RunDirError(
-                    f"{ckpt.path}: written with a different configuration than {paths.config}; "
-                    "use a new run directory"
-                )
-            rec.resume(ckpt)
-        first = rec.state.iteration
-        started = time.perf_counter()
-        stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration, warn=warn)
-        seconds = time.perf_counter() - started
+        if ckpt is not None and ckpt.config_hash != config.resume_hash():
+            raise RunDirError(
+                f"{ckpt.path}: written with a different configuration than {paths.config}; "
+                "use a new run directory"
+            )
+        devices = device_list(config.recon_params.devices, config.recon_params.device)
+        with ExitStack() as ranks:
+            collective = None
+            if len(devices) > 1:  # this process is rank 0 of several; the others start now
+                collective = ranks.enter_context(helper_ranks(
+                    run_dir, to_iteration, ckpt.path if ckpt is not None else None, devices,
+                    config.recon_params.threads, info))
+            rec = Reconstruction.create(config, prep, device=devices[0], collective=collective)
+            info(rec.tier.reason)
+            if ckpt is not None:
+                rec.resume(ckpt)
+            if collective is not None:
+                collective.connect()
+            first = rec.state.iteration
+            started = time.perf_counter()
+            stopped = rec.run(to_iteration, stop_requested=stop_requested, on_iteration=on_iteration, warn=warn)
+            seconds = time.perf_counter() - started
         paths.checkpoints.mkdir(exist_ok=True)
         target = paths.checkpoints / checkpoint_name(rec.state.iteration, rec.state.batch_cursor)
         if target.exists():  # only a damaged file can sit here (valid ones are older): keep it aside

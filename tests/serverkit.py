@@ -84,11 +84,12 @@ def final_states(env, flow_run_id):
 
 
 def deploy_all(env, tmp_path):
-    """Create both work pools and deploy every flow of deployments/prefect.yaml."""
-    for pool in ("ptyflow", "ptyflow-control"):
+    """Create the work pools and deploy every flow of deployments/prefect.yaml (the node
+    deployment with devices cpu:2, as a node of two CPU processes)."""
+    for pool in ("ptyflow", "ptyflow-control", "ptyflow-node"):
         assert prefect("work-pool", "create", pool, "--type", "process", env=env).returncode == 0
     inbox_env = {"PTYFLOW_INBOX": str(tmp_path / "inbox"), "PTYFLOW_OUTBOX": str(tmp_path / "outbox"),
-                 "PTYFLOW_WATCH_CONFIG": str(tmp_path / "watch.yaml")}
+                 "PTYFLOW_WATCH_CONFIG": str(tmp_path / "watch.yaml"), "PTYFLOW_NODE_GPUS": "cpu:2"}
     deploy = prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all",
                      env={**env, "PTYFLOW_WORKDIR": str(REPO), **inbox_env}, cwd=REPO)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
 from flows.reconstruct import reconstruct, resolve_config
 from ptycho_core.rundir import finished, run_summary
@@ -35,19 +36,31 @@ def deployment_exists(name: str) -> bool:
             return False
 
 
-def _wait_final(flow_run_ids: list, poll_seconds: float) -> dict:
+def _wait_final(flow_run_ids: list, timeout_s: float) -> dict:
+    """The flow runs once final, through Prefect's own wait (event-driven, bounded): a run still
+    not final after ``timeout_s`` comes back as it stands (read_flow_run), not as a hang."""
+    import asyncio
+
+    from prefect.flow_runs import wait_for_flow_run
+
+    async def wait_all():
+        return await asyncio.gather(*(wait_for_flow_run(i, timeout=int(timeout_s)) for i in flow_run_ids),
+                                    return_exceptions=True)
+
+    finished = asyncio.run(wait_all())
     with get_client(sync_client=True) as client:
-        while True:
-            runs = [client.read_flow_run(i) for i in flow_run_ids]
-            if all(r.state and r.state.is_final() for r in runs):
-                return {r.id: r for r in runs}
-            time.sleep(poll_seconds)
+        return {i: run if not isinstance(run, BaseException) else client.read_flow_run(i)
+                for i, run in zip(flow_run_ids, finished)}
 
 
 @flow(name="sweep")
 def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
-          deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT, poll_seconds: float = 2.0) -> list[dict]:
-    """Reconstruct every point of ``spec`` over ``base_config`` into ``out_dir/point_NNN_<hash>``."""
+          deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
+    """Reconstruct every point of ``spec`` over ``base_config`` into ``out_dir/point_NNN_<hash>``.
+
+    Each child run has an idempotency key made of this sweep run's id and the point: a sweep that
+    Prefect reschedules after a preemption finds the children it had already submitted instead
+    of submitting them again (a new sweep run, started by hand, resubmits what is unfinished)."""
     logger = get_run_logger()
     base = resolve_config(base_config)
     sweep_spec = load_sweep_spec(spec)
@@ -68,13 +81,14 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
         started = time.perf_counter()
         if use_workers:
             run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir)},
-                                 flow_run_name=f"{out.name}-{name}", timeout=0, as_subflow=True)
+                                 flow_run_name=f"{out.name}-{name}", timeout=0, as_subflow=True,
+                                 idempotency_key=f"ptyflow-sweep-{flow_run.id}-{name}")
             submitted[run.id] = row
         else:
             state = reconstruct(cfg.to_dict(), str(run_dir), return_state=True)
             row.update(state=state.name, seconds=time.perf_counter() - started)
     if submitted:
-        for run_id, run in _wait_final(list(submitted), poll_seconds).items():
+        for run_id, run in _wait_final(list(submitted), sweep_spec.wait_hours * 3600).items():
             seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
             submitted[run_id].update(state=run.state.name, seconds=seconds, flow_run_id=str(run_id))
     for row in rows:

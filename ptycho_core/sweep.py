@@ -6,6 +6,7 @@ A sweep spec (YAML)::
                           # random: n draws, each key's value picked from its list
     n: 4                  # for random
     seed: 0               # for random
+    wait_hours: 48        # how long to wait for points running on workers
     parameters:
       model_params.update_params.probe.lr: [1.0e-4, 3.0e-4]
       init.object.n_slices: [1, 4]
@@ -35,6 +36,9 @@ class SweepSpec(BaseModel):
     parameters: dict[str, list[Any]] = Field(description="dotted config key -> values")
     n: Optional[int] = Field(None, ge=1, description="number of points in random mode")
     seed: int = 0
+    wait_hours: float = Field(48.0, gt=0, description=(
+        "how long the sweep waits for its points' flow runs on the workers (h); a point not finished by then "
+        "is reported with its state, the sweep does not hang"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSpec":

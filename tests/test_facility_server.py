@@ -13,7 +13,7 @@ import yaml
 
 from ptycho_core.simulate import simulate
 
-from serverkit import deploy_all, prefect, wait
+from serverkit import deploy_all, descendants, final_states, prefect, wait
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,44 @@ def test_sweep_on_a_server_respects_the_concurrency_limit(tmp_path, server, smal
 
     finally:
         stop(worker)
+
+
+def test_a_sweep_preempted_under_a_worker_finishes_with_one_run_per_point(tmp_path, server, small_dataset):
+    """SIGTERM to the sweep's flow run process: Prefect reschedules the sweep, the worker runs it
+    again, and the idempotency keys give it back the children it had submitted: three points,
+    three reconstruct runs, all Completed."""
+    env = server
+    base = short_config(small_dataset, tmp_path, iterations=9)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+               for pool in ("ptyflow", "ptyflow-control")]
+    out = tmp_path / "sweep"
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"mode": "list", "wait_hours": 1, "parameters": {
+            "model_params.update_params.objp.lr": [2e-3, 5e-3, 1e-2]}}))
+        run = prefect("deployment", "run", "sweep/sweep", "--param", f"base_config={base}", "--param",
+                      f"spec={spec}", "--param", f"out_dir={out}", env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        sweep_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
+
+        def children():
+            return [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
+
+        wait(lambda: len(children()) == 3, 240, "the sweep to submit its three points")
+        supervisors = [pid for pid, cmd in descendants(workers[1].pid) if "flow-run execute" in cmd]
+        assert supervisors, descendants(workers[1].pid)
+        os.kill(supervisors[0], signal.SIGTERM)
+        states = wait(lambda: final_states(env, sweep_id), 600, "the sweep to finish")
+        assert states[-1] == "Completed" and "AwaitingRetry" in states, states
+        finished = children()
+        assert len(finished) == 3 and {r["state"] for r in finished} == {"Completed"}, finished
+        assert len({r["run_dir"] for r in finished}) == 3
+    finally:
+        for worker in workers:
+            stop(worker)
 
 
 def test_watch_on_a_server_reconstructs_each_dataset_once(tmp_path, server, small_dataset):

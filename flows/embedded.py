@@ -20,12 +20,17 @@ from typing import Iterator
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+PDEATHSIG_FAILED = (b"ptyflow: warning: PR_SET_PDEATHSIG could not be set, so the embedded Prefect server may "
+                    b"outlive a killed ptyflow (look for a leftover uvicorn process)\n")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: only os-level calls
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+        failed = ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:  # the guarantee is lost: say so rather than leave a server behind silently
+        os.write(2, PDEATHSIG_FAILED)
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from ptycho_core.config import PtyflowConfig, config_from_dict, load_config
+from ptycho_core.config import PtyflowConfig, check_files, config_from_dict, load_config
 from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_iteration
 from tasks.export import export_results
@@ -74,6 +74,7 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
     cfg = with_devices(resolve_config(config), devices)
     run_dir = str(Path(run_dir).resolve())
     check_data_path(cfg.data)
+    check_files(cfg)
     me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
     with run_lock(run_dir, owner=me) as stale:
         if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):

@@ -712,6 +712,37 @@ def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:
     return config
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_files(config: PtyflowConfig) -> None:
+    """Every file the config names besides the data (a starting model, a probe or object to
+    start from, an optimizer state) exists and is of the kind expected: a ConfigError naming the
+    field and the file, before anything compares or writes a run directory."""
+    def check(field: str, path: Optional[str], zarr_allowed: bool = False) -> None:
+        if path is None:
+            return
+        where = Path(path)
+        if not where.exists():
+            raise ConfigError(f"{field}: {where}: file not found")
+        if where.is_dir():
+            if not zarr_allowed:
+                raise ConfigError(f"{field}: {where} is a folder; expected an HDF5 file")
+            return
+        with open(where, "rb") as fh:
+            if fh.read(8) != _HDF5_SIGNATURE:
+                raise ConfigError(f"{field}: {where} is not an HDF5 file" +
+                                  ("; expected a model.hdf5 or a result.zarr" if zarr_allowed else ""))
+
+    init = config.init
+    check("init.model_path", init.model_path)
+    check("model_params.optimizer_params.load_state", config.model_params.optimizer_params.load_state)
+    if init.probe.source != "aberrations":
+        check("init.probe.path", init.probe.path, zarr_allowed=init.probe.source == "previous")
+    if init.object.source == "previous":
+        check("init.object.path", init.object.path, zarr_allowed=True)
+
+
 def set_dotted(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict (creating groups), for sweeps and CLI overrides."""
     node = raw

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -174,9 +175,11 @@ class Collective:
 # --------------------------------------------------------------------------- the processes
 def _die_with_parent() -> None:
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        failed = ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL) != 0  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass  # not Linux: a killed parent's helpers end at their next collective (peer gone)
+        failed = True
+    if failed:  # a killed rank 0's helpers then end only at their next collective (peer gone)
+        print("ptyflow: warning: PR_SET_PDEATHSIG could not be set for this rank", file=sys.stderr)
 
 
 def _threads_per_process(devices: list[torch.device], threads: Optional[int]) -> Optional[int]:
@@ -236,7 +239,6 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
     children, so nothing depends on how the caller's main module can be re-imported."""
     import json
     import subprocess
-    import sys
 
     backend = backend_for(devices)
     world = len(devices)
@@ -300,6 +302,5 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
 
 if __name__ == "__main__":
     import json
-    import sys
 
     _helper_main(json.loads(sys.argv[1]))

@@ -37,7 +37,7 @@ from .checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from .config import PtyflowConfig, config_from_dict
+from .config import PtyflowConfig, check_files, config_from_dict
 from .distributed import device_list, helper_ranks
 from .io.preprocess import check_inputs, preprocess, read_preprocessed
 from .io.readers import DataError
@@ -210,6 +210,7 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
     A run directory that holds a different input or a different configuration is refused
     (naming what differs) so that two reconstructions never mix in one place.
     """
+    check_files(config)  # a missing starting model is named as such, not as "a different configuration"
     paths = RunPaths(Path(run_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
     if paths.config.is_file():

@@ -54,3 +54,24 @@ def test_inspect_json_has_stable_keys(tmp_path, run_cli, small_dataset):
     assert result["kind"] == "result" and result["iteration"] == 4
     missing = run_cli("inspect", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
+
+
+def test_the_embedded_server_says_when_it_cannot_be_tied_to_ptyflow(monkeypatch, capfd):
+    """PR_SET_PDEATHSIG is what makes the embedded server die with a killed ptyflow; if it cannot
+    be set, a warning says so (it used to be silent)."""
+    import ctypes
+
+    from flows import embedded
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+    def no_libc(*args, **kwargs):
+        raise OSError("no libc here")
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)  # the forked child sees the same module state
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # whatever server the session uses
+        with embedded.prefect_backend() as url:
+            assert url.startswith("http://127.0.0.1:")
+    assert "PR_SET_PDEATHSIG could not be set" in capfd.readouterr().err

@@ -105,3 +105,25 @@ def test_every_setting_is_described():
     undescribed = [path for path, description in leaves(PtyflowConfig) if not description]
     assert not undescribed, undescribed
     assert len(list(leaves(PtyflowConfig))) > 60
+
+
+def test_files_a_config_names_are_checked_before_the_run_directory_is_compared(tmp_path, small_dataset):
+    """A missing or wrong optimizer state for a run directory already in use used to be reported as
+    'a different configuration'; every referenced file is named, with what is wrong with it."""
+    from ptycho_core.rundir import prepare
+
+    from helpers import config_with
+
+    run_dir = tmp_path / "run"
+    prepare(config_with(small_dataset), run_dir)
+    missing = tmp_path / "nowhere" / "model.hdf5"
+    with pytest.raises(ConfigError, match=f"model_params.optimizer_params.load_state: {missing}: file not found"):
+        prepare(config_with(small_dataset, **{"model_params.optimizer_params.load_state": str(missing)}), run_dir)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(ConfigError, match=f"init.model_path: {text} is not an HDF5 file"):
+        prepare(config_with(small_dataset, **{"init.model_path": str(text)}), run_dir)
+    with pytest.raises(ConfigError, match=f"init.object.path: {text} is not an HDF5 file; expected a model.hdf5 or a "
+                                          "result.zarr"):
+        prepare(config_with(small_dataset, **{"init.object.source": "previous", "init.object.path": str(text)}),
+                run_dir)

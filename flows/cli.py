@@ -233,6 +233,24 @@ def _data_settings(path: Path, data_format: str, key: Optional[str]):
     return SimpleNamespace(path=str(path.resolve()), format=data_format, meas_key=key, scan_shape=None)
 
 
+@app.command("setup-server")
+def setup_server(
+    heartbeat_seconds: int = typer.Option(
+        30, min=30, help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs (deployments/prefect.yaml sets 30)"),
+):
+    """Create (or update) on the Prefect server at PREFECT_API_URL the automation that marks flow
+    runs Crashed when their heartbeats stop (a killed process or a lost node)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.facility import MISSED_HEARTBEATS, ZOMBIE_AUTOMATION, ensure_zombie_automation
+
+    if not PREFECT_API_URL.value():
+        raise UserError("setup-server needs a Prefect server: set PREFECT_API_URL (e.g. http://host:4200/api)")
+    automation_id, created = ensure_zombie_automation(heartbeat_seconds)
+    out.print(f"automation '{ZOMBIE_AUTOMATION}' ({automation_id}) {'created' if created else 'updated'}: a flow run "
+              f"without a heartbeat for {MISSED_HEARTBEATS * heartbeat_seconds} s is set Crashed")
+
+
 @app.command("inspect-data")
 def inspect_data(
     path: Path = typer.Argument(..., help="a data file (HDF5, Dectris master, EMD/py4DSTEM, Velox, .dm4, .mib, npy, mat, tiff, zarr, EMPAD raw)"),

@@ -195,3 +195,85 @@ def test_watch_on_a_server_reconstructs_each_dataset_once(tmp_path, server, smal
         assert slow["expected"] >= written  # not started on a partial file
     finally:
         stop(worker)
+
+
+def flow_run_state(env, flow_run_id):
+    """(state type, state message) of a flow run, via the API."""
+    code = (
+        "from uuid import UUID\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        f"    s = c.read_flow_run(UUID('{flow_run_id}')).state\n"
+        "    print(s.type.value); print(s.message or '')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kind, _, message = out.stdout.partition("\n")
+    return kind.strip(), message.strip()
+
+
+def test_a_run_whose_node_died_is_crashed_by_the_server_and_the_inbox_retries_it(tmp_path, server, small_dataset):
+    """The worker and its flow run are SIGKILLed together (a lost node): nothing is left to report
+    the run, so only its stopped heartbeats tell. The automation of `ptyflow setup-server` sets
+    it Crashed without anyone rerunning anything; the watch flow then counts a failed attempt,
+    submits the dataset again and a new worker finishes it."""
+    env = server
+    base = short_config(small_dataset, tmp_path, iterations=6)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    setup = subprocess.run([sys.executable, "-m", "flows.cli", "setup-server", "--heartbeat-seconds", "30"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0 and "created" in setup.stdout, setup.stdout + setup.stderr
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan.h5")
+    poll_code = ("import sys\nfrom flows.watch import watch\n"
+                 "watch(sys.argv[1], sys.argv[2], sys.argv[3], stable_seconds=0.5, max_attempts=2)\n")
+    quiet = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    def poll():
+        done = subprocess.run([sys.executable, "-c", poll_code, str(inbox), str(outbox), str(tmp_path / "watch.yaml")],
+                              env=quiet, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads((outbox / ".watch-state.json").read_text())["datasets"].get("scan.h5", {})
+
+    # the first node's run holds still in its export (a fault-injection pause) until the node dies
+    node = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                            env={**env, "PTYFLOW_FAULT_PAUSE": "export:900"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    second = None
+    try:
+        time.sleep(1.0)
+        poll()  # the dataset is seen: size noted
+        time.sleep(1.0)
+        submitted = poll()
+        assert submitted.get("status") == "submitted", submitted
+        run_id = submitted["flow_run_id"]
+        wait(lambda: list((outbox / "scan.h5" / "checkpoints").glob("iter_000006.h5")), 240, "the iterations")
+        assert flow_run_state(env, run_id)[0] == "RUNNING"
+        time.sleep(35)  # in the export's pause; at least one heartbeat sent
+        for pid in [node.pid] + [pid for pid, _ in descendants(node.pid)]:  # the worker and all it started
+            os.kill(pid, signal.SIGKILL)
+        node.wait()
+        died = time.time()
+        crashed = wait(lambda: flow_run_state(env, run_id)[0] == "CRASHED" and flow_run_state(env, run_id), 240,
+                       "the server to mark the dead run Crashed")
+        print(f"marked Crashed {time.time() - died:.0f} s after the kill: {crashed[1]}")
+        assert "no heartbeat for 90 s" in crashed[1], crashed
+
+        second = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        entry = None
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            entry = poll()
+            if entry.get("status") in ("done", "failed"):
+                break
+            time.sleep(3)
+        assert entry and entry.get("status") == "done", entry
+        runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/outbox/" in r["run_dir"]]
+        assert sorted(r["state"] for r in runs) == ["Completed", "Crashed"], runs
+    finally:
+        for proc in (node, second):
+            if proc is not None and proc.poll() is None:
+                stop(proc)

@@ -163,7 +163,6 @@ class Collective:
         self.stop = bool(buffer[-1] > 0)
         return summed
 
-
     def share_model(self, model: torch.nn.Module) -> None:
         """Rank 0's tensors and windows to every rank, once per iteration after the constraints:
         the ranks compute the same things, but on a GPU some kernels (atomic adds) round

@@ -81,6 +81,17 @@ def backend_for(devices: list[torch.device]) -> str:
     return "gloo"
 
 
+def process_group(backend: str, rendezvous: Path, rank: int, world: int, device: torch.device):
+    """The ranks' process group, met through a file store at ``rendezvous``. An explicit group
+    object rather than torch's global default group: every segment makes its own and drops it,
+    with no destroy_process_group (which, on torch 2.4, could hang after the other ranks left)."""
+    store = torch.distributed.FileStore(str(rendezvous), world)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+        return torch.distributed.ProcessGroupNCCL(store, rank, world)
+    return torch.distributed.ProcessGroupGloo(store, rank, world, COLLECTIVE_TIMEOUT)
+
+
 # --------------------------------------------------------------------------- the engine's side
 @dataclass
 class Collective:
@@ -93,6 +104,7 @@ class Collective:
     failed: Callable[[], Optional[str]] = field(default=lambda: None)  # which rank died, if one did
     connect: Callable[[], None] = field(default=lambda: None)  # rank 0: wait for the others, then join them
     pattern_sums: Optional[torch.Tensor] = None  # (N,) float64: every pattern's counts (start())
+    group: object = None  # the torch.distributed ProcessGroup of the ranks (process_group())
 
     def owned(self, n_patterns: int) -> np.ndarray:
         """The pattern indices this rank holds and computes (sorted)."""
@@ -110,7 +122,7 @@ class Collective:
             raise DistributedError(self.failed() or f"another rank failed ({str(exc).splitlines()[0]})") from None
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._guarded(lambda: torch.distributed.all_reduce(tensor))
+        self._guarded(lambda: self.group.allreduce([tensor]).wait())
         return tensor
 
     def start(self, feed, n_patterns: int, chunk: int = 256) -> None:
@@ -168,7 +180,7 @@ class Collective:
         the ranks compute the same things, but on a GPU some kernels (atomic adds) round
         differently from run to run, and equal tensors must not drift apart."""
         for tensor in [*model.parameters(), model.crop_pos]:
-            self._guarded(lambda: torch.distributed.broadcast(tensor.data, src=0))
+            self._guarded(lambda: self.group.broadcast(tensor.data, 0).wait())
 
 
 # --------------------------------------------------------------------------- the processes
@@ -212,10 +224,9 @@ def _helper_main(args: dict) -> None:
         if args["checkpoint"] is not None:
             rec.resume(read_checkpoint(args["checkpoint"]))
         (scratch / f"ready.{rank}").touch()
-        torch.distributed.init_process_group(args["backend"], init_method=f"file://{scratch / 'rendezvous'}",
-                                             rank=rank, world_size=args["world"], timeout=COLLECTIVE_TIMEOUT)
+        collective.group = process_group(args["backend"], scratch / "rendezvous", rank, args["world"],
+                                         torch.device(args["device"]))
         rec.run(args["to_iteration"])
-        torch.distributed.destroy_process_group()
         prep.measurements.close()
     except DistributedError:
         os._exit(3)  # rank 0 went away or failed; it reports
@@ -277,17 +288,16 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
             if time.monotonic() - started > HELPER_START_TIMEOUT_S:
                 raise DistributedError(f"the other ranks did not start in {HELPER_START_TIMEOUT_S:g} s")
             time.sleep(0.02)
-        torch.distributed.init_process_group(backend, init_method=f"file://{scratch / 'rendezvous'}", rank=0,
-                                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        collective.group = process_group(backend, scratch / "rendezvous", 0, world, devices[0])
         connected.append(True)
         info(f"devices: {world} processes ({', '.join(str(d) for d in devices)}), {backend}"
              + (f", {threads} threads each" if threads else ""))
 
+    collective = Collective(0, world, failed=failed, connect=connect)
     try:
-        yield Collective(0, world, failed=failed, connect=connect)
+        yield collective
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        collective.group = None  # an explicit group, not torch's global one: nothing to destroy
         for process in helpers:
             try:
                 process.wait(timeout=30 if connected else 0.01)

@@ -135,7 +135,10 @@ KEYS = {
     "recon_params": ["iterations", "batch_size", "seed", "device", "dtype", "batching"],
     "preprocess": ["bin", "target_size_px", "scan_crop", "normalize"],
 }
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+# no subnormal floats: hypothesis refuses them when a library in the process (torch 2.4's CUDA
+# build, here) switched the CPU to flush-to-zero, and a config gains nothing from them
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6),
+                    st.floats(allow_nan=True, allow_subnormal=False),
                     st.text(max_size=12), st.lists(st.integers(-3, 300), max_size=4))
 values = st.recursive(scalars, lambda inner: st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 

@@ -90,25 +90,23 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
             reconstruct_segment(run_dir, end)
             update_progress_artifact(progress_id, 100.0 * end / target)
         summary = export_results(run_dir)
+    previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
     table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
     create_table_artifact(table, description=f"summary of {run_dir}")
     links = "\n".join(f"- [{Path(p).name}](file://{p})" for p in summary["figures"])
     create_markdown_artifact(
         f"## Reconstruction of {run_dir}\n\nIteration {summary['iteration']}, final loss "
-        f"{summary['final_loss']:.5g}.\n\n{_inline_images(run_dir)}\n\n"
+        f"{summary['final_loss']:.5g}.\n\n{_inline_images(previews)}\n\n"
         f"- result: [{summary['result']}](file://{summary['result']})\n{links}\n",
         description=f"results of {run_dir}",
     )
     return summary
 
 
-def _inline_images(run_dir: str) -> str:
-    """The phase and the loss curve as small PNGs inside the markdown: file links open only on the
-    machine that holds the run directory, the artifact opens wherever the UI does."""
+def _inline_images(previews: dict[str, bytes]) -> str:
+    """The export's small PNGs (phase, loss curve) inside the markdown: file links open only on
+    the machine that holds the run directory, the artifact opens wherever the UI does."""
     import base64
 
-    from ptycho_core.checkpoint import read_checkpoint
-    from ptycho_core.io.figures import thumbnail_pngs
-
-    pngs = thumbnail_pngs(read_checkpoint(Path(run_dir) / "model.hdf5"))
-    return " ".join(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})" for name, png in pngs.items())
+    return " ".join(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})"
+                    for name, png in previews.items())

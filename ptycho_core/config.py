@@ -655,9 +655,9 @@ def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]
             differs(exp["energy_kev"], "energy_kev", "keV", "from its wavelength")
     energy = exp.get("energy_kev")
     if "dk_inv_ang" in found and isinstance(energy, (int, float)) and energy > 0:
-        from .physics import wavelength_ang
+        from .physics import dk_mrad_from_inverse_length
 
-        found["dk_mrad"] = found["dk_inv_ang"] * wavelength_ang(energy) * 1e3  # small angles: q = theta / lambda
+        found["dk_mrad"] = dk_mrad_from_inverse_length(found["dk_inv_ang"], energy)
     if found.get("transposed"):
         # py4DSTEM's QR_flip: how a transpose composes with its rotation is not pinned down here,
         # so neither is applied silently

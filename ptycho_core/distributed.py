@@ -46,17 +46,17 @@ class DistributedError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- which devices
-def device_list(devices, device: str) -> list[torch.device]:
-    """The torch devices of recon_params.devices (one per process), checked against this machine.
-
-    None or 1: one process on recon_params.device. ``N``: GPUs 0..N-1. ``[i, j, ...]``: those GPUs.
-    ``"cpu:N"``: N processes on the CPU."""
+def device_list(recon) -> list[torch.device]:
+    """The torch devices of ``recon`` (ReconParams).devices, one per process, checked against
+    this machine. None or 1: one process on recon.device. ``N``: GPUs 0..N-1. ``[i, j, ...]``:
+    those GPUs. ``"cpu:N"``: N processes on the CPU."""
     from .reconstruction import resolve_device
 
+    devices = recon.devices
     if devices is None or devices == 1:
-        return [resolve_device(device)]
+        return [resolve_device(recon.device)]
     if isinstance(devices, str):
-        return [torch.device("cpu")] * int(devices.split(":")[1])
+        return [torch.device("cpu")] * recon.process_count
     ids = list(range(devices)) if isinstance(devices, int) else list(devices)
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not available:

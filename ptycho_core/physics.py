@@ -42,6 +42,12 @@ def dk_from_dx(energy_kev: float, dx_ang: float, n_px: int) -> float:
     return wavelength_ang(energy_kev) / (n_px * dx_ang) * 1e3
 
 
+def dk_mrad_from_inverse_length(dk_inv_ang: float, energy_kev: float) -> float:
+    """Detector pixel size (mrad) of a pixel calibrated as dk_inv_ang (1/Å): theta = q * lambda
+    at small angles."""
+    return dk_inv_ang * wavelength_ang(energy_kev) * 1e3
+
+
 def spatial_frequencies(shape: tuple[int, int], dx_ang: float, device=None, dtype=torch.float32):
     """(ky, kx) grids in 1/Å, each (ny, nx), unshifted FFT order."""
     ky = torch.fft.fftfreq(shape[0], d=dx_ang, device=device, dtype=dtype)

@@ -308,7 +308,7 @@ def run_segment(
                 f"{ckpt.path}: written with a different configuration than {paths.config}; "
                 "use a new run directory"
             )
-        devices = device_list(config.recon_params.devices, config.recon_params.device)
+        devices = device_list(config.recon_params)
         with ExitStack() as ranks:
             collective = None
             if len(devices) > 1:  # this process is rank 0 of several; the others start now
@@ -393,10 +393,11 @@ def checkpoint_summary(run_dir: str | Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- export and quality
 def export_run(run_dir: str | Path, figures: bool = True) -> dict:
-    """Write result.zarr (and figures) from the newest valid checkpoint; returns a summary."""
+    """Write result.zarr (and figures) from the newest valid checkpoint; returns a summary
+    (previews: {name: PNG bytes} of the phase and the loss curve)."""
     from .checkpoint import software_versions
     from .io.export import write_result
-    from .io.figures import write_figures
+    from .io.figures import thumbnail_pngs, write_figures
 
     paths = RunPaths(Path(run_dir))
     config = read_run_config(run_dir)
@@ -409,7 +410,10 @@ def export_run(run_dir: str | Path, figures: bool = True) -> dict:
     write_result(paths.result, ckpt, prep.positions_ang, prep.geometry.positions_px, prep.energy_kev,
                  config.to_dict(), software_versions(), timings)
     figure_paths = write_figures(paths.figures, ckpt, prep.geometry.positions_px) if figures else []
-    summary.update(result=str(paths.result), figures=[str(p) for p in figure_paths])
+    # small PNGs of the phase and the loss, drawn from the checkpoint already read, for the
+    # Prefect artifact (which embeds them: its file links open only where the run directory is)
+    summary.update(result=str(paths.result), figures=[str(p) for p in figure_paths],
+                   previews=thumbnail_pngs(ckpt) if figures else {})
     return summary
 
 

@@ -53,6 +53,12 @@ def alive(pid):
     return state != "Z"
 
 
+def rank_processes(run_dir):
+    """Living helper ranks of a multi-process run in ``run_dir`` (their command line names it)."""
+    return [pid for pid, (_, cmd) in processes().items()
+            if "ptycho_core.distributed" in cmd and str(run_dir) in cmd and alive(pid)]
+
+
 def descendants(root):
     table = processes()
     found, frontier = [], [root]

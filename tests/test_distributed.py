@@ -14,13 +14,12 @@ import yaml
 
 from ptycho_core.checkpoint import read_checkpoint
 from ptycho_core.config import ConfigError, config_from_dict, resolve_paths
-from ptycho_core.distributed import DistributedError
 from ptycho_core.io.preprocess import read_preprocessed
 from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.rundir import prepare, read_run_config, run_segment
 
 from conftest import cli
-from serverkit import alive, processes
+from serverkit import alive, rank_processes
 
 # Measured (float32, Adam, 2 slices, 2 probe modes, object, probe and positions updated from the
 # first iteration): the largest difference from one process is 6e-6 of a tensor's largest value
@@ -60,12 +59,6 @@ def assert_close(a: dict, b: dict, tolerance=RELATIVE_TOLERANCE):
         assert difference <= tolerance * scale, (name, difference / scale)
 
 
-def helper_processes(run_dir: Path) -> list[int]:
-    """Helper ranks of the run in ``run_dir`` still alive (their command line names it)."""
-    return [pid for pid, (_, cmd) in processes().items()
-            if "ptycho_core.distributed" in cmd and str(run_dir) in cmd and alive(pid)]
-
-
 def test_two_processes_take_the_steps_one_process_takes(tmp_path, small_multislice):
     one = run_dir_for(tmp_path, "one", raw_config(small_multislice, None, every_loss=True), small_multislice)
     two = run_dir_for(tmp_path, "two", raw_config(small_multislice, "cpu:2", every_loss=True), small_multislice)
@@ -85,7 +78,7 @@ def test_two_processes_take_the_steps_one_process_takes(tmp_path, small_multisli
     assert_close(a.tensors, b.tensors)
     for key in ("loss", "loss_amplitude", "loss_pacbed"):
         assert b.history[key] == pytest.approx(a.history[key], rel=1e-5), key
-    assert not helper_processes(two)
+    assert not rank_processes(two)
 
 
 def test_device_settings_that_cannot_work_are_refused_naming_the_setting(tmp_path, small_dataset):
@@ -112,12 +105,12 @@ def test_a_rank_that_dies_ends_the_run_naming_it_and_leaves_the_checkpoint(tmp_p
     while not (run_dir / "model.hdf5").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    while not helper_processes(run_dir) and time.monotonic() < deadline:  # a later segment's rank
+    while not rank_processes(run_dir) and time.monotonic() < deadline:  # a later segment's rank
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     time.sleep(1.5)
     newest = read_checkpoint(run_dir / "model.hdf5")
-    killed = helper_processes(run_dir)
+    killed = rank_processes(run_dir)
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
@@ -128,7 +121,7 @@ def test_a_rank_that_dies_ends_the_run_naming_it_and_leaves_the_checkpoint(tmp_p
     assert "Traceback" not in stderr
     kept = read_checkpoint(run_dir / "model.hdf5")  # the newest checkpoint is the one before the kill
     assert (kept.iteration, kept.batch_cursor) == (newest.iteration, newest.batch_cursor) and kept.iteration < 40
-    assert not helper_processes(run_dir)
+    assert not rank_processes(run_dir)
 
 
 def test_sigterm_stops_every_rank_at_one_batch_and_a_one_process_rerun_finishes(tmp_path, small_multislice,
@@ -150,7 +143,7 @@ def test_sigterm_stops_every_rank_at_one_batch_and_a_one_process_rerun_finishes(
     while not list((run_dir / "checkpoints").glob("iter_*.h5")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    while not helper_processes(run_dir) and time.monotonic() < deadline:  # the second segment's ranks
+    while not rank_processes(run_dir) and time.monotonic() < deadline:  # the second segment's ranks
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     time.sleep(1.0)
@@ -164,7 +157,7 @@ def test_sigterm_stops_every_rank_at_one_batch_and_a_one_process_rerun_finishes(
     assert (written.iteration, written.batch_cursor) == (iteration, batches)
     assert iteration < ITERATIONS
     time.sleep(0.5)
-    assert not helper_processes(run_dir), "a rank outlived the preempted run"
+    assert not rank_processes(run_dir), "a rank outlived the preempted run"
 
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(raw_config(small_multislice, None, ITERATIONS, 2)))
@@ -182,10 +175,10 @@ def test_sigkill_of_rank_0_leaves_no_rank_behind(tmp_path, small_dataset):
     proc = subprocess.Popen(cli("run", config, "--run-dir", run_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not helper_processes(run_dir) and time.monotonic() < deadline:
+    while not rank_processes(run_dir) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    helpers = helper_processes(run_dir)
+    helpers = rank_processes(run_dir)
     assert helpers
     time.sleep(2.0)
     proc.send_signal(signal.SIGKILL)

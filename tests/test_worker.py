@@ -17,7 +17,7 @@ from ptycho_core.config import load_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction
 
-from serverkit import alive, deploy_all, descendants, final_states, prefect, processes, wait
+from serverkit import alive, deploy_all, descendants, final_states, prefect, rank_processes, wait
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +87,7 @@ def test_the_node_deployment_runs_one_reconstruction_on_two_processes(tmp_path, 
                       "--param", f"run_dir={run_dir}", env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
-        ranks = wait(lambda: [pid for pid, (_, cmd) in processes().items()
-                              if "ptycho_core.distributed" in cmd and str(run_dir) in cmd], 180, "a second rank")
+        ranks = wait(lambda: rank_processes(run_dir), 180, "a second rank")
         states = wait(lambda: final_states(env, flow_run_id), 300, "the flow run to finish")
         assert states[-1] == "Completed", states
         assert read_checkpoint(run_dir / "model.hdf5").iteration == 12

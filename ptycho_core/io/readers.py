@@ -361,18 +361,9 @@ def _dm_calibration(path: Path, key: Optional[str]) -> dict:
     voltage = tags.get("Microscope Info", {}).get("Voltage") if isinstance(tags, dict) else None
     if isinstance(voltage, (int, float)) and voltage > 0:
         found["energy_kev"] = float(voltage) / 1e3
-    axes = cube["axes"]
-    if len(axes) == 4:
-        scan = [(abs(float(a["scale"])), str(a["units"]).replace("µ", "u")) for a in axes[:2]]
-        if all(unit in _LENGTH_M and step for step, unit in scan):
-            ys, xs = (step * _LENGTH_M[unit] * 1e10 for step, unit in scan)
-            if abs(ys - xs) <= 1e-6 * ys:
-                found["scan"] = {"shape": [int(axes[0]["size"]), int(axes[1]["size"])], "step_ang": ys}
-    scale, unit = abs(float(axes[-1]["scale"])), str(axes[-1]["units"])
-    if scale and unit == "mrad":
-        found["dk_mrad"] = scale
-    elif scale and unit in _INVERSE_LENGTH_PER_ANG:
-        found["dk_inv_ang"] = scale * _INVERSE_LENGTH_PER_ANG[unit]
+    axes = [(float(a["scale"]), str(a["units"])) for a in cube["axes"]]
+    scan_shape = [a["size"] for a in cube["axes"][:2]]
+    found.update(_axes_calibration(axes[:2] if len(axes) == 4 else None, scan_shape, axes[-1]))
     return found
 
 
@@ -495,13 +486,11 @@ def _velox_calibration(path: Path, key: Optional[str]) -> dict:
     except (KeyError, TypeError, ValueError):
         pass
     result = metadata.get("BinaryResult", {})
-    unit = {"1/m": 1e-10, "1/nm": 0.1, "1/A": 1.0}.get(str(result.get("PixelUnitX", "")))
     try:
         width = float(result["PixelSize"]["width"])
     except (KeyError, TypeError, ValueError):
         width = 0.0
-    if unit is not None and width > 0:
-        found["dk_inv_ang"] = width * unit
+    found.update(_axes_calibration(None, None, (width, str(result.get("PixelUnitX", "")))))
     scan = _velox_scan_shape(metadata, n_frames)
     if scan is not None:
         found["scan_shape"] = list(scan)
@@ -531,11 +520,10 @@ def _emd_groups(f: h5py.File) -> list[str]:
     return found
 
 
-def _emd_data_key(path: Path, key: Optional[str]) -> str:
+def _emd_data_key(f: h5py.File, path: Path, key: Optional[str]) -> str:
     """The data dataset of the EMD group data.meas_key names (the group or its data), or of the
     file's only datacube."""
-    with _open_hdf5(path) as f:
-        groups = _emd_groups(f)
+    groups = _emd_groups(f)
     if key is not None:
         group = key[:-len("/data")] if key.endswith("/data") else key
         group = "/" + group.strip("/")
@@ -548,7 +536,25 @@ def _emd_data_key(path: Path, key: Optional[str]) -> str:
 
 
 _INVERSE_LENGTH_PER_ANG = {"1/A": 1.0, "A^-1": 1.0, "1/Å": 1.0, "Å^-1": 1.0, "1/angstrom": 1.0, "1/nm": 0.1,
-                           "nm^-1": 0.1}
+                           "nm^-1": 0.1, "1/m": 1e-10}
+
+
+def _axes_calibration(scan_axes: Optional[list[tuple]], scan_shape, detector_axis: tuple) -> dict:
+    """What axis calibrations say, each axis as (step, unit) with step None or 0 when unknown:
+    ``scan`` ({shape, step_ang}) when the two scan axes (None: no scan grid) are equal lengths,
+    and ``dk_mrad`` or ``dk_inv_ang`` (an inverse length per pixel, which needs the beam energy)
+    from the detector axis. Shared by the formats that calibrate their axes (EMD, DM, Velox)."""
+    found: dict = {}
+    if scan_axes and all(unit in _LENGTH_M and step for step, unit in scan_axes):
+        ys, xs = (abs(step) * _LENGTH_M[unit] * 1e10 for step, unit in scan_axes)
+        if abs(ys - xs) <= 1e-6 * ys:
+            found["scan"] = {"shape": [int(n) for n in scan_shape], "step_ang": ys}
+    step, unit = detector_axis
+    if step and unit == "mrad":
+        found["dk_mrad"] = abs(step)
+    elif step and unit in _INVERSE_LENGTH_PER_ANG:
+        found["dk_inv_ang"] = abs(step) * _INVERSE_LENGTH_PER_ANG[unit]
+    return found
 
 
 def _emd_calibration(f: h5py.File, key: str) -> dict:
@@ -560,7 +566,6 @@ def _emd_calibration(f: h5py.File, key: str) -> dict:
     group = f[key.rsplit("/", 1)[0]]
     ndim = group["data"].ndim
     first = 0 if "dim0" in group else 1
-    found: dict = {}
 
     def step(i):
         dim = group.get(f"dim{i + first}")
@@ -571,18 +576,7 @@ def _emd_calibration(f: h5py.File, key: str) -> dict:
         values = np.asarray(dim[()], dtype=np.float64).reshape(-1)
         return float(values[1] - values[0]), unit
 
-    if ndim == 4:
-        steps = [step(0), step(1)]
-        if all(unit in _LENGTH_M and value for value, unit in steps):
-            ys, xs = (abs(value) * _LENGTH_M[unit] * 1e10 for value, unit in steps)
-            if abs(ys - xs) <= 1e-6 * ys:
-                found["scan"] = {"shape": [int(group["data"].shape[0]), int(group["data"].shape[1])], "step_ang": ys}
-    value, unit = step(ndim - 1)
-    if value:
-        if unit == "mrad":
-            found["dk_mrad"] = abs(value)
-        elif unit in _INVERSE_LENGTH_PER_ANG:
-            found["dk_inv_ang"] = abs(value) * _INVERSE_LENGTH_PER_ANG[unit]
+    found = _axes_calibration([step(0), step(1)] if ndim == 4 else None, group["data"].shape[:2], step(ndim - 1))
     calibration = group.parent.get("metadatabundle/calibration")
     if isinstance(calibration, h5py.Group):
         rotation = calibration.get("QR_rotation_degrees")
@@ -619,9 +613,8 @@ def file_calibration(data) -> dict:
     path = Path(data.path)
     fmt = data_format(data) if path.exists() else None
     if fmt == "emd":
-        key = _emd_data_key(path, getattr(data, "meas_key", None))
         with _open_hdf5(path) as f:
-            return _emd_calibration(f, key)
+            return _emd_calibration(f, _emd_data_key(f, path, getattr(data, "meas_key", None)))
     if fmt == "dm":
         return _dm_calibration(path, getattr(data, "meas_key", None))
     if fmt == "velox":
@@ -760,7 +753,9 @@ def open_patterns(data) -> PatternSource:
     if fmt == "mib":
         return _mib_source(path, data)
     if fmt == "emd":
-        return _hdf5_source(path, _emd_data_key(path, key))
+        with _open_hdf5(path) as f:
+            key = _emd_data_key(f, path, key)
+        return _hdf5_source(path, key)
     if fmt == "dm":
         return _dm_source(path, key)
     if fmt == "velox":

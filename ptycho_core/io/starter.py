@@ -36,9 +36,9 @@ def starter_config(report: dict, data_format: str = "auto", key: str | None = No
     if "dk_mrad" in calibration:
         lines.append(f"  dk_mrad: {calibration['dk_mrad']:.6g}  # stated by the file")
     elif "dk_inv_ang" in calibration and energy:
-        from ..physics import wavelength_ang
+        from ..physics import dk_mrad_from_inverse_length
 
-        dk_mrad = calibration["dk_inv_ang"] * wavelength_ang(energy) * 1e3
+        dk_mrad = dk_mrad_from_inverse_length(calibration["dk_inv_ang"], energy)
         lines.append(f"  dk_mrad: {dk_mrad:.6g}  # the file's {calibration['dk_inv_ang']:.6g} 1/Å per pixel at its energy")
     elif "dk_inv_ang" in calibration:
         lines.append(f"  # dk_mrad: the file states {calibration['dk_inv_ang']:.6g} 1/Å per pixel; with energy_kev it is "

@@ -422,6 +422,11 @@ class ReconParams(_Strict):
     batching: Literal["random", "compact", "sparse"] = Field(
         "random", description="random: any positions; compact: spatial neighbours; sparse: spread over the field")
     seed: int = Field(0, ge=0, description="batch order of iteration i depends only on (seed, i)")
+    validation_fraction: float = Field(0.0, ge=0.0, le=0.5, description=(
+        "fraction of the patterns held out of the optimizer (e.g. 0.05): picked from (positions, seed), one per "
+        "region of the scan, and scored after every iteration as validation_loss, the model's prediction of "
+        "patterns it was not fitted to. A score without ground truth for tuning (it rises when a setting fits "
+        "noise); 0: every pattern is fitted"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU, else cpu")
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="real precision of the tensors (complex ones follow); float64 for checks, 2x slower")

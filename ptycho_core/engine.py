@@ -20,7 +20,7 @@ import torch
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints
 from .distributed import Collective
-from .losses import BatchStats, total_loss
+from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
 from .model import PtychoAD
 
@@ -160,6 +160,20 @@ def batch_order(seed: int, iteration: int, n_positions: int, batch_size: int, mo
     raise ValueError(f"recon_params.batching: unknown mode '{mode}'")
 
 
+def held_out_indices(positions_px: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The validation patterns (recon_params.validation_fraction): sorted indices of about
+    ``fraction`` of the positions (N, 2), one drawn from each of as many spatially compact
+    clusters, so they spread evenly over the field and no region loses all of its data. Depends
+    only on (positions, fraction, seed): every resume holds out the same patterns."""
+    n = len(positions_px)
+    count = min(int(round(fraction * n)), n - 1)
+    if count < 1:
+        return np.zeros(0, dtype=np.int64)
+    clusters = compact_groups(np.asarray(positions_px, dtype=np.float64), math.ceil(n / count))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11D]))  # not the batch order's stream
+    return np.sort(np.array([c[rng.integers(len(c))] for c in clusters], dtype=np.int64))
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class EngineState:
@@ -192,6 +206,17 @@ class Problem:
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
     lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
     collective: Optional[Collective] = None  # several processes share each batch (recon_params.devices)
+    # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
+    validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _validation_mean: Optional[torch.Tensor] = None  # their mean measured intensity per pixel, once read
+
+    def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
+        """The patterns the optimizer sees, (N - held out,); None: all of them."""
+        if not len(self.validation_indices):
+            return None
+        keep = np.ones(n_positions, dtype=bool)
+        keep[self.validation_indices] = False
+        return np.flatnonzero(keep)
 
 
 def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
@@ -280,6 +305,40 @@ def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: 
                  f"{problem.micro_batches} parts (same steps, gradients summed)")
 
 
+def validation_loss(model: PtychoAD, problem: Problem) -> float:
+    """The weighted data terms (amplitude, poisson) of the held-out patterns, scored as one batch:
+    how well the model predicts patterns it was never fitted to. Regularizers and the batch-level
+    pacbed term are left out: they do not measure a prediction. Every process of a distributed run
+    scores its share and the shares are summed."""
+    weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+    held = torch.from_numpy(problem.validation_indices)
+    chunks = list(held.tensor_split(max(1, math.ceil(len(held) / problem.batch_size))))
+    collective = problem.collective
+    if collective is not None:
+        chunks = [collective.own(c) for c in chunks]
+    chunks = [c for c in chunks if len(c)]
+    device = problem.measurements.device
+    with torch.no_grad():
+        if problem._validation_mean is None:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            with problem.measurements.prefetch(chunks) as fed:
+                for meas in fed:
+                    total = total + meas.sum(dtype=torch.float64)
+            if collective is not None:
+                total = collective.sum(total)
+            pixels = len(held) * math.prod(model.window)
+            problem._validation_mean = (total / pixels).to(model.probe.dtype)
+        stats = BatchStats(size=len(held), meas_mean=problem._validation_mean, meas_pattern=None)
+        score = torch.zeros((), dtype=torch.float64, device=device)
+        with problem.measurements.prefetch(chunks) as fed:
+            for chunk, meas in zip(chunks, fed):
+                loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
+                score = score + loss.to(torch.float64)
+        if collective is not None:
+            score = collective.sum(score)
+    return float(score)
+
+
 def run_iterations(
     model: PtychoAD,
     optimizer: torch.optim.Optimizer,
@@ -295,6 +354,9 @@ def run_iterations(
     context = problem.context
     n = model.n_positions
     collective = problem.collective
+    trained = problem.training_indices(n)
+    n_trained = n if trained is None else len(trained)
+    positions = problem.positions_px if trained is None or problem.positions_px is None else problem.positions_px[trained]
 
     def stopping() -> bool:
         return collective.stop if collective is not None else stop_requested()
@@ -308,7 +370,9 @@ def run_iterations(
         factor = problem.lr_factor(iteration)
         for group in optimizer.param_groups:
             group["lr"] = group.get("base_lr", group["lr"]) * factor
-        batches = batch_order(problem.seed, iteration, n, problem.batch_size, problem.batching, problem.positions_px)
+        batches = batch_order(problem.seed, iteration, n_trained, problem.batch_size, problem.batching, positions)
+        if trained is not None:  # batches were drawn over the trained patterns: back to pattern indices
+            batches = [torch.from_numpy(trained[b.numpy()]) for b in batches]
         started = time.perf_counter()
         # loss sums stay on the device until the iteration ends (or stops): no host sync per batch.
         # float64, continuing from the floats a mid-iteration checkpoint holds, so a resumed
@@ -324,7 +388,7 @@ def run_iterations(
                 if collective is not None:
                     collective.vote = stop_requested()
                 parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn, batches[b])
-                weight = len(batches[b]) / n
+                weight = len(batches[b]) / n_trained
                 for key, value in parts.items():
                     weighted = value.detach().to(torch.float64) * weight
                     sums[key] = sums[key] + weighted if key in sums else weighted
@@ -345,6 +409,8 @@ def run_iterations(
             collective.share_model(model)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
+        if len(problem.validation_indices):
+            row["validation_loss"] = validation_loss(model, problem)
         row["seconds"] = time.perf_counter() - started
         state.iteration, state.batch_cursor, state.partial_loss = iteration, 0, {}
         state.record(row)

@@ -17,6 +17,10 @@ from .rundir import (
 )
 
 
+def _last(history: dict, column: str):
+    return history[column][-1] if history.get(column) else None
+
+
 def inspect_path(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -33,6 +37,7 @@ def inspect_path(path: str | Path) -> dict:
             "iteration": ckpt.iteration,
             "batch_cursor": ckpt.batch_cursor,
             "last_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+            "last_validation_loss": _last(ckpt.history, "validation_loss"),
             "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
             "optimizer": ckpt.optimizer_name,
             "optimizer_state_for": sorted(ckpt.optimizer_state),
@@ -52,6 +57,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         "finished": False,
         "segments_done": 0,
         "last_loss": None,
+        "last_validation_loss": None,  # recon_params.validation_fraction > 0: the held-out patterns' loss
         "checkpoints": checkpoint_summary(run_dir),
         "export": paths.result.is_dir(),
         "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
@@ -71,6 +77,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         finished=is_finished(config, ckpt),
         segments_done=sum(1 for e in all_ends if e <= done),
         last_loss=ckpt.history["loss"][-1] if ckpt and ckpt.history.get("loss") else None,
+        last_validation_loss=_last(ckpt.history, "validation_loss") if ckpt else None,
     )
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

@@ -45,6 +45,9 @@ class BatchStats:
         return cls(size=meas.shape[0], meas_mean=meas.mean(), meas_pattern=meas.mean(dim=0), pred_sum=pred_sum)
 
 
+# the terms that compare predicted with measured patterns one by one (a validation score uses these)
+DATA_TERMS = ("amplitude", "poisson")
+
 LossTerm = Callable[[torch.Tensor, torch.Tensor, BatchStats, object, torch.Tensor], torch.Tensor]
 LOSS_TERMS: dict[str, LossTerm] = {}
 

@@ -28,7 +28,15 @@ from .checkpoint import (
 from .config import ConfigError, PtyflowConfig
 from .constraints import DataContext
 from .distributed import Collective
-from .engine import EngineState, Problem, build_optimizer, compiled_forward_loss, forward_loss, run_iterations
+from .engine import (
+    EngineState,
+    Problem,
+    build_optimizer,
+    compiled_forward_loss,
+    forward_loss,
+    held_out_indices,
+    run_iterations,
+)
 from .io.preprocess import Preprocessed
 from .measurements import TierChoice, choose_tier, open_feed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
@@ -200,6 +208,7 @@ class Reconstruction:
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
             lr_factor=config.model_params.lr_schedule.factor,
             collective=collective,
+            validation_indices=held_out_indices(prep.geometry.positions_px, recon.validation_fraction, recon.seed),
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:

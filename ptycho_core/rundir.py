@@ -431,6 +431,9 @@ def run_summary(run_dir: str | Path, ckpt: Optional[Checkpoint] = None, prep=Non
         "run_dir": str(paths.root),
         "iteration": ckpt.iteration,
         "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+        # recon_params.validation_fraction: the score on held-out patterns, and where it was lowest
+        "validation_loss": ckpt.history["validation_loss"][-1] if ckpt.history.get("validation_loss") else None,
+        "best_validation_loss": min(ckpt.history["validation_loss"]) if ckpt.history.get("validation_loss") else None,
         "iterations": len(seconds),
         "seconds_in_iterations": float(sum(seconds)),
         "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0,

@@ -41,8 +41,9 @@ def raw_config(dataset: Path, devices, iterations=3, segment=3, every_loss=False
     # the batch-averaged term needs the whole batch's patterns and predictions. (phase_sparsity is
     # left out: its gradient is the sign of a phase that starts at 0, so rounding flips it; one
     # process splitting its batches in two differs by 8 % of the phase after 3 iterations too)
-    if every_loss:
+    if every_loss:  # and a held-out set, scored by both processes' shares
         raw["loss_params"] = {"pacbed": {"weight": 0.5}}
+        raw["recon_params"]["validation_fraction"] = 0.1
     return raw
 
 
@@ -76,7 +77,7 @@ def test_two_processes_take_the_steps_one_process_takes(tmp_path, small_multisli
     moved = {name for name, value in a.tensors.items() if not torch.equal(value, initial[name])}
     assert {"obja", "objp", "probe", "probe_pos_shifts"} <= moved  # the comparison covers tensors that changed
     assert_close(a.tensors, b.tensors)
-    for key in ("loss", "loss_amplitude", "loss_pacbed"):
+    for key in ("loss", "loss_amplitude", "loss_pacbed", "validation_loss"):
         assert b.history[key] == pytest.approx(a.history[key], rel=1e-5), key
     assert not rank_processes(two)
 

@@ -10,7 +10,8 @@ Layout (all arrays (..., y, x); attributes carry units):
   /positions_px          (N, 2) refined probe centres on the object canvas (px)
   /positions_px_initial  (N, 2) the same before refinement
   /obj_tilts_mrad        (1 or N, 2)
-  /loss/<column>         (iterations,) loss history per iteration (loss, loss_<term>, seconds)
+  /loss/<column>         (iterations,) loss history per iteration (loss, loss_<term>,
+                                   validation_loss when patterns were held out, seconds)
   /phase_sum             OME-NGFF 0.5 multiscale image (y, x): depth- and mode-0 summed phase
   /phase_slices          OME-NGFF 0.5 multiscale image (z, y, x): mode-0 phase per slice
 """
@@ -128,6 +129,8 @@ def _write_result(
         "versions": versions,
         "timings": timings,
         "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+        "final_validation_loss": (ckpt.history["validation_loss"][-1] if ckpt.history.get("validation_loss")
+                                  else None),
     }
     pause_point("export")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")

@@ -90,6 +90,8 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
         for column, values in hist.items():
             if column.startswith("loss"):
                 ax.semilogy(hist["iteration"], values, label="total" if column == "loss" else column[5:])
+        if hist.get("validation_loss"):
+            ax.semilogy(hist["iteration"], hist["validation_loss"], "k--", label="held-out patterns")
         ax.legend()
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
@@ -141,6 +143,8 @@ def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str
     hist = ckpt.history
     if hist.get("iteration"):
         ax.semilogy(hist["iteration"], hist["loss"], color="C0")
+        if hist.get("validation_loss"):
+            ax.semilogy(hist["iteration"], hist["validation_loss"], "k--")
     ax.set_xlabel("iteration", fontsize=8)
     ax.set_ylabel("loss", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -114,6 +114,9 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
 def _print_summary(summary: dict, seconds: float) -> None:
     out.print(f"reconstructed to iteration {summary['iteration']} in {seconds:.1f} s "
               f"(final loss {summary['final_loss']:.5g}, {summary['median_seconds_per_iteration']:.3f} s/iteration)")
+    if summary.get("validation_loss") is not None:
+        out.print(f"held-out patterns: validation loss {summary['validation_loss']:.5g} "
+                  f"(lowest {summary['best_validation_loss']:.5g})")
     if "phase_pearson" in summary:
         per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
         out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f}" + (f" (per slice: {per})" if per else ""))
@@ -171,11 +174,19 @@ def sweep(
         rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()))
     keys = list(spec_model.parameters)
     for row in rows:
-        values = ", ".join(f"{k}={row[k]}" for k in keys)
+        values = ", ".join(f"{k}={_short(row.get(k))}" for k in keys)
         loss = f"{row['final_loss']:.5g}" if row.get("final_loss") is not None else "-"
+        held_out = f", validation loss {row['validation_loss']:.5g}" if row.get("validation_loss") is not None else ""
         quality = f", phase Pearson {row['phase_pearson']:.3f}" if row.get("phase_pearson") is not None else ""
-        out.print(f"{row['point']}: {values}: {row['state']}, loss {loss}{quality}")
+        pruned = f" at iteration {row['pruned_at_iteration']}" if row.get("pruned_at_iteration") else ""
+        out.print(f"{row['point']}: {values}: {row['state']}{pruned}, loss {loss}{held_out}{quality}")
     out.print(f"table: {out_dir / 'sweep.csv'}   figure: {out_dir / 'sweep_phases.png'}")
+    if (out_dir / "best_config.yaml").is_file():
+        out.print(f"best trial's config: {out_dir / 'best_config.yaml'}   study: {out_dir / 'study_history.png'}")
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 @app.command()

@@ -4,7 +4,7 @@ run directory continues from the newest valid checkpoint; nothing finished is re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -25,6 +25,7 @@ from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_
 from tasks.export import export_results
 from tasks.preprocess import preprocess_data
 from tasks.segment import reconstruct_segment
+from tasks.tuning import report_to_trial
 
 
 def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
@@ -66,10 +67,13 @@ def close_abandoned_run(flow_run_id: str, holder: dict, run_dir: str, logger) ->
 
 
 @flow(name="reconstruct")
-def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None) -> dict:
+def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None,
+                trial: Optional[dict] = None) -> dict:
     """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README).
     ``devices``: instead of the config's recon_params.devices (the whole-node deployment gives
-    every run all of the node's GPUs)."""
+    every run all of the node's GPUs). ``trial``: this run is a trial of an optuna sweep
+    (ptycho_core.tuning.TrialLink); it reports its objective after every segment and ends early,
+    exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
     logger = get_run_logger()
     cfg = with_devices(resolve_config(config), devices)
     run_dir = str(Path(run_dir).resolve())
@@ -86,10 +90,17 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
         target = start_iteration(cfg) + cfg.recon_params.iterations
         logger.info("run %s: at iteration %d of %d, %d segment(s) to go", run_dir, done, target, len(ends))
         progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
+        pruned_at = None
         for end in ends:
             reconstruct_segment(run_dir, end)
             update_progress_artifact(progress_id, 100.0 * end / target)
+            if trial is not None and end < target and report_to_trial(trial, run_dir, end):
+                pruned_at = end
+                logger.info("trial %s pruned at iteration %d: its score is worse than the study's other trials",
+                            trial["trial_id"], end)
+                break
         summary = export_results(run_dir)
+        summary["pruned_at_iteration"] = pruned_at
     previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
     table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
     create_table_artifact(table, description=f"summary of {run_dir}")

@@ -4,10 +4,15 @@ With a server where the `reconstruct` deployment exists, every point is a child 
 the workers through run_deployment (Prefect's concurrency limits decide how many run at once);
 otherwise (embedded mode) the points run one after the other as subflows. Finished points are
 skipped, so rerunning a sweep completes only what is missing.
+
+Mode optuna asks an Optuna study for the points instead (ptycho_core.tuning): each trial is a
+reconstruct run that reports its objective at its segment ends, where the study's pruner may stop
+it; a rerun continues the study in its database.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -19,8 +24,16 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from flows.reconstruct import reconstruct, resolve_config
-from ptycho_core.rundir import finished, run_summary
-from ptycho_core.sweep import load_sweep_spec, point_config, point_name, sweep_points, write_summary
+from ptycho_core.rundir import Preempted, finished, run_summary
+from ptycho_core.sweep import (
+    SweepSpec,
+    corner_points,
+    load_sweep_spec,
+    point_config,
+    point_name,
+    sweep_points,
+    write_summary,
+)
 
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
 
@@ -64,10 +77,12 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     logger = get_run_logger()
     base = resolve_config(base_config)
     sweep_spec = load_sweep_spec(spec)
-    points = sweep_points(sweep_spec)
     out = Path(out_dir).resolve()
-    configs = [point_config(base, point) for point in points]  # every point is validated up front
     use_workers = bool(deployment) and deployment_exists(deployment)
+    if sweep_spec.mode == "optuna":
+        return tune(base, sweep_spec, out, deployment if use_workers else None)
+    points = sweep_points(sweep_spec)
+    configs = [point_config(base, point) for point in points]  # every point is validated up front
     logger.info("sweep of %d points into %s (%s)", len(points), out,
                 f"child runs of {deployment}" if use_workers else "subflows in this process")
     rows, submitted = [], {}
@@ -102,4 +117,111 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     table = [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()} for row in rows]
     create_table_artifact(table, description=f"sweep {out}: {files['csv']}, {files['figure']}")
     logger.info("sweep table %s, figure %s", files["csv"], files["figure"])
+    return rows
+
+
+def trial_config(base, spec: SweepSpec, point: dict):
+    """The base config with a trial's values, holding out spec.validation_fraction of the patterns
+    when the objective is the validation loss and the base config holds out none."""
+    cfg = point_config(base, point)
+    if spec.objective == "validation_loss" and not cfg.recon_params.validation_fraction:
+        cfg = point_config(cfg, {"recon_params.validation_fraction": spec.validation_fraction})
+    return cfg
+
+
+def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[dict]:
+    """Mode optuna: run trials until the study holds spec.n_trials finished (complete or pruned)
+    ones. Trials run as child runs of ``deployment`` on the workers (spec.parallel at a time) or,
+    without one, one after the other in this process."""
+    import optuna
+
+    from ptycho_core import tuning
+    from ptycho_core.simulate import read_ground_truth
+
+    logger = get_run_logger()
+    ranges = spec.ranges()
+    for point in corner_points(spec):  # every key and the ends of every range, before any trial
+        trial_config(base, spec, point)
+    if spec.objective == "phase_pearson":
+        try:
+            read_ground_truth(base.data.path)
+        except (OSError, KeyError):
+            from ptycho_core.config import ConfigError
+
+            raise ConfigError(f"sweep spec objective phase_pearson: {base.data.path} holds no ground truth; "
+                              "use objective validation_loss") from None
+    pruning = tuning.pruner_settings(spec, base.recon_params.segment_iterations, base.recon_params.iterations)
+    study = tuning.open_study(spec, out, pruning)
+    released = tuning.release_abandoned(study)
+    if released:
+        logger.warning("trials %s had lost their sweep process; they run again from their checkpoints", released)
+    remaining = spec.n_trials - len(tuning.finished_trials(study))
+    logger.info("study %s in %s: %d of %d trials to go (%s)", study.study_name, tuning.storage_url(spec, out),
+                max(remaining, 0), spec.n_trials, f"child runs of {deployment}" if deployment else "in this process")
+    context = contextvars.copy_context()  # the flow run context, for trials in optuna's threads
+
+    def objective(trial) -> float:
+        tuning.claim(trial)
+        point = tuning.suggest(trial, ranges)
+        cfg = trial_config(base, spec, point)
+        run_dir = Path(trial.user_attrs.get("run_dir") or out / point_name(trial.number, point).replace("point", "trial"))
+        trial.set_user_attr("run_dir", str(run_dir))
+        link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial._trial_id, spec.objective,
+                                spec.pruner, pruning).to_dict()
+        if deployment:
+            run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir), "trial": link},
+                                 flow_run_name=f"{out.name}-trial-{trial.number}", timeout=0, as_subflow=True,
+                                 idempotency_key=f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}")
+            trial.set_user_attr("flow_run_id", str(run.id))
+            run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]
+            if not run.state.is_completed():
+                raise RuntimeError(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
+        else:
+            state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
+            if not state.is_completed():
+                error = state.result(raise_on_failure=False)
+                if isinstance(error, Preempted):
+                    # run it again, from its checkpoint, when the sweep is rerun
+                    study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+                    raise error
+                raise RuntimeError(f"trial {trial.number}: {error}")
+        pruned_at = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned_at_iteration")
+        if pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned at iteration {pruned_at}")
+        value = tuning.objective_value(run_summary(run_dir), spec.objective)
+        if value is None:
+            raise RuntimeError(f"trial {trial.number}: {run_dir} has no {spec.objective}")
+        return value
+
+    if remaining > 0:
+        stop_when_done = optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                               optuna.trial.TrialState.PRUNED))
+        study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
+                       n_jobs=spec.parallel if deployment else 1, catch=(RuntimeError,), callbacks=[stop_when_done])
+    rows = study_rows(study, list(ranges), spec.objective)
+    files = write_summary(out, rows, list(ranges))
+    files.update(tuning.write_study_report(study, out, base, spec, rows))
+    table = [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()} for row in rows]
+    create_table_artifact(table, description=f"optuna study {study.study_name} ({out}): best {files.get('best_config')}")
+    logger.info("study table %s, best trial's config %s", files["csv"], files.get("best_config"))
+    return rows
+
+
+def study_rows(study, keys: list[str], objective: str) -> list[dict]:
+    """One row per trial: its values, state, objective and run directory's summary."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        run_dir = trial.user_attrs.get("run_dir")
+        row = {"point": f"trial_{trial.number:03d}", **{k: trial.params.get(k) for k in keys},
+               "state": trial.state.name, "objective": trial.value,
+               "pruned_at_iteration": trial.user_attrs.get("pruned_at_iteration"), "run_dir": run_dir,
+               "seconds": trial.duration.total_seconds() if trial.duration else None}
+        if run_dir:
+            try:
+                summary = run_summary(run_dir)
+                row.update(iteration=summary["iteration"], final_loss=summary["final_loss"],
+                           validation_loss=summary.get("validation_loss"), phase_pearson=summary.get("phase_pearson"))
+            except Exception as exc:  # a trial that failed early has no checkpoint: reported, not fatal
+                row["error"] = str(exc)
+        rows.append(row)
     return rows

@@ -3,13 +3,17 @@
 A sweep spec (YAML)::
 
     mode: grid            # grid: every combination; list: the i-th value of every key together;
-                          # random: n draws, each key's value picked from its list
+                          # random: n draws, each key's value picked from its list;
+                          # optuna: an adaptive study (see ptycho_core.tuning)
     n: 4                  # for random
-    seed: 0               # for random
+    seed: 0               # for random, and optuna's sampler
     wait_hours: 48        # how long to wait for points running on workers
     parameters:
       model_params.update_params.probe.lr: [1.0e-4, 3.0e-4]
       init.object.n_slices: [1, 4]
+
+In mode optuna a parameter is a range, ``{low: 1.0e-3, high: 1.0e-1, log: true}`` (integers when
+low and high are; ``step`` optional), or a list of choices; the study's settings are below.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import yaml
@@ -29,29 +33,98 @@ from .config import ConfigError, PtyflowConfig, config_from_dict, set_dotted
 from .reconstruction import scanned_field_box
 
 
+class Range(BaseModel):
+    """A parameter's range in an optuna study: low..high (floats, or integers when both are), on a
+    log scale or in steps; or a list of choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: Optional[Union[int, float]] = Field(None, description="smallest value, e.g. 1.0e-4")
+    high: Optional[Union[int, float]] = Field(None, description="largest value, e.g. 1.0e-1")
+    log: bool = Field(False, description="sample on a log scale (learning rates)")
+    step: Optional[Union[int, float]] = Field(None, gt=0, description="values low, low+step, ... only")
+    choices: Optional[list[Any]] = Field(None, description="categorical values instead of a range, e.g. [1, 2, 4]")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Range":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices: empty list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (or choices)")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: low must be > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and isinstance(self.step or 1, int)
+
+    def corners(self) -> list[Any]:
+        """Values that reach every kind of value the range can take (checked before a trial runs)."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+OBJECTIVES = {"validation_loss": "minimize", "phase_pearson": "maximize"}
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["grid", "list", "random"] = "grid"
-    parameters: dict[str, list[Any]] = Field(description="dotted config key -> values")
+    mode: Literal["grid", "list", "random", "optuna"] = "grid"
+    parameters: dict[str, Union[list[Any], Range]] = Field(description=(
+        "dotted config key -> list of values (grid, list, random) or a Range (optuna)"))
     n: Optional[int] = Field(None, ge=1, description="number of points in random mode")
     seed: int = 0
     wait_hours: float = Field(48.0, gt=0, description=(
         "how long the sweep waits for its points' flow runs on the workers (h); a point not finished by then "
         "is reported with its state, the sweep does not hang"))
+    # ---- mode optuna
+    n_trials: Optional[int] = Field(None, ge=1, description="trials that finish (complete or pruned), e.g. 20")
+    objective: Literal["validation_loss", "phase_pearson"] = Field("validation_loss", description=(
+        "validation_loss (minimized): the held-out patterns' loss, needs no ground truth; phase_pearson "
+        "(maximized): against the ground truth of simulated data"))
+    validation_fraction: float = Field(0.05, gt=0, le=0.5, description=(
+        "recon_params.validation_fraction of every trial when the base config holds out nothing"))
+    sampler: Literal["tpe", "random", "qmc", "gp", "cmaes"] = Field("tpe", description="optuna sampler")
+    sampler_options: dict[str, Any] = Field(default_factory=dict, description="its arguments, e.g. n_startup_trials: 5")
+    pruner: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = Field(
+        "median", description="stops poor trials at segment ends (recon_params.segment_iterations)")
+    pruner_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "its arguments, e.g. n_startup_trials: 2 (median defaults here: 2 startup trials, no warm-up)"))
+    storage: Optional[str] = Field(None, description=(
+        "SQLAlchemy URL of the study database, e.g. postgresql://user@db/ptyflow; null: sqlite file study.db in "
+        "the sweep's folder. Sweeps naming the same storage and study_name share one study"))
+    study_name: Optional[str] = Field(None, description="null: the sweep folder's name")
+    parallel: int = Field(1, ge=1, description="trials in flight at once when they run on workers")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSpec":
         if not self.parameters:
             raise ValueError("parameters: give at least one dotted key with a list of values")
         for key, values in self.parameters.items():
-            if not values:
+            if isinstance(values, Range) and self.mode != "optuna":
+                raise ValueError(f"parameters.{key}: mode {self.mode} takes a list of values, a range needs mode optuna")
+            if isinstance(values, list) and not values:
                 raise ValueError(f"parameters.{key}: empty list of values")
         if self.mode == "list" and len({len(v) for v in self.parameters.values()}) != 1:
             raise ValueError("mode list: every parameter needs the same number of values")
         if self.mode == "random" and self.n is None:
             raise ValueError("mode random: give n, the number of points")
+        if self.mode == "optuna" and self.n_trials is None:
+            raise ValueError("mode optuna: give n_trials, the number of trials")
         return self
+
+    def ranges(self) -> dict[str, Range]:
+        """mode optuna: every parameter as a Range (a list is a list of choices)."""
+        return {k: v if isinstance(v, Range) else Range(choices=v) for k, v in self.parameters.items()}
 
 
 def load_sweep_spec(source: str | Path | dict) -> SweepSpec:
@@ -66,6 +139,14 @@ def load_sweep_spec(source: str | Path | dict) -> SweepSpec:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"sweep spec: {problems}") from None
+
+
+def corner_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """mode optuna: points that take every range's low and high and every choice, so that a key or
+    a value the config refuses is found before any trial runs."""
+    ranges = spec.ranges()
+    count = max(len(r.corners()) for r in ranges.values())
+    return [{k: r.corners()[min(i, len(r.corners()) - 1)] for k, r in ranges.items()} for i in range(count)]
 
 
 def sweep_points(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -98,7 +179,8 @@ def point_config(base: PtyflowConfig, point: dict[str, Any]) -> PtyflowConfig:
 def write_summary(out_dir: Path, rows: list[dict[str, Any]], keys: list[str]) -> dict[str, Path]:
     """sweep.csv and sweep_phases.png (the phase of every point side by side)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["point", *keys, "state", "iteration", "final_loss", "phase_pearson", "seconds", "run_dir"]
+    columns = ["point", *keys, "state", "objective", "pruned_at_iteration", "iteration", "final_loss",
+               "validation_loss", "phase_pearson", "seconds", "run_dir"]
     with open(out_dir / "sweep.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -123,8 +205,8 @@ def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> N
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, row in zip(axes.ravel(), rows):
-        result = Path(row["run_dir"]) / "result.zarr"
-        if result.is_dir():
+        result = Path(row["run_dir"]) / "result.zarr" if row.get("run_dir") else None
+        if result is not None and result.is_dir():
             root = zarr.open_group(str(result), mode="r")
             phase = np.asarray(root["object_phase"][0]).sum(0)
             image = phase[scanned_field_box(np.asarray(root["positions_px_initial"][:]), phase.shape)]
@@ -132,6 +214,8 @@ def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> N
         label = "\n".join(f"{k.split('.')[-2] if k.count('.') else ''}.{k.split('.')[-1]}={row.get(k)}".lstrip(".")
                           for k in keys)
         loss = row.get("final_loss")
+        if row.get("pruned_at_iteration"):
+            label += f"\npruned at {row['pruned_at_iteration']}"
         ax.set_title(f"{row['point']}\n{label}\nloss {loss:.4g}" if loss is not None else f"{row['point']}\n{label}",
                      fontsize=8)
     fig.savefig(path, dpi=90)

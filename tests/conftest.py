@@ -65,6 +65,15 @@ def prefect_api():
 
 
 @pytest.fixture
+def in_prefect(prefect_api):
+    """Flows called in this process report to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        yield
+
+
+@pytest.fixture
 def run_cli(prefect_api):
     def run(*args, timeout=300):
         env = {**os.environ, "PREFECT_API_URL": prefect_api}

@@ -8,15 +8,6 @@ import pytest
 import yaml
 
 
-
-@pytest.fixture
-def in_prefect(prefect_api):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        yield
-
-
 def short_config(config_path, iterations=2):
     raw = yaml.safe_load(config_path.read_text())
     raw["data"]["path"] = str(config_path.parent / raw["data"]["path"])

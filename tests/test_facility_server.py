@@ -29,7 +29,8 @@ def flow_runs(env, flow_name):
         "    print(json.dumps([dict(name=r.name, state=r.state.name if r.state else None,\n"
         "        expected=r.expected_start_time.timestamp() if r.expected_start_time else None,\n"
         "        start=r.start_time.timestamp() if r.start_time else None,\n"
-        "        end=r.end_time.timestamp() if r.end_time else None, run_dir=r.parameters.get('run_dir'))\n"
+        "        end=r.end_time.timestamp() if r.end_time else None, run_dir=r.parameters.get('run_dir'),\n"
+        "        trial=r.parameters.get('trial'))\n"
         "        for r in runs]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -75,18 +76,55 @@ def test_sweep_on_a_server_respects_the_concurrency_limit(tmp_path, server, smal
         assert sweep.stdout.count(": Completed, loss") == 3, sweep.stdout
         children = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/sweep/" in r["run_dir"]]
         assert len(children) == 3 and {r["state"] for r in children} == {"Completed"}
-        events = sorted([(r["start"], 1) for r in children] + [(r["end"], -1) for r in children])
-        running, most = 0, 0
-        for _, step in events:
-            running += step
-            most = max(most, running)
-        assert most == 2, events
+        assert most_at_once(children) == 2, children
         assert (tmp_path / "sweep" / "sweep.csv").is_file() and (tmp_path / "sweep" / "sweep_phases.png").is_file()
         latency = [r["start"] - r["expected"] for r in children]
         overhead = [r["end"] - r["start"] for r in children]
         print(f"sweep: {sweep_seconds:.1f} s wall; trigger-to-running {min(latency):.1f}-{max(latency):.1f} s; "
               f"child run wall {min(overhead):.1f}-{max(overhead):.1f} s")
 
+    finally:
+        stop(worker)
+
+
+def most_at_once(runs):
+    events = sorted([(r["start"], 1) for r in runs] + [(r["end"], -1) for r in runs])
+    running, most = 0, 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_an_optuna_sweep_runs_its_trials_as_child_runs_under_the_pool_limit(tmp_path, server, small_dataset):
+    """Two trials in flight (spec parallel: 2), pool concurrency 1: the trials are reconstruct
+    child runs on the worker, one at a time, each reporting to the study in the SQLite file."""
+    import optuna
+
+    env = server
+    base = short_config(small_dataset, tmp_path)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    assert prefect("work-pool", "set-concurrency-limit", "ptyflow", "1", env=env).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    out = tmp_path / "study"
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"mode": "optuna", "n_trials": 3, "parallel": 2, "parameters": {
+            "model_params.update_params.objp.lr": {"low": 2e-3, "high": 2e-2, "log": True}}}))
+        sweep = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(base), str(spec), "--out", str(out)],
+                               env=env, capture_output=True, text=True, timeout=900)
+        assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+        children = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
+        assert len(children) == 3 and {r["state"] for r in children} == {"Completed"}, children
+        assert all(r["trial"] and r["trial"]["storage"] == f"sqlite:///{out / 'study.db'}" for r in children)
+        assert most_at_once(children) == 1
+        trials = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+        assert {t.user_attrs["run_dir"] for t in trials} == {r["run_dir"] for r in children}
+        assert all(len(t.intermediate_values) == 1 for t in trials)  # reported at iteration 3 of 6, from the worker
+        assert (out / "best_config.yaml").is_file()
     finally:
         stop(worker)
 

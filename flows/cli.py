@@ -185,10 +185,6 @@ def sweep(
         out.print(f"best trial's config: {out_dir / 'best_config.yaml'}   study: {out_dir / 'study_history.png'}")
 
 
-def _short(value):
-    return f"{value:.4g}" if isinstance(value, float) else value
-
-
 @app.command()
 def simulate(
     out_dir: Path = typer.Option(..., "--out", help="folder for data.h5 and config.yaml"),

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from flows.reconstruct import reconstruct, resolve_config
 from ptycho_core.rundir import Preempted, finished, run_summary
 from ptycho_core.sweep import (
+    OBJECTIVES,
     SweepSpec,
     corner_points,
     load_sweep_spec,
@@ -120,6 +121,11 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     return rows
 
 
+class TrialFailed(Exception):
+    """A trial's run failed (recorded as FAIL in the study; the study goes on). Not a RuntimeError,
+    so that a preemption (rundir.Preempted) still stops the sweep."""
+
+
 def trial_config(base, spec: SweepSpec, point: dict):
     """The base config with a trial's values, holding out spec.validation_fraction of the patterns
     when the objective is the validation loss and the base config holds out none."""
@@ -175,7 +181,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
             trial.set_user_attr("flow_run_id", str(run.id))
             run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]
             if not run.state.is_completed():
-                raise RuntimeError(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
+                raise TrialFailed(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
         else:
             state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
             if not state.is_completed():
@@ -184,25 +190,29 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
                     # run it again, from its checkpoint, when the sweep is rerun
                     study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
                     raise error
-                raise RuntimeError(f"trial {trial.number}: {error}")
+                raise TrialFailed(f"trial {trial.number}: {error}")
         pruned_at = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned_at_iteration")
         if pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at iteration {pruned_at}")
         value = tuning.objective_value(run_summary(run_dir), spec.objective)
         if value is None:
-            raise RuntimeError(f"trial {trial.number}: {run_dir} has no {spec.objective}")
+            raise TrialFailed(f"trial {trial.number}: {run_dir} has no {spec.objective}")
         return value
 
     if remaining > 0:
         stop_when_done = optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                                optuna.trial.TrialState.PRUNED))
         study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
-                       n_jobs=spec.parallel if deployment else 1, catch=(RuntimeError,), callbacks=[stop_when_done])
+                       n_jobs=spec.parallel if deployment else 1, catch=(TrialFailed,), callbacks=[stop_when_done])
     rows = study_rows(study, list(ranges), spec.objective)
     files = write_summary(out, rows, list(ranges))
     files.update(tuning.write_study_report(study, out, base, spec, rows))
     table = [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()} for row in rows]
-    create_table_artifact(table, description=f"optuna study {study.study_name} ({out}): best {files.get('best_config')}")
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["objective"] is not None]
+    best = (min if OBJECTIVES[spec.objective] == "minimize" else max)(complete, key=lambda r: r["objective"]) if complete else None
+    verdict = (f"best {best['point']}, {spec.objective} {best['objective']:.5g}, "
+               f"{ {k: best[k] for k in ranges} }, config {files['best_config']}" if best else "no complete trial")
+    create_table_artifact(table, description=f"optuna study {study.study_name} ({out}): {verdict}")
     logger.info("study table %s, best trial's config %s", files["csv"], files.get("best_config"))
     return rows
 

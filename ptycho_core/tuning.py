@@ -80,7 +80,6 @@ def study_name(spec: SweepSpec, out_dir: Path) -> str:
 
 def open_storage(url: str, heartbeat: bool = True):
     """Optuna's RDB storage at ``url``; one message naming the URL when it cannot be opened."""
-    import optuna
     from optuna.storages import RDBStorage
 
     quiet_optuna()
@@ -120,11 +119,15 @@ def make_pruner(name: str, options: dict):
         raise ConfigError(f"sweep spec pruner_options: optuna's {PRUNERS[name]} refused them ({exc})") from None
 
 
-def make_sampler(spec: SweepSpec):
+def make_sampler(spec: SweepSpec, trials_so_far: int = 0):
+    """The spec's sampler, seeded with (seed, trials already in the study): a new study is
+    reproducible, and a continued one does not replay the draws of the process before it."""
+    import numpy as np
     import optuna
 
     cls = getattr(optuna.samplers, SAMPLERS[spec.sampler])
-    options = {"seed": spec.seed, **spec.sampler_options}
+    seed = int(np.random.SeedSequence([spec.seed, trials_so_far]).generate_state(1)[0]) if trials_so_far else spec.seed
+    options = {"seed": seed, **spec.sampler_options}
     try:
         return cls(**options)
     except (TypeError, ValueError, ImportError) as exc:
@@ -137,11 +140,15 @@ def open_study(spec: SweepSpec, out_dir: Path, pruner_options: dict):
 
     storage = open_storage(storage_url(spec, out_dir))
     try:
-        return optuna.create_study(storage=storage, study_name=study_name(spec, out_dir), load_if_exists=True,
-                                   direction=OBJECTIVES[spec.objective], sampler=make_sampler(spec),
-                                   pruner=make_pruner(spec.pruner, pruner_options))
+        study = optuna.create_study(storage=storage, study_name=study_name(spec, out_dir), load_if_exists=True,
+                                    direction=OBJECTIVES[spec.objective], sampler=make_sampler(spec),
+                                    pruner=make_pruner(spec.pruner, pruner_options))
     except ValueError as exc:  # e.g. the stored study optimizes in the other direction
         raise ConfigError(f"sweep spec study_name {study_name(spec, out_dir)}: {exc}") from None
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler(spec, existing)
+    return study
 
 
 def suggest(trial, ranges: dict[str, Range]) -> dict[str, Any]:

@@ -136,8 +136,51 @@ def test_a_killed_sweep_reruns_into_the_same_study(tmp_path, noisy_base, prefect
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"], trials
     retried = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
     assert retried.params == trials[1].params and retried.user_attrs["run_dir"] == str(interrupted)
+    # the rerun's sampler does not replay the killed process's draws
+    assert trials[3].params not in (trials[0].params, trials[1].params)
     checkpoints = sorted((interrupted / "checkpoints").glob("*.h5"))
     assert checkpoints[0].stat().st_mtime < killed_at  # continued from what the killed run had written
     assert newest_checkpoint(interrupted).iteration == 8
     assert mtimes(out)[next(out.glob("trial_000_*")).name] == done_before
     assert "lost their sweep process" in rerun.stderr + rerun.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_study_and_the_rerun_continues_the_trial(tmp_path, noisy_base, prefect_api):
+    """SIGTERM to `ptyflow sweep` (a preemption): the trial's run checkpoints and the sweep exits 143
+    instead of going on to the next trial; the rerun continues that trial from its checkpoint."""
+    out = tmp_path / "preempted"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec(n_trials=2, pruner="none")))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    # checkpoint writes pause, and the signal comes in the first (inside the segment, where the run
+    # owns SIGTERM), not between two stages of the run
+    first = subprocess.Popen(cli("sweep", noisy_base, spec_path, "--out", out), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**env, "PTYFLOW_FAULT_PAUSE": "checkpoint_write:3"})
+    try:
+        lines = []
+        for line in first.stdout:
+            lines.append(line)
+            # config.yaml and preprocessed.h5 are written the same way, before the segment
+            if "fault-pause: checkpoint_write" in line and any(out.glob("trial_000_*/checkpoints")):
+                first.send_signal(signal.SIGTERM)
+                break
+        output = "".join(lines) + first.communicate(timeout=120)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, output
+    assert "rerun the same command to resume" in output
+    interrupted = next(out.glob("trial_000_*"))
+    stopped_at = newest_checkpoint(interrupted).iteration
+    assert stopped_at < 8 and not list(out.glob("trial_001_*"))
+    assert [t.state.name for t in study_trials(out)] == ["FAIL", "WAITING"]
+
+    rerun = subprocess.run(cli("sweep", noisy_base, spec_path, "--out", out), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = study_trials(out)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["run_dir"] == str(interrupted) and trials[1].params == trials[0].params
+    ckpt = newest_checkpoint(interrupted)
+    assert ckpt.iteration == 8 and len(ckpt.history["loss"]) == 8

@@ -191,6 +191,10 @@ def write_summary(out_dir: Path, rows: list[dict[str, Any]], keys: list[str]) ->
     return {"csv": out_dir / "sweep.csv", "figure": figure}
 
 
+def _short(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
 def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
     import zarr
 
@@ -211,8 +215,8 @@ def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> N
             phase = np.asarray(root["object_phase"][0]).sum(0)
             image = phase[scanned_field_box(np.asarray(root["positions_px_initial"][:]), phase.shape)]
             ax.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
-        label = "\n".join(f"{k.split('.')[-2] if k.count('.') else ''}.{k.split('.')[-1]}={row.get(k)}".lstrip(".")
-                          for k in keys)
+        label = "\n".join(f"{k.split('.')[-2] if k.count('.') else ''}.{k.split('.')[-1]}={_short(row.get(k))}"
+                          .lstrip(".") for k in keys)
         loss = row.get("final_loss")
         if row.get("pruned_at_iteration"):
             label += f"\npruned at {row['pruned_at_iteration']}"

@@ -11,6 +11,14 @@ iterations 2..N. After the side-by-side cases, a scaling table (ptyflow and the 
 one factor at a time from the small case: patterns, batch size, slices, probe modes
 (--no-scaling skips it). Writes results.json and results.md to --out.
 
+--user-path measures what users run instead: `ptyflow run` end to end per case, with a fresh
+Prefect home, again with that home warm, and against a running Prefect server, beside the
+in-process core on the same data and settings. It splits the wall time by the run's own timing
+line (start-up and imports; server start; preprocessing; iterations; the rest of the segments:
+set-up, checkpoints, figures; export and figures; Prefect; server stop; what remains is process
+start and exit) and samples the summed memory of the whole process tree (ptyflow and its
+embedded server) every 50 ms. Writes user_path.json and user_path.md.
+
 --devices N measures one reconstruction on 1, 2, 4 ... N processes instead (recon_params.devices:
 'cpu:k' on the CPU, k GPUs on CUDA), through the segment the pipeline runs (rundir.run_segment,
 helper ranks included), and reports speed-up and efficiency per case; on the CPU the machine's
@@ -189,9 +197,21 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=None,
                         help="measure 1, 2, 4 ... N processes per reconstruction instead (recon_params.devices)")
     parser.add_argument("--batch", type=int, default=None, help="with --devices: the batch size of every case")
+    parser.add_argument("--user-path", action="store_true",
+                        help="time `ptyflow run` end to end (fresh/warm Prefect home, a running server)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.user_path:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure_user_path(Path(tmp), args)
+        meta = {"python": platform.python_version(), "device": args.device, "threads": args.threads,
+                "iterations": args.iterations, "date": time.strftime("%Y-%m-%d %H:%M")}
+        (out / "user_path.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        text = user_path_markdown(rows, meta)
+        (out / "user_path.md").write_text(text)
+        print(text)
+        return
     if args.devices:
         import os
 
@@ -391,6 +411,151 @@ def markdown(rows: list[dict], meta: dict) -> str:
                  f"{ours['peak_bytes'] / 1e6:.0f}", f"{peer['peak_bytes'] / 1e6:.0f}" if peer else "-",
                  f"{per_pattern_kb(ours):.0f}", f"{per_pattern_kb(peer):.0f}" if peer else "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+# --------------------------------------------------------------------------- the user's path
+def tree_rss_bytes(root_pid: int) -> int:
+    """Summed resident memory of a process and all its descendants (Linux /proc)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    total, pending = 0, [root_pid]
+    while pending:
+        pid = pending.pop()
+        total += rss.get(pid, 0)
+        pending += children.get(pid, [])
+    return total
+
+
+def timed_cli_run(config: Path, run_dir: Path, env: dict) -> dict:
+    """`ptyflow run` as a user starts it; wall time, the run's timing line and the peak memory of
+    its process tree."""
+    import re
+    import threading
+
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run_dir)],
+                            env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptyflow run failed ({proc.returncode}): {stderr[-2000:]}")
+    line = next(x for x in stdout.splitlines() if x.startswith("timing: "))
+    parts = {name: float(value) for name, value in re.findall(r"([A-Za-z][A-Za-z ,-]*?) ([0-9.]+) s", line[8:])}
+    parts = {name.strip(", "): value for name, value in parts.items()}
+    parts["process start and exit"] = wall - sum(parts.values())
+    return {"wall_seconds": wall, "parts": parts, "fixed_seconds": wall - parts["iterations"],
+            "peak_tree_bytes": peak[0]}
+
+
+def measure_user_path(tmp: Path, args) -> list[dict]:
+    """Per case: the in-process core, then `ptyflow run` with a fresh Prefect home, the same home
+    warm, and against a running server (all on the same data and settings)."""
+    import os
+
+    import yaml
+
+    import socket
+
+    import httpx
+
+    from ptycho_core.config import set_dotted
+
+    rows = []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = tmp / "server-home"
+    server_env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                  "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for name in args.cases.split(","):
+            scan, det, slices, modes, batch = CASES[name]
+            dataset = make_dataset(name, tmp)
+            raw = yaml.safe_load(dataset.read_text())
+            for key, value in equivalent_overrides(args.iterations, args.device, modes, batch).items():
+                set_dotted(raw, key, value)
+            raw["recon_params"]["threads"] = args.threads
+            raw["data"]["path"] = str(dataset.parent / raw["data"]["path"])
+            config = tmp / f"{name}-user.yaml"
+            config.write_text(yaml.safe_dump(raw))
+            core = run_child("ptyflow", dataset, args.iterations, args.device, modes, batch, args.threads)
+            row = {"case": name, "patterns": scan[0] * scan[1], "iterations": args.iterations,
+                   "in_process_seconds_per_iteration": core["seconds_per_iteration"],
+                   "in_process_peak_bytes": core["peak_bytes"]}
+            fresh_home = tmp / f"home-{name}"
+            embedded = {**os.environ, "PREFECT_HOME": str(fresh_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+            embedded.pop("PREFECT_API_URL", None)
+            for mode, env in (("fresh home", embedded), ("warm home", embedded), ("running server", server_env)):
+                if mode == "running server":
+                    _wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200)
+                result = timed_cli_run(config, tmp / f"run-{name}-{mode.replace(' ', '-')}", env)
+                result["seconds_per_iteration"] = result["parts"]["iterations"] / args.iterations
+                row[mode] = result
+                print(json.dumps({"case": name, "mode": mode, **result}), flush=True)
+            rows.append(row)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return rows
+
+
+def _wait_for(predicate, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the Prefect server did not come up")
+
+
+def user_path_markdown(rows: list[dict], meta: dict) -> str:
+    modes = ("fresh home", "warm home", "running server")
+    lines = [f"`ptyflow run` end to end beside the in-process core ({meta['device']}, {meta['threads']} threads, "
+             f"{meta['iterations']} iterations, {meta['date']}). Fixed cost = wall time minus the iterations.", "",
+             "| case | in-process s/it | " + " | ".join(f"{m}: s/it, fixed s, peak MB" for m in modes) + " |",
+             "|---|---|" + "---|" * len(modes)]
+    for row in rows:
+        cells = [f"{row[m]['seconds_per_iteration']:.3f}, {row[m]['fixed_seconds']:.1f}, "
+                 f"{row[m]['peak_tree_bytes'] / 1e6:.0f}" for m in modes]
+        lines.append(f"| {row['case']} | {row['in_process_seconds_per_iteration']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the fixed cost goes (s):", ""]
+    names = list(rows[0]["warm home"]["parts"])
+    lines += ["| case, mode | " + " | ".join(n for n in names if n != "iterations") + " |",
+              "|---|" + "---|" * (len(names) - 1)]
+    for row in rows:
+        for m in modes:
+            parts = row[m]["parts"]
+            lines.append(f"| {row['case']}, {m} | " + " | ".join(f"{parts[n]:.2f}" for n in names if n != "iterations")
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

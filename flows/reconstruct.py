@@ -3,6 +3,7 @@ run directory continues from the newest valid checkpoint; nothing finished is re
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Union
 from uuid import UUID
@@ -83,7 +84,10 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
     with run_lock(run_dir, owner=me) as stale:
         if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):
             close_abandoned_run(stale["flow_run_id"], stale, run_dir, logger)
+        clock = time.perf_counter()
         preprocess_data(cfg.to_dict(), run_dir)
+        stage_seconds = {"preprocess": time.perf_counter() - clock, "iterations": 0.0, "segments": 0.0,
+                         "trial_reports": 0.0}
         newest = newest_checkpoint(run_dir, warn=logger.warning)
         done = newest.iteration if newest else start_iteration(cfg)
         ends = segment_ends(cfg, done)
@@ -92,15 +96,25 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
         progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
         pruned_at = None
         for end in ends:
-            reconstruct_segment(run_dir, end)
+            clock = time.perf_counter()
+            segment = reconstruct_segment(run_dir, end)
+            stage_seconds["segments"] += time.perf_counter() - clock
+            stage_seconds["iterations"] += segment["seconds"]
             update_progress_artifact(progress_id, 100.0 * end / target)
-            if trial is not None and end < target and report_to_trial(trial, run_dir, end):
+            clock = time.perf_counter()
+            stop = trial is not None and end < target and report_to_trial(trial, run_dir, end)
+            stage_seconds["trial_reports"] += time.perf_counter() - clock
+            if stop:
                 pruned_at = end
                 logger.info("trial %s pruned at iteration %d: its score is worse than the study's other trials",
                             trial["trial_id"], end)
                 break
+        clock = time.perf_counter()
         summary = export_results(run_dir)
-        summary["pruned_at_iteration"] = pruned_at
+        stage_seconds["export"] = time.perf_counter() - clock
+        # where the flow's time went: iterations, and the rest of each segment (its set-up, reading
+        # and writing checkpoints, figures); benchmarks/run.py --user-path reads it
+        summary.update(pruned_at_iteration=pruned_at, stage_seconds=stage_seconds)
     previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
     table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
     create_table_artifact(table, description=f"summary of {run_dir}")

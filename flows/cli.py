@@ -83,31 +83,62 @@ def _seconds_since_process_start() -> float:
         return 0.0
 
 
+def _import_while_the_server_starts() -> None:
+    """Imports a run needs later and pays for once per process, done in a thread while the
+    embedded server starts (the main thread only polls its health then): torch._dynamo, which
+    torch imports at the first optimizer's construction, and matplotlib for the figures."""
+    import threading
+
+    def imports():
+        import importlib
+
+        try:
+            for name in ("torch._dynamo", "zarr"):
+                importlib.import_module(name)
+            from ptycho_core.io.figures import pyplot
+
+            pyplot()
+        except Exception:  # noqa: BLE001 - the run imports them again and reports any error itself
+            pass
+
+    threading.Thread(target=imports, name="ptyflow-imports", daemon=True).start()
+
+
 def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured)."""
     _quiet_prefect(verbose)
     clock = time.perf_counter()
-    started_for = _seconds_since_process_start()  # interpreter, Prefect and torch already imported
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    started_for = _seconds_since_process_start()  # the interpreter, typer and Prefect
+    from flows.embedded import prefect_backend, start_embedded_server
 
-    from flows import progress as progress_hooks
-    from flows.embedded import prefect_backend
-    from flows.reconstruct import reconstruct, resolve_config, with_devices
-    from ptycho_core.rundir import newest_checkpoint, start_iteration
+    # the embedded server takes seconds to answer: it starts first and comes up in its own process
+    # while this one imports torch and checks the config and the data
+    server = start_embedded_server()
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    import_seconds = started_for + time.perf_counter() - clock
-    if not verbose:
-        _show_run_warnings()
-    cfg = with_devices(resolve_config(config), devices)
-    from ptycho_core.io.readers import check_data_path
+        from flows import progress as progress_hooks
+        from flows.reconstruct import reconstruct, resolve_config, with_devices
+        from ptycho_core.io.readers import check_data_path
+        from ptycho_core.rundir import newest_checkpoint, start_iteration
 
-    check_data_path(cfg.data)  # before a Prefect server starts: a missing file fails in a second
-    done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
-    first = start_iteration(cfg)
-    done = done_ckpt.iteration if done_ckpt else first
+        import_seconds = started_for + time.perf_counter() - clock
+        if not verbose:
+            _show_run_warnings()
+        cfg = with_devices(resolve_config(config), devices)
+        check_data_path(cfg.data)
+        done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
+        first = start_iteration(cfg)
+        done = done_ckpt.iteration if done_ckpt else first
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    if server is not None:
+        _import_while_the_server_starts()
     started = time.perf_counter()
-    with prefect_backend() as url:
+    with prefect_backend(started=server) as url:
         server_seconds = time.perf_counter() - started
         if verbose:
             console.print(f"Prefect API: {url or 'Prefect default'}")
@@ -123,7 +154,7 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
         stopping = time.perf_counter()
     stop_seconds = time.perf_counter() - stopping
     stages = summary.pop("stage_seconds")
-    timing = {"start-up and imports": import_seconds, "server start": server_seconds, "preprocessing": stages["preprocess"],
+    timing = {"start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
               "iterations": stages["iterations"], "segment set-up, checkpoints, figures": stages["segments"] - stages["iterations"],
               "export and figures": stages["export"],
               "Prefect and the rest": flow_seconds - stages["preprocess"] - stages["segments"] - stages["export"],
@@ -327,6 +358,23 @@ class UserError(Exception):
 
 def main() -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:
+        sys.exit(_report(exc))
+
+
+def _report(exc: Exception) -> int:
+    """Print a known error as one line and return the exit code; re-raise anything else. (The
+    error classes are imported here, not at start-up: `ptyflow run` starts its embedded server
+    before it imports torch.)"""
+    import click
+
     from ptycho_core.checkpoint import CheckpointError, StorageError
     from ptycho_core.config import ConfigError
     from ptycho_core.distributed import DistributedError
@@ -334,37 +382,27 @@ def main() -> None:
     from ptycho_core.io.readers import DataError
     from ptycho_core.rundir import Preempted, RunDirError
 
-    try:
-        app(standalone_mode=False)
-    except Preempted as exc:
+    if isinstance(exc, Preempted):
         console.print(f"[yellow]{exc}[/yellow]; rerun the same command to resume")
         signal_exit = {"SIGTERM": 143, "SIGINT": 130}
-        sys.exit(next((code for name, code in signal_exit.items() if name in str(exc)), 143))
-    except (ConfigError, DataError, CheckpointError, RunDirError, UserError) as exc:
+        return next((code for name, code in signal_exit.items() if name in str(exc)), 143)
+    if isinstance(exc, (ConfigError, DataError, CheckpointError, RunDirError, UserError)):
         console.print(f"[red]error:[/red] {_one_line(exc)}", highlight=False)
-        sys.exit(EXIT_USER_ERROR)
-    except NumericalError as exc:
+        return EXIT_USER_ERROR
+    if isinstance(exc, NumericalError):
         console.print(f"[red]numerical failure:[/red] {exc}", highlight=False)
-        sys.exit(EXIT_NUMERICAL)
-    except StorageError as exc:
+        return EXIT_NUMERICAL
+    if isinstance(exc, StorageError):
         console.print(f"[red]storage error:[/red] {exc}", highlight=False)
-        sys.exit(EXIT_STORAGE)
-    except DistributedError as exc:
+        return EXIT_STORAGE
+    if isinstance(exc, DistributedError):
         console.print(f"[red]a process of the run failed:[/red] {_one_line(exc)}; the newest checkpoint is kept, "
                       "rerun the same command to resume", highlight=False)
-        sys.exit(EXIT_DISTRIBUTED)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        return EXIT_DISTRIBUTED
+    if isinstance(exc, click.ClickException):  # usage errors and the like
+        exc.show()
+        return exc.exit_code
+    raise exc
 
 
 if __name__ == "__main__":

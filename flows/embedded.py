@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,39 +68,65 @@ def _drain_to_server() -> None:
             pass
 
 
+class EmbeddedServer:
+    """The embedded API server process, started but perhaps not answering yet."""
+
+    def __init__(self):
+        import importlib.util
+
+        # the app directory without importing prefect's server modules (the child imports them)
+        prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_embedded_server() -> Optional[EmbeddedServer]:
+    """Start the embedded server now, when no Prefect server is configured (None otherwise), so
+    that it comes up while the caller imports and checks what it needs; hand it to
+    prefect_backend, which waits for it."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or sys.platform != "linux":
+        return None
+    return EmbeddedServer()
+
+
 @contextlib.contextmanager
-def prefect_backend(timeout_s: float = 60.0) -> Iterator[str]:
-    """Use the configured Prefect server, or start an embedded one for the duration.
+def prefect_backend(timeout_s: float = 60.0, started: Optional[EmbeddedServer] = None) -> Iterator[str]:
+    """Use the configured Prefect server, or an embedded one for the duration (``started`` by
+    start_embedded_server, or started now).
 
     Yields the API URL in use (or "" when Prefect's own settings decide).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    configured = PREFECT_API_URL.value()
-    if configured or sys.platform != "linux":
-        yield configured or ""
-        return
-    import prefect
-
-    port = _free_port()
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
+    server = started
+    if server is None:
+        configured = PREFECT_API_URL.value()
+        if configured or sys.platform != "linux":
+            yield configured or ""
+            return
+        server = EmbeddedServer()
     try:
-        _wait_healthy(url, proc, timeout_s)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        _wait_healthy(server.url, server.proc, timeout_s)
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
             try:
-                yield url
+                yield server.url
             finally:
                 _drain_to_server()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()

@@ -112,7 +112,7 @@ def prefect_backend(timeout_s: float = 60.0, started: Optional[EmbeddedServer] =
 
     Yields the API URL in use (or "" when Prefect's own settings decide).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     server = started
     if server is None:
@@ -123,7 +123,9 @@ def prefect_backend(timeout_s: float = 60.0, started: Optional[EmbeddedServer] =
         server = EmbeddedServer()
     try:
         _wait_healthy(server.url, server.proc, timeout_s)
-        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        # no flow-run heartbeats (Prefect 3.9 sends one every 180 s by default): nothing watches an
+        # embedded server's runs, and each flow run's end waits up to 1 s for the heartbeat thread
+        with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             try:
                 yield server.url
             finally:

@@ -58,13 +58,11 @@ class BarReporter:
     def __init__(self, progress, total: int, done: int):
         self.progress = progress
         self.bar = progress.add_task("iterations", total=total, completed=done)
-        self.seconds_in_segments = 0.0
 
     def iteration_done(self, state, row: dict) -> None:
         self.progress.update(self.bar, completed=state.iteration, description=f"loss {row['loss']:.4g}")
 
     def segment_done(self, outcome) -> None:
-        self.seconds_in_segments += outcome.seconds
         self.progress.console.print(
             f"iterations {outcome.first_iteration + 1}-{outcome.iteration}: loss {outcome.loss:.5g}, "
             f"{outcome.seconds_per_iteration:.3f} s/iteration, checkpoint {outcome.checkpoint.name}"

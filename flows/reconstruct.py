@@ -102,7 +102,7 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
             stage_seconds["iterations"] += segment["seconds"]
             update_progress_artifact(progress_id, 100.0 * end / target)
             clock = time.perf_counter()
-            stop = trial is not None and end < target and report_to_trial(trial, run_dir, end)
+            stop = trial is not None and end < target and report_to_trial(trial, run_dir, segment)
             stage_seconds["trial_reports"] += time.perf_counter() - clock
             if stop:
                 pruned_at = end

@@ -26,7 +26,6 @@ from prefect.runtime import flow_run
 from flows.reconstruct import reconstruct, resolve_config
 from ptycho_core.rundir import Preempted, finished, run_summary
 from ptycho_core.sweep import (
-    OBJECTIVES,
     SweepSpec,
     corner_points,
     load_sweep_spec,
@@ -108,31 +107,35 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
             seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
             submitted[run_id].update(state=run.state.name, seconds=seconds, flow_run_id=str(run_id))
     for row in rows:
-        try:
-            summary = run_summary(row["run_dir"])
-            row.update(iteration=summary["iteration"], final_loss=summary["final_loss"],
-                       phase_pearson=summary.get("phase_pearson"))
-        except Exception as exc:  # a failed point is reported in the table, not fatal to the sweep
-            row.setdefault("error", str(exc))
+        add_run_summary(row)
     files = write_summary(out, rows, list(sweep_spec.parameters))
-    table = [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()} for row in rows]
-    create_table_artifact(table, description=f"sweep {out}: {files['csv']}, {files['figure']}")
+    create_table_artifact(artifact_table(rows), description=f"sweep {out}: {files['csv']}, {files['figure']}")
     logger.info("sweep table %s, figure %s", files["csv"], files["figure"])
     return rows
+
+
+def add_run_summary(row: dict) -> None:
+    """Add what the row's run directory reached (iteration, losses, phase Pearson on simulated
+    data); a run with nothing to summarize (it failed early) is reported in the row, not fatal to
+    the sweep."""
+    try:
+        summary = run_summary(row["run_dir"])
+    except Exception as exc:
+        row.setdefault("error", str(exc))
+        return
+    row.update(iteration=summary["iteration"], final_loss=summary["final_loss"],
+               validation_loss=summary.get("validation_loss"), phase_pearson=summary.get("phase_pearson"))
+
+
+def artifact_table(rows: list[dict]) -> list[dict]:
+    """The rows as a Prefect table artifact takes them (numbers, strings and None)."""
+    return [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()}
+            for row in rows]
 
 
 class TrialFailed(Exception):
     """A trial's run failed (recorded as FAIL in the study; the study goes on). Not a RuntimeError,
     so that a preemption (rundir.Preempted) still stops the sweep."""
-
-
-def trial_config(base, spec: SweepSpec, point: dict):
-    """The base config with a trial's values, holding out spec.validation_fraction of the patterns
-    when the objective is the validation loss and the base config holds out none."""
-    cfg = point_config(base, point)
-    if spec.objective == "validation_loss" and not cfg.recon_params.validation_fraction:
-        cfg = point_config(cfg, {"recon_params.validation_fraction": spec.validation_fraction})
-    return cfg
 
 
 def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[dict]:
@@ -147,7 +150,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     logger = get_run_logger()
     ranges = spec.ranges()
     for point in corner_points(spec):  # every key and the ends of every range, before any trial
-        trial_config(base, spec, point)
+        tuning.trial_config(base, spec, point)
     if spec.objective == "phase_pearson":
         try:
             read_ground_truth(base.data.path)
@@ -169,7 +172,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     def objective(trial) -> float:
         tuning.claim(trial)
         point = tuning.suggest(trial, ranges)
-        cfg = trial_config(base, spec, point)
+        cfg = tuning.trial_config(base, spec, point)
         run_dir = Path(trial.user_attrs.get("run_dir") or out / point_name(trial.number, point).replace("point", "trial"))
         trial.set_user_attr("run_dir", str(run_dir))
         link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial._trial_id, spec.objective,
@@ -204,20 +207,18 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
                                                                                optuna.trial.TrialState.PRUNED))
         study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
                        n_jobs=spec.parallel if deployment else 1, catch=(TrialFailed,), callbacks=[stop_when_done])
-    rows = study_rows(study, list(ranges), spec.objective)
+    rows = study_rows(study, list(ranges))
     files = write_summary(out, rows, list(ranges))
-    files.update(tuning.write_study_report(study, out, base, spec, rows))
-    table = [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()} for row in rows]
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["objective"] is not None]
-    best = (min if OBJECTIVES[spec.objective] == "minimize" else max)(complete, key=lambda r: r["objective"]) if complete else None
-    verdict = (f"best {best['point']}, {spec.objective} {best['objective']:.5g}, "
-               f"{ {k: best[k] for k in ranges} }, config {files['best_config']}" if best else "no complete trial")
-    create_table_artifact(table, description=f"optuna study {study.study_name} ({out}): {verdict}")
+    files.update(tuning.write_study_report(study, out, base, spec))
+    best = study.best_trial if "best_config" in files else None  # written when a trial is complete
+    verdict = (f"best trial_{best.number:03d}, {spec.objective} {best.value:.5g}, {best.params}, "
+               f"config {files['best_config']}" if best else "no complete trial")
+    create_table_artifact(artifact_table(rows), description=f"optuna study {study.study_name} ({out}): {verdict}")
     logger.info("study table %s, best trial's config %s", files["csv"], files.get("best_config"))
     return rows
 
 
-def study_rows(study, keys: list[str], objective: str) -> list[dict]:
+def study_rows(study, keys: list[str]) -> list[dict]:
     """One row per trial: its values, state, objective and run directory's summary."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -227,11 +228,6 @@ def study_rows(study, keys: list[str], objective: str) -> list[dict]:
                "pruned_at_iteration": trial.user_attrs.get("pruned_at_iteration"), "run_dir": run_dir,
                "seconds": trial.duration.total_seconds() if trial.duration else None}
         if run_dir:
-            try:
-                summary = run_summary(run_dir)
-                row.update(iteration=summary["iteration"], final_loss=summary["final_loss"],
-                           validation_loss=summary.get("validation_loss"), phase_pearson=summary.get("phase_pearson"))
-            except Exception as exc:  # a trial that failed early has no checkpoint: reported, not fatal
-                row["error"] = str(exc)
+            add_run_summary(row)
         rows.append(row)
     return rows

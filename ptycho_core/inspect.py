@@ -36,7 +36,7 @@ def inspect_path(path: str | Path) -> dict:
             "path": str(path),
             "iteration": ckpt.iteration,
             "batch_cursor": ckpt.batch_cursor,
-            "last_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+            "last_loss": _last(ckpt.history, "loss"),
             "last_validation_loss": _last(ckpt.history, "validation_loss"),
             "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
             "optimizer": ckpt.optimizer_name,
@@ -76,7 +76,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         target_iteration=all_ends[-1] if all_ends else done,
         finished=is_finished(config, ckpt),
         segments_done=sum(1 for e in all_ends if e <= done),
-        last_loss=ckpt.history["loss"][-1] if ckpt and ckpt.history.get("loss") else None,
+        last_loss=_last(ckpt.history, "loss") if ckpt else None,
         last_validation_loss=_last(ckpt.history, "validation_loss") if ckpt else None,
     )
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)

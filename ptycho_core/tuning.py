@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError
-from .sweep import OBJECTIVES, Range, SweepSpec
+from .config import ConfigError, PtyflowConfig
+from .sweep import OBJECTIVES, Range, SweepSpec, point_config
 
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
@@ -151,6 +151,15 @@ def open_study(spec: SweepSpec, out_dir: Path, pruner_options: dict):
     return study
 
 
+def trial_config(base: PtyflowConfig, spec: SweepSpec, point: dict[str, Any]) -> PtyflowConfig:
+    """The base config with a trial's values, holding out spec.validation_fraction of the patterns
+    when the objective is the validation loss and the base config holds out none."""
+    cfg = point_config(base, point)
+    if spec.objective == "validation_loss" and not cfg.recon_params.validation_fraction:
+        cfg = point_config(cfg, {"recon_params.validation_fraction": spec.validation_fraction})
+    return cfg
+
+
 def suggest(trial, ranges: dict[str, Range]) -> dict[str, Any]:
     """The trial's value of every dotted key."""
     point = {}
@@ -233,7 +242,7 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     return True
 
 
-def write_study_report(study, out_dir: Path, base, spec: SweepSpec, rows: list[dict]) -> dict[str, Path]:
+def write_study_report(study, out_dir: Path, base, spec: SweepSpec) -> dict[str, Path]:
     """best_config.yaml (the best finished trial's whole config), study_history.png and, with two
     or more finished trials, study_importance.png (Optuna's own plots)."""
     import warnings
@@ -242,15 +251,12 @@ def write_study_report(study, out_dir: Path, base, spec: SweepSpec, rows: list[d
     import yaml
 
     from .io.figures import pyplot
-    from .sweep import point_config
 
     files: dict[str, Path] = {}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        config = point_config(base, best.params).to_dict()
-        if spec.objective == "validation_loss" and not config["recon_params"].get("validation_fraction"):
-            config["recon_params"]["validation_fraction"] = spec.validation_fraction
+        config = trial_config(base, spec, best.params).to_dict()
         header = (f"# best trial {best.number} of study {study.study_name}: {spec.objective} {best.value:.6g}\n"
                   f"# values: {best.params}\n# run directory: {best.user_attrs.get('run_dir')}\n")
         path = Path(out_dir) / "best_config.yaml"

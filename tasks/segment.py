@@ -53,5 +53,7 @@ def reconstruct_segment(run_dir: str, to_iteration: int) -> dict:
         outcome.seconds_per_iteration, outcome.checkpoint.name,
     )
     progress.segment_done(outcome)
+    held_out = outcome.history_tail.get("validation_loss")
     return {"iteration": outcome.iteration, "loss": outcome.loss, "seconds": outcome.seconds,
-            "seconds_per_iteration": outcome.seconds_per_iteration, "checkpoint": str(outcome.checkpoint)}
+            "seconds_per_iteration": outcome.seconds_per_iteration, "checkpoint": str(outcome.checkpoint),
+            "validation_loss": held_out[-1] if held_out else None}

@@ -7,6 +7,9 @@ from ptycho_core.tuning import report_segment
 
 
 @task(name="report-to-trial")
-def report_to_trial(trial: dict, run_dir: str, iteration: int) -> bool:
-    """Report the run's objective at ``iteration`` to its trial; True: the pruner stops the run."""
-    return report_segment(trial, run_summary(run_dir), iteration)
+def report_to_trial(trial: dict, run_dir: str, segment: dict) -> bool:
+    """Report the run's objective after ``segment`` (reconstruct_segment's result) to its trial;
+    True: the pruner stops the run. The segment's own numbers hold the validation loss; another
+    objective (phase Pearson) reads the checkpoint the segment wrote and the ground truth."""
+    summary = segment if segment.get(trial["objective"]) is not None else run_summary(run_dir)
+    return report_segment(trial, summary, segment["iteration"])

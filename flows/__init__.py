@@ -1,4 +1,8 @@
-"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line."""
+"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line.
+
+Importing the package does not import Prefect (1.3 s): the CLI starts the embedded server first
+and commands that run no flow never pay for it. flows.reconstruct, which every flow module
+imports, hands the core's logs to Prefect."""
 
 import logging
 
@@ -24,5 +28,3 @@ def send_core_logs_to_prefect() -> None:
     handler.addFilter(_inside_a_run)
     core.addHandler(handler)
 
-
-send_core_logs_to_prefect()

@@ -83,7 +83,8 @@ def _seconds_since_process_start() -> float:
 
 def _import_while_the_server_starts() -> None:
     """Imports a run needs later and pays for once per process, done in a thread while the
-    embedded server starts (the main thread only polls its health then): torch._dynamo, which
+    embedded server starts (the main thread only polls its health then) or, with a configured
+    server, while the main thread waits for Prefect's first API calls: torch._dynamo, which
     torch imports at the first optimizer's construction; fastapi, which Prefect imports to serialize
     the flow's parameters; zarr and matplotlib for the export."""
     import threading
@@ -134,8 +135,7 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
             server.stop()
         raise
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    if server is not None:
-        _import_while_the_server_starts()
+    _import_while_the_server_starts()  # against a configured server too: they overlap Prefect's calls
     started = time.perf_counter()
     with prefect_backend(started=server) as url:
         server_seconds = time.perf_counter() - started

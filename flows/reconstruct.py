@@ -27,6 +27,9 @@ from tasks.export import export_results
 from tasks.preprocess import preprocess_data
 from tasks.segment import reconstruct_segment
 from tasks.tuning import report_to_trial
+from flows import send_core_logs_to_prefect
+
+send_core_logs_to_prefect()
 
 
 def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:

@@ -267,6 +267,15 @@ def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, proble
     return closure
 
 
+def _to_device_at_once(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The batches' index tensors on the device in one copy: copying from pageable host memory
+    waits for the GPU's queue to drain, which once per batch would stop the host from queueing
+    the next batch's kernels while the GPU runs this one."""
+    if not parts or torch.device(device).type == "cpu":
+        return parts
+    return list(torch.cat(parts).to(device).split([len(p) for p in parts]))
+
+
 def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
     if torch.isfinite(loss):
         return
@@ -382,9 +391,10 @@ def run_iterations(
         # with several processes each computes its share of every batch; they stop together, at
         # the batch after which any of them asked to (rank 0 is the one signals reach)
         shares = batches if collective is None else [collective.own(b) for b in batches]
+        on_device = _to_device_at_once(shares, problem.measurements.device)
         with problem.measurements.prefetch(shares[state.batch_cursor:]) as fed:
             for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
-                indices = shares[b].to(problem.measurements.device)
+                indices = on_device[b]
                 if collective is not None:
                     collective.vote = stop_requested()
                 parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn, batches[b])

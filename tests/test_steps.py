@@ -187,3 +187,16 @@ def test_band_limit_setting():
     assert config_from_dict(base | {"model_params": {"band_limit": 2 / 3}}).model_params.band_limit == pytest.approx(2 / 3)
     with pytest.raises(Exception, match=r"model_params.band_limit: must be <= 1"):
         config_from_dict(base | {"model_params": {"band_limit": 1.5}})
+
+
+def test_the_batch_indices_reach_a_gpu_in_one_copy_and_unchanged():
+    """On a GPU every batch's indices are copied at once (one host wait an iteration, not one a
+    batch); the "meta" device stands in for the GPU here: same split, same sizes and order."""
+    from ptycho_core.engine import _to_device_at_once
+
+    batches = batch_order(0, 1, 100, 32, "random")
+    assert _to_device_at_once(batches, torch.device("cpu")) is batches
+    moved = _to_device_at_once(batches, torch.device("meta"))
+    assert [m.device.type for m in moved] == ["meta"] * len(batches)
+    assert [m.shape for m in moved] == [b.shape for b in batches] and len(moved) == 4
+    assert _to_device_at_once([], torch.device("meta")) == []

@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--no-scaling", action="store_true", help="skip the one-factor-at-a-time scaling table")
     parser.add_argument("--compile", action="store_true",
-                        help="also measure ptyflow with recon_params.compile (torch.compile) in each case")
+                        help="also measure ptyflow with recon_params.compile (torch.compile) in each case "
+                             "(once, not --repeats times)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every code this many times, interleaved, and keep each one's median run "
                              "(on a shared machine a single run can be off by 2x)")
@@ -244,8 +245,9 @@ def measure_cases(tmp: Path, args, user_path: "UserPath | None") -> list[dict]:
         kinds += ["ptyrad"] if args.ptyrad_python else []
         kinds += ["ptyflow_run"] if user_path else []
         measured: dict[str, list[dict]] = {kind: [] for kind in kinds}
-        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every code
-            for kind in kinds:
+        for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every code
+            # compiling takes 10-60 s a case: compiled runs are measured in the first round only
+            for kind in (k for k in kinds if repeat == 0 or k != "ptyflow_compiled"):
                 try:
                     if kind == "ptyflow_run":
                         result = user_path.measure(user_path.config_for(name, config))

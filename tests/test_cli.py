@@ -75,3 +75,40 @@ def test_the_embedded_server_says_when_it_cannot_be_tied_to_ptyflow(monkeypatch,
         with embedded.prefect_backend() as url:
             assert url.startswith("http://127.0.0.1:")
     assert "PR_SET_PDEATHSIG could not be set" in capfd.readouterr().err
+
+
+def test_the_embedded_server_starts_before_prefect_is_imported_and_ends_if_a_profile_names_a_server(tmp_path):
+    """The embedded server takes seconds to come up, so it starts before Prefect (1.3 s) is
+    imported, decided from the environment alone; when Prefect's settings then name a server
+    (here a profile), the embedded one is stopped at once and no process is left behind."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "facility"\n\n[profiles.facility]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    code = textwrap.dedent("""
+        import sys
+        import flows.cli
+        assert "prefect" not in sys.modules, "importing the CLI imported Prefect"
+        from flows.embedded import EmbeddedServer, start_embedded_server
+        seen = []
+        original = EmbeddedServer.__init__
+        def watched(self):
+            seen.append("prefect" in sys.modules)
+            original(self)
+            seen.append(self.proc)
+        EmbeddedServer.__init__ = watched
+        assert start_embedded_server() is None, "the profile's server should be used"
+        prefect_was_imported, proc = seen
+        assert not prefect_was_imported, "the server should start before Prefect is imported"
+        print("server exit code", proc.wait(timeout=15))
+    """)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_PROFILES_PATH": str(profiles)}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "server exit code -15" in out.stdout

@@ -104,16 +104,29 @@ def _import_while_the_server_starts() -> None:
     threading.Thread(target=imports, name="ptyflow-imports", daemon=True).start()
 
 
-def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None) -> dict:
-    """Run the reconstruct flow in this process (embedded Prefect unless a server is configured)."""
+def _early_server(verbose: bool):
+    """The embedded server (None with a configured one), started before anything else: it takes
+    seconds to answer and comes up in its own process while this one imports and checks."""
     _quiet_prefect(verbose)
-    clock = time.perf_counter()
-    started_for = _seconds_since_process_start()  # the interpreter, typer and Prefect
-    from flows.embedded import prefect_backend, start_embedded_server
+    from flows.embedded import start_embedded_server
 
-    # the embedded server takes seconds to answer: it starts first and comes up in its own process
-    # while this one imports torch and checks the config and the data
-    server = start_embedded_server()
+    return start_embedded_server()
+
+
+def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None,
+              server=None, before: Optional[dict] = None) -> dict:
+    """Run the reconstruct flow in this process (embedded Prefect unless a server is configured).
+
+    server: the embedded server if the caller started it (_early_server), else started here.
+    before: seconds of the caller's own stages before this call (the demo's simulation), shown
+    on the timing line instead of counting as start-up."""
+    before = before or {}
+    clock = time.perf_counter()
+    started_for = _seconds_since_process_start() - sum(before.values())  # the interpreter, typer, imports
+    from flows.embedded import prefect_backend
+
+    if server is None:
+        server = _early_server(verbose)
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -153,7 +166,7 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
         stopping = time.perf_counter()
     stop_seconds = time.perf_counter() - stopping
     stages = summary.pop("stage_seconds")
-    timing = {"start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
+    timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
               "iterations": stages["iterations"], "segment set-up, checkpoints, figures": stages["segments"] - stages["iterations"],
               "export and figures": stages["export"],
               "Prefect and the rest": flow_seconds - stages["preprocess"] - stages["segments"] - stages["export"],
@@ -200,9 +213,17 @@ def demo(
     from ptycho_core.simulate import simulate
 
     started = time.perf_counter()
-    config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
+    server = _early_server(verbose)  # comes up while the data are simulated
+    try:
+        config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    simulated = time.perf_counter() - started
     out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
-    summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose)
+    summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose, server=server,
+                        before={"simulation": simulated})
     _print_summary(summary, time.perf_counter() - started)
 
 
@@ -214,15 +235,20 @@ def sweep(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Reconstruct every point of a parameter sweep (embedded: one after the other)."""
-    _quiet_prefect(verbose)
-    from flows.embedded import prefect_backend
-    from flows.sweep import sweep as sweep_flow
-    from ptycho_core.sweep import load_sweep_spec
+    server = _early_server(verbose)  # comes up while the flows are imported and the spec checked
+    try:
+        from flows.embedded import prefect_backend
+        from flows.sweep import sweep as sweep_flow
+        from ptycho_core.sweep import load_sweep_spec
 
-    if not verbose:
-        _show_run_warnings()
-    spec_model = load_sweep_spec(spec)
-    with prefect_backend():
+        if not verbose:
+            _show_run_warnings()
+        spec_model = load_sweep_spec(spec)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    with prefect_backend(started=server):
         rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()))
     keys = list(spec_model.parameters)
     for row in rows:

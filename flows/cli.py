@@ -6,6 +6,7 @@ Prefect is imported only by the commands that run flows, so the others start fas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -113,11 +114,27 @@ def _early_server(verbose: bool):
     return start_embedded_server()
 
 
+@contextlib.contextmanager
+def _stopped_on_error(server):
+    """Until prefect_backend owns it, an early server is stopped by any error (a bad config or
+    spec, Ctrl-C) so that no process is left behind."""
+    try:
+        yield
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+
+
+_START_HERE = object()
+
+
 def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None,
-              server=None, before: Optional[dict] = None) -> dict:
+              server=_START_HERE, before: Optional[dict] = None) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured).
 
-    server: the embedded server if the caller started it (_early_server), else started here.
+    server: what the caller's _early_server returned (an embedded server, or None when one is
+    configured); by default it is started here.
     before: seconds of the caller's own stages before this call (the demo's simulation), shown
     on the timing line instead of counting as start-up."""
     before = before or {}
@@ -125,9 +142,9 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
     started_for = _seconds_since_process_start() - sum(before.values())  # the interpreter, typer, imports
     from flows.embedded import prefect_backend
 
-    if server is None:
+    if server is _START_HERE:
         server = _early_server(verbose)
-    try:
+    with _stopped_on_error(server):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from flows import progress as progress_hooks
@@ -143,10 +160,6 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
         done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
         first = start_iteration(cfg)
         done = done_ckpt.iteration if done_ckpt else first
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     _import_while_the_server_starts()  # against a configured server too: they overlap Prefect's calls
     started = time.perf_counter()
@@ -214,12 +227,8 @@ def demo(
 
     started = time.perf_counter()
     server = _early_server(verbose)  # comes up while the data are simulated
-    try:
+    with _stopped_on_error(server):
         config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
     simulated = time.perf_counter() - started
     out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
     summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose, server=server,
@@ -236,7 +245,7 @@ def sweep(
 ):
     """Reconstruct every point of a parameter sweep (embedded: one after the other)."""
     server = _early_server(verbose)  # comes up while the flows are imported and the spec checked
-    try:
+    with _stopped_on_error(server):
         from flows.embedded import prefect_backend
         from flows.sweep import sweep as sweep_flow
         from ptycho_core.sweep import load_sweep_spec
@@ -244,10 +253,6 @@ def sweep(
         if not verbose:
             _show_run_warnings()
         spec_model = load_sweep_spec(spec)
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
     with prefect_backend(started=server):
         rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()))
     keys = list(spec_model.parameters)

@@ -109,9 +109,17 @@ def _early_server(verbose: bool):
     """The embedded server (None with a configured one), started before anything else: it takes
     seconds to answer and comes up in its own process while this one imports and checks."""
     _quiet_prefect(verbose)
+    from pydantic import ValidationError
+
     from flows.embedded import start_embedded_server
 
-    return start_embedded_server()
+    try:
+        return start_embedded_server()
+    except ValidationError as exc:  # Prefect's settings are read first here
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise UserError(f"Prefect settings: {problems}; check the PREFECT_* environment variables and the "
+                        "active profile (prefect profile inspect)") from None
 
 
 @contextlib.contextmanager

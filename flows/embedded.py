@@ -105,9 +105,14 @@ def start_embedded_server() -> Optional[EmbeddedServer]:
     if sys.platform != "linux" or os.environ.get("PREFECT_API_URL"):
         return None
     server = EmbeddedServer()
-    from prefect.settings import PREFECT_API_URL
+    try:
+        from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
+        configured = PREFECT_API_URL.value()
+    except BaseException:  # settings that do not load (a damaged profile): not a reason to keep it
+        server.stop()
+        raise
+    if configured:
         server.stop()
         return None
     return server

@@ -112,3 +112,44 @@ def test_the_embedded_server_starts_before_prefect_is_imported_and_ends_if_a_pro
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "server exit code -15" in out.stdout
+
+
+def test_prefect_settings_that_do_not_load_are_one_error_and_leave_no_server(tmp_path, small_dataset):
+    """The embedded server is started before Prefect's settings are read; settings that fail to
+    validate (here a profile's API URL that is a number) end the run with one line naming the
+    setting, exit 2, and the speculative server is stopped."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "broken"\n\n[profiles.broken]\nPREFECT_API_URL = 5\n')
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_PROFILES_PATH": str(profiles)}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(small_dataset), "--run-dir",
+                          str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: Prefect settings: url: Input should be a valid string (got 5)" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+    time.sleep(0.5)
+    assert not servers_using(tmp_path / "home"), "the embedded server outlived the error"
+
+
+def servers_using(prefect_home) -> list[str]:
+    """PIDs of Prefect API servers whose environment names this PREFECT_HOME."""
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-f", "prefect.server.api.server:create_app"], capture_output=True,
+                          text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"PREFECT_HOME={prefect_home}".encode() in fh.read():
+                    found.append(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return found

@@ -296,6 +296,11 @@ def save_checkpoint(
 
 
 # --------------------------------------------------------------------------- read
+def last_value(history: dict[str, list[float]], column: str) -> Optional[float]:
+    """The newest entry of a history column ("loss", "validation_loss", ...), None while empty."""
+    return history[column][-1] if history.get(column) else None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a model.hdf5; anything unusable is a CheckpointError naming the file."""
     path = Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import read_checkpoint
+from .checkpoint import last_value, read_checkpoint
 from .rundir import (
     RunDirError,
     RunPaths,
@@ -15,10 +15,6 @@ from .rundir import (
     read_run_config,
     segment_ends,
 )
-
-
-def _last(history: dict, column: str):
-    return history[column][-1] if history.get(column) else None
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -36,8 +32,8 @@ def inspect_path(path: str | Path) -> dict:
             "path": str(path),
             "iteration": ckpt.iteration,
             "batch_cursor": ckpt.batch_cursor,
-            "last_loss": _last(ckpt.history, "loss"),
-            "last_validation_loss": _last(ckpt.history, "validation_loss"),
+            "last_loss": last_value(ckpt.history, "loss"),
+            "last_validation_loss": last_value(ckpt.history, "validation_loss"),
             "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
             "optimizer": ckpt.optimizer_name,
             "optimizer_state_for": sorted(ckpt.optimizer_state),
@@ -76,8 +72,8 @@ def inspect_run_dir(run_dir: Path) -> dict:
         target_iteration=all_ends[-1] if all_ends else done,
         finished=is_finished(config, ckpt),
         segments_done=sum(1 for e in all_ends if e <= done),
-        last_loss=_last(ckpt.history, "loss") if ckpt else None,
-        last_validation_loss=_last(ckpt.history, "validation_loss") if ckpt else None,
+        last_loss=last_value(ckpt.history, "loss") if ckpt else None,
+        last_validation_loss=last_value(ckpt.history, "validation_loss") if ckpt else None,
     )
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

@@ -32,6 +32,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     checkpoint_name,
+    last_value,
     latest_valid_checkpoint,
     leftover_temporaries,
     list_checkpoints,
@@ -349,7 +350,7 @@ def run_segment(
             checkpoint=path,
             seconds=seconds,
             seconds_per_iteration=seconds / n_done,
-            loss=history["loss"][-1] if history.get("loss") else None,
+            loss=last_value(history, "loss"),
             history_tail={k: v[-(rec.state.iteration - first):] for k, v in history.items()},
         )
     finally:
@@ -430,9 +431,9 @@ def run_summary(run_dir: str | Path, ckpt: Optional[Checkpoint] = None, prep=Non
     summary = {
         "run_dir": str(paths.root),
         "iteration": ckpt.iteration,
-        "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
+        "final_loss": last_value(ckpt.history, "loss"),
         # recon_params.validation_fraction: the score on held-out patterns, and where it was lowest
-        "validation_loss": ckpt.history["validation_loss"][-1] if ckpt.history.get("validation_loss") else None,
+        "validation_loss": last_value(ckpt.history, "validation_loss"),
         "best_validation_loss": min(ckpt.history["validation_loss"]) if ckpt.history.get("validation_loss") else None,
         "iterations": len(seconds),
         "seconds_in_iterations": float(sum(seconds)),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..checkpoint import Checkpoint, StorageError
+from ..checkpoint import Checkpoint, StorageError, last_value
 from ..faults import pause_point
 
 RESULT_FORMAT = "ptyflow-result"
@@ -128,9 +128,8 @@ def _write_result(
         "config": config,
         "versions": versions,
         "timings": timings,
-        "final_loss": ckpt.history["loss"][-1] if ckpt.history.get("loss") else None,
-        "final_validation_loss": (ckpt.history["validation_loss"][-1] if ckpt.history.get("validation_loss")
-                                  else None),
+        "final_loss": last_value(ckpt.history, "loss"),
+        "final_validation_loss": last_value(ckpt.history, "validation_loss"),
     }
     pause_point("export")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")

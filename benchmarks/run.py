@@ -3,6 +3,7 @@ floor, measured in one run. Not run by CI.
 
     python benchmarks/run.py [--iterations 6] [--cases small,medium,multislice] [--ptyrad-python PATH]
                              [--device cpu|cuda] [--threads 2] [--no-scaling] [--out benchmarks/results]
+                             [--repeats 3] [--user-path] [--compile]
     python benchmarks/run.py --devices 2 [--cases medium,multislice] [--batch 128]
 
 Every measurement runs in its own subprocess so that peak memory (the process's own peak RSS,
@@ -11,13 +12,14 @@ iterations 2..N. After the side-by-side cases, a scaling table (ptyflow and the 
 one factor at a time from the small case: patterns, batch size, slices, probe modes
 (--no-scaling skips it). Writes results.json and results.md to --out.
 
---user-path measures what users run instead: `ptyflow run` end to end per case, with a fresh
-Prefect home, again with that home warm, and against a running Prefect server, beside the
-in-process core on the same data and settings. It splits the wall time by the run's own timing
-line (start-up and imports; server start; preprocessing; iterations; the rest of the segments:
-set-up, checkpoints, figures; export and figures; Prefect; server stop; what remains is process
-start and exit) and samples the summed memory of the whole process tree (ptyflow and its
-embedded server) every 50 ms. Writes user_path.json and user_path.md.
+--user-path also measures what users run, in the same run and interleaved with the other codes:
+`ptyflow run` end to end per case, with a fresh Prefect home, again with that home warm, and
+against a Prefect server started (and healthy) before anything is measured, on the same data and
+settings as the in-process core. It splits the wall time by the run's own timing line
+(start-up and imports; waiting for the server; preprocessing; iterations; the rest of the
+segments: set-up, checkpoints, figures; export and figures; Prefect; server stop; what remains
+is process start and exit) and samples the summed memory of the whole process tree (ptyflow and
+its embedded server) every 50 ms: a second table in results.md.
 
 --devices N measures one reconstruction on 1, 2, 4 ... N processes instead (recon_params.devices:
 'cpu:k' on the CPU, k GPUs on CUDA), through the segment the pipeline runs (rundir.run_segment,

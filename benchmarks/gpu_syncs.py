@@ -26,10 +26,9 @@ def main() -> None:
     import tempfile
 
     import torch
-    import yaml
 
     import run
-    from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
+    from ptycho_core.config import config_from_dict, resolve_paths
     from ptycho_core.io.preprocess import preprocess
     from ptycho_core.reconstruction import Reconstruction
 
@@ -39,9 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = run.make_dataset(args.case, Path(tmp))
         _, _, _, modes, batch = run.CASES[args.case]
-        raw = yaml.safe_load(config.read_text())
-        for key, value in run.equivalent_overrides(1 + args.iterations, "cuda", modes, batch).items():
-            set_dotted(raw, key, value)
+        raw = run.equivalent_raw(config, 1 + args.iterations, "cuda", modes, batch)
         cfg = resolve_paths(config_from_dict(raw), config.parent)
         rec = Reconstruction.create(cfg, preprocess(cfg))
         rec.run(1)  # the first iteration allocates and tunes; not counted

@@ -93,6 +93,18 @@ def equivalent_overrides(iterations: int, device: str, modes: int, batch: int) -
     }
 
 
+def equivalent_raw(config, iterations: int, device: str, modes: int, batch: int, **dotted) -> dict:
+    """A case's config.yaml as a dict, with equivalent_overrides and any further dotted keys set."""
+    import yaml
+
+    from ptycho_core.config import set_dotted
+
+    raw = yaml.safe_load(Path(config).read_text())
+    for key, value in {**equivalent_overrides(iterations, device, modes, batch), **dotted}.items():
+        set_dotted(raw, key, value)
+    return raw
+
+
 def child(kind: str, config: str, iterations: int, device: str, modes: int, batch: int, threads: int) -> dict:
     """Runs in a fresh interpreter: one measurement, printed as JSON."""
     import time
@@ -101,18 +113,14 @@ def child(kind: str, config: str, iterations: int, device: str, modes: int, batc
     import torch
 
     torch.set_num_threads(threads)
-    import yaml
 
     from memory import current_rss_bytes, peak_rss_bytes
-    from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
+    from ptycho_core.config import config_from_dict, resolve_paths
     from ptycho_core.io.preprocess import preprocess
     from ptycho_core.reconstruction import Reconstruction
 
-    raw = yaml.safe_load(Path(config).read_text())
-    overrides = equivalent_overrides(iterations, device, modes, batch)
-    overrides["recon_params.compile"] = kind == "ptyflow_compiled"
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
+    raw = equivalent_raw(config, iterations, device, modes, batch,
+                         **{"recon_params.compile": kind == "ptyflow_compiled"})
     cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
     baseline = 0 if device == "cuda" else current_rss_bytes()  # interpreter, torch and ptyflow imported
     prep = preprocess(cfg)
@@ -318,16 +326,12 @@ def devices_child(config: str, iterations: int, device: str, processes: int, bat
     import shutil
 
     import numpy as np
-    import yaml
 
-    from ptycho_core.config import config_from_dict, resolve_paths, set_dotted
+    from ptycho_core.config import config_from_dict, resolve_paths
     from ptycho_core.rundir import prepare, run_segment
 
-    raw = yaml.safe_load(Path(config).read_text())
-    for key, value in equivalent_overrides(iterations, device, modes, batch).items():
-        set_dotted(raw, key, value)
     devices = None if processes == 1 else (f"cpu:{processes}" if device == "cpu" else processes)
-    set_dotted(raw, "recon_params.devices", devices)
+    raw = equivalent_raw(config, iterations, device, modes, batch, **{"recon_params.devices": devices})
     cfg = resolve_paths(config_from_dict(raw), Path(config).parent)
     run_dir = Path(config).parent / f"run-{processes}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -536,13 +540,9 @@ class UserPath:
         """The case's dataset config with the settings the in-process core measures."""
         import yaml
 
-        from ptycho_core.config import set_dotted
-
         _, _, _, modes, batch = CASES[name]
-        raw = yaml.safe_load(dataset_config.read_text())
-        for key, value in equivalent_overrides(self.args.iterations, self.args.device, modes, batch).items():
-            set_dotted(raw, key, value)
-        raw["recon_params"]["threads"] = self.args.threads
+        raw = equivalent_raw(dataset_config, self.args.iterations, self.args.device, modes, batch,
+                             **{"recon_params.threads": self.args.threads})
         raw["data"]["path"] = str(dataset_config.parent / raw["data"]["path"])
         config = self.tmp / f"{name}-user.yaml"
         config.write_text(yaml.safe_dump(raw))

@@ -82,7 +82,7 @@ def _seconds_since_process_start() -> float:
         return 0.0
 
 
-def _import_while_the_server_starts() -> None:
+def _import_in_the_background() -> None:
     """Imports a run needs later and pays for once per process, done in a thread while the
     embedded server starts (the main thread only polls its health then) or, with a configured
     server, while the main thread waits for Prefect's first API calls: torch._dynamo, which
@@ -134,15 +134,12 @@ def _stopped_on_error(server):
         raise
 
 
-_START_HERE = object()
-
-
-def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[str] = None,
-              server=_START_HERE, before: Optional[dict] = None) -> dict:
+def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Optional[str] = None,
+              before: Optional[dict] = None) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured).
 
     server: what the caller's _early_server returned (an embedded server, or None when one is
-    configured); by default it is started here.
+    configured).
     before: seconds of the caller's own stages before this call (the demo's simulation), shown
     on the timing line instead of counting as start-up."""
     before = before or {}
@@ -150,8 +147,6 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
     started_for = _seconds_since_process_start() - sum(before.values())  # the interpreter, typer, imports
     from flows.embedded import prefect_backend
 
-    if server is _START_HERE:
-        server = _early_server(verbose)
     with _stopped_on_error(server):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -169,7 +164,7 @@ def _run_flow(config, run_dir: Path, verbose: bool = False, devices: Optional[st
         first = start_iteration(cfg)
         done = done_ckpt.iteration if done_ckpt else first
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    _import_while_the_server_starts()  # against a configured server too: they overlap Prefect's calls
+    _import_in_the_background()  # against a configured server too: they overlap Prefect's calls
     started = time.perf_counter()
     with prefect_backend(started=server) as url:
         server_seconds = time.perf_counter() - started
@@ -220,7 +215,7 @@ def run(
 ):
     """Reconstruct the dataset of CONFIG into RUN_DIR (resumes what is already there)."""
     started = time.perf_counter()
-    summary = _run_flow(str(config), run_dir.resolve(), verbose, devices)
+    summary = _run_flow(str(config), run_dir.resolve(), _early_server(verbose), verbose, devices)
     _print_summary(summary, time.perf_counter() - started)
 
 
@@ -239,7 +234,7 @@ def demo(
         config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
     simulated = time.perf_counter() - started
     out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
-    summary = _run_flow(str(config), (out_dir / "run").resolve(), verbose, server=server,
+    summary = _run_flow(str(config), (out_dir / "run").resolve(), server, verbose,
                         before={"simulation": simulated})
     _print_summary(summary, time.perf_counter() - started)
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 
+from ptycho_core.checkpoint import last_value
 from ptycho_core.rundir import run_segment
 from flows import progress
 
@@ -53,7 +54,6 @@ def reconstruct_segment(run_dir: str, to_iteration: int) -> dict:
         outcome.seconds_per_iteration, outcome.checkpoint.name,
     )
     progress.segment_done(outcome)
-    held_out = outcome.history_tail.get("validation_loss")
     return {"iteration": outcome.iteration, "loss": outcome.loss, "seconds": outcome.seconds,
             "seconds_per_iteration": outcome.seconds_per_iteration, "checkpoint": str(outcome.checkpoint),
-            "validation_loss": held_out[-1] if held_out else None}
+            "validation_loss": last_value(outcome.history_tail, "validation_loss")}

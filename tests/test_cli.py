@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import h5py
 import yaml
@@ -85,7 +86,6 @@ def test_the_embedded_server_starts_before_prefect_is_imported_and_ends_if_a_pro
     import subprocess
     import sys
     import textwrap
-    from pathlib import Path
 
     profiles = tmp_path / "profiles.toml"
     profiles.write_text('active = "facility"\n\n[profiles.facility]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
@@ -122,7 +122,6 @@ def test_prefect_settings_that_do_not_load_are_one_error_and_leave_no_server(tmp
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     profiles = tmp_path / "profiles.toml"
     profiles.write_text('active = "broken"\n\n[profiles.broken]\nPREFECT_API_URL = 5\n')
@@ -138,18 +137,18 @@ def test_prefect_settings_that_do_not_load_are_one_error_and_leave_no_server(tmp
     assert not servers_using(tmp_path / "home"), "the embedded server outlived the error"
 
 
-def servers_using(prefect_home) -> list[str]:
-    """PIDs of Prefect API servers whose environment names this PREFECT_HOME."""
-    import subprocess
+def servers_using(prefect_home) -> list[int]:
+    """Living Prefect API servers (serverkit.processes) whose environment names this PREFECT_HOME."""
+    from serverkit import alive, processes
 
-    pids = subprocess.run(["pgrep", "-f", "prefect.server.api.server:create_app"], capture_output=True,
-                          text=True).stdout.split()
     found = []
-    for pid in pids:
+    for pid, (_, cmd) in processes().items():
+        if "prefect.server.api.server:create_app" not in cmd or not alive(pid):
+            continue
         try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"PREFECT_HOME={prefect_home}".encode() in fh.read():
-                    found.append(pid)
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:  # ended meanwhile
-            pass
+            continue
+        if f"PREFECT_HOME={prefect_home}".encode() in environ:
+            found.append(pid)
     return found

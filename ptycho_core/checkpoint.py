@@ -319,16 +319,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             if "optimizer" in f:
                 optimizer_name = str(f["optimizer"].attrs["name"])
                 groups = json.loads(f["optimizer"].attrs["param_groups"])
-                states = {
-                    name: {key: _read_value(node[key]) for key in node}
-                    for name, node in f["optimizer"]["state"].items()
-                }
+                # members by name, never group.items()/.values(): h5py holds its global lock between
+                # their yields, so one left suspended by an exception keeps it; freed later by the
+                # garbage collector in another thread, the lock is never released and that thread
+                # deadlocks (a CI run hung at exit that way)
+                state = f["optimizer"]["state"]
+                states = {name: {key: _read_value(state[name][key]) for key in state[name]} for name in state}
             return Checkpoint(
                 path=path,
                 tensors=tensors,
                 iteration=int(attrs["iteration"]),
                 batch_cursor=int(attrs.get("batch_cursor", 0)),
-                partial_loss={k: float(v) for k, v in f["partial_loss"].attrs.items()},
+                partial_loss={k: float(f["partial_loss"].attrs[k]) for k in f["partial_loss"].attrs},
                 history={k: _array(f["history"][k]).tolist() for k in f["history"]},
                 crop_pos=torch.from_numpy(_array(buffers["crop_pos"])),
                 occupancies=torch.from_numpy(_array(buffers["occupancies"])),

@@ -1,7 +1,10 @@
+import faulthandler
 import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # Prefect state of the test session lives in a throw-away home, quiet and offline.
@@ -17,6 +20,45 @@ from ptycho_core.config import load_config  # noqa: E402
 from ptycho_core.io.preprocess import preprocess  # noqa: E402
 from ptycho_core.simulate import simulate  # noqa: E402
 from serverkit import free_port, wait  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    # a test process still alive this long after its tests ended waits at exit for a stuck thread:
+    # print every thread's stack and exit with an error, rather than hang until CI's time runs out
+    faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
+
+
+EXIT_DEADLINE_S = 300
+
+
+def h5py_lock_is_free() -> bool:
+    """Whether another thread can take h5py's global lock (a few tries over about a second, so a
+    read in progress elsewhere is not mistaken for a held lock)."""
+    from h5py._objects import phil
+
+    def attempt(result: list):
+        if phil.acquire(False):
+            phil.release()
+            result.append(True)
+
+    for _ in range(10):
+        result = []
+        probe = threading.Thread(target=attempt, args=(result,))
+        probe.start()
+        probe.join()
+        if result:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def h5py_lock_left_free():
+    """No test may leave h5py's global lock held. A group.items() or .values() iteration left
+    suspended by an exception holds it; when the garbage collector later closes it from another
+    thread, the lock is never released and that thread deadlocks (a CI run hung at exit so)."""
+    yield
+    assert h5py_lock_is_free(), "h5py's global lock is still held after this test (a suspended group.items()?)"
 
 
 @pytest.fixture(scope="session")

@@ -414,8 +414,11 @@ class _VeloxFrames:
 def _velox_stack(f: h5py.File, path: Path, key: Optional[str]) -> h5py.Group:
     """The image group holding the diffraction frames: the one stack of several frames, or the one
     data.meas_key names (its id under /Data/Image)."""
-    groups = {name: g for name, g in f[VELOX_IMAGES].items()
-              if isinstance(g, h5py.Group) and isinstance(g.get("Data"), h5py.Dataset) and g["Data"].ndim == 3}
+    images, groups = f[VELOX_IMAGES], {}
+    for name in images:  # by name: h5py's items() holds its global lock between yields (see checkpoint.py)
+        g = images[name]
+        if isinstance(g, h5py.Group) and isinstance(g.get("Data"), h5py.Dataset) and g["Data"].ndim == 3:
+            groups[name] = g
     stacks = [name for name, g in groups.items() if g["Data"].shape[2] > 1]
     if key is not None:
         name = key.strip("/").rsplit("/", 2)[-2 if key.rstrip("/").endswith("Data") else -1]

@@ -208,7 +208,7 @@ class Problem:
     collective: Optional[Collective] = None  # several processes share each batch (recon_params.devices)
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    _validation_mean: Optional[torch.Tensor] = None  # their mean measured intensity per pixel, once read
+    validation_mean_intensity: Optional[torch.Tensor] = None  # their mean intensity per pixel, read at the first score
 
     def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
         """The patterns the optimizer sees, (N - held out,); None: all of them."""
@@ -328,7 +328,7 @@ def validation_loss(model: PtychoAD, problem: Problem) -> float:
     chunks = [c for c in chunks if len(c)]
     device = problem.measurements.device
     with torch.no_grad():
-        if problem._validation_mean is None:
+        if problem.validation_mean_intensity is None:
             total = torch.zeros((), dtype=torch.float64, device=device)
             with problem.measurements.prefetch(chunks) as fed:
                 for meas in fed:
@@ -336,8 +336,8 @@ def validation_loss(model: PtychoAD, problem: Problem) -> float:
             if collective is not None:
                 total = collective.sum(total)
             pixels = len(held) * math.prod(model.window)
-            problem._validation_mean = (total / pixels).to(model.probe.dtype)
-        stats = BatchStats(size=len(held), meas_mean=problem._validation_mean, meas_pattern=None)
+            problem.validation_mean_intensity = (total / pixels).to(model.probe.dtype)
+        stats = BatchStats(size=len(held), meas_mean=problem.validation_mean_intensity, meas_pattern=None)
         score = torch.zeros((), dtype=torch.float64, device=device)
         with problem.measurements.prefetch(chunks) as fed:
             for chunk, meas in zip(chunks, fed):

@@ -16,6 +16,7 @@ import contextvars
 import time
 from pathlib import Path
 from typing import Optional, Union
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -178,6 +179,9 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
         link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial._trial_id, spec.objective,
                                 spec.pruner, pruning).to_dict()
         if deployment:
+            earlier = trial.user_attrs.get("flow_run_id")
+            if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
+                _wait_final([UUID(earlier)], spec.wait_hours * 3600)
             run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir), "trial": link},
                                  flow_run_name=f"{out.name}-trial-{trial.number}", timeout=0, as_subflow=True,
                                  idempotency_key=f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}")

@@ -16,6 +16,7 @@ host under a PID that no longer exists is retried at once.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -235,7 +236,15 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     study = optuna.load_study(study_name=link.study_name, storage=open_storage(link.storage, heartbeat=False),
                               pruner=make_pruner(link.pruner, link.pruner_options))
     trial = optuna.trial.Trial(study, link.trial_id)
-    trial.report(value, iteration)
+    try:
+        trial.report(value, iteration)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # released: its sweep process was lost and a rerun retries it in this run directory, after
+        # this run ends (flows.sweep waits for it), so the run goes on and the retry takes its score
+        logging.getLogger("ptyflow").warning(
+            "trial %d of study %s was released by a rerun of its sweep; this run finishes without reporting, and the "
+            "retried trial takes its score", trial.number, link.study_name)
+        return False
     if not trial.should_prune():
         return False
     trial.set_user_attr("pruned_at_iteration", iteration)

@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from ptycho_core.rundir import newest_checkpoint, run_summary
 from ptycho_core.simulate import simulate
 
 from serverkit import deploy_all, descendants, final_states, prefect, wait
@@ -162,6 +163,61 @@ def test_a_sweep_preempted_under_a_worker_finishes_with_one_run_per_point(tmp_pa
         finished = children()
         assert len(finished) == 3 and {r["state"] for r in finished} == {"Completed"}, finished
         assert len({r["run_dir"] for r in finished}) == 3
+    finally:
+        for worker in workers:
+            stop(worker)
+
+
+def test_an_optuna_sweep_preempted_under_a_worker_lets_its_running_trial_finish(tmp_path, server, small_dataset):
+    """SIGTERM to an optuna sweep's process while its trial runs as a child on another worker: the
+    rescheduled sweep releases the trial (its process is gone) and retries it in the same run
+    directory, but only once the child still running there has ended; the child finishes although
+    its trial was released, and the retry takes its score from the finished run."""
+    import optuna
+
+    env = server
+    base = short_config(small_dataset, tmp_path, iterations=9)
+    (tmp_path / "watch.yaml").write_text(base.read_text())
+    deploy_all(env, tmp_path)
+    # each checkpoint write of the trial's run pauses, so it is still running when the sweep comes back
+    slow_writes = {**env, "PTYFLOW_FAULT_PAUSE": "checkpoint_write:12"}
+    workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], env=pool_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+               for pool, pool_env in (("ptyflow", slow_writes), ("ptyflow-control", env))]
+    out = tmp_path / "study"
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"mode": "optuna", "n_trials": 1, "pruner": "none", "wait_hours": 1,
+                                        "parameters": {"model_params.update_params.objp.lr": {"low": 2e-3, "high": 2e-2,
+                                                                                               "log": True}}}))
+        run = prefect("deployment", "run", "sweep/sweep", "--param", f"base_config={base}", "--param",
+                      f"spec={spec}", "--param", f"out_dir={out}", env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        sweep_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
+
+        def children():
+            runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
+            return sorted(runs, key=lambda r: r["start"] or float("inf"))
+
+        wait(lambda: [r for r in children() if r["state"] == "Running"], 240, "the trial's run to start")
+        supervisors = [pid for pid, cmd in descendants(workers[1].pid) if "flow-run execute" in cmd]
+        assert supervisors, descendants(workers[1].pid)
+        os.kill(supervisors[0], signal.SIGTERM)
+        states = wait(lambda: final_states(env, sweep_id), 600, "the sweep to finish")
+        assert states[-1] == "Completed" and "AwaitingRetry" in states, states
+
+        runs = children()
+        assert [r["state"] for r in runs] == ["Completed", "Completed"], runs
+        assert runs[0]["run_dir"] == runs[1]["run_dir"]
+        assert runs[1]["start"] >= runs[0]["end"], runs  # never two runs in one directory
+        trials = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+        assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], trials
+        retry = trials[1]
+        assert retry.system_attrs["failed_trial"] == 0 and retry.params == trials[0].params
+        # the retry began while the first child still ran: it waited, and did not start a second run
+        assert retry.datetime_start.timestamp() < runs[0]["end"], (retry.datetime_start, runs)
+        assert newest_checkpoint(runs[0]["run_dir"]).iteration == 9
+        assert retry.value == pytest.approx(run_summary(runs[0]["run_dir"])["validation_loss"])
     finally:
         for worker in workers:
             stop(worker)

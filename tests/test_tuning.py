@@ -106,6 +106,24 @@ def test_bad_study_settings_are_refused_before_any_trial(tmp_path, noisy_base, i
             storage="sqlite:////proc/self/no/study.db")
 
 
+def test_a_released_trial_s_run_goes_on_without_reporting(tmp_path, caplog):
+    """A worker's run whose trial was released meanwhile (its sweep process was lost; a rerun
+    failed the trial and retries it in the same run directory): its next segment report is no
+    error and does not stop it, so the retry, which waits for it, takes its score."""
+    from ptycho_core import tuning
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="released")
+    trial = study.ask()
+    link = tuning.TrialLink(storage, "released", trial._trial_id, "validation_loss", "median", {}).to_dict()
+    assert tuning.report_segment(link, {"validation_loss": 1.0}, 3) is False
+    study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+    with caplog.at_level("WARNING", logger="ptyflow"):
+        assert tuning.report_segment(link, {"validation_loss": 0.9}, 6) is False
+    assert "was released by a rerun of its sweep" in caplog.text
+    assert study._storage.get_trial(trial._trial_id).intermediate_values == {3: 1.0}
+
+
 def test_a_killed_sweep_reruns_into_the_same_study(tmp_path, noisy_base, prefect_api):
     """SIGKILL of `ptyflow sweep` in its second trial: the rerun finds that trial abandoned, runs
     it again (same values, same run directory, from its checkpoint) and finishes the study."""

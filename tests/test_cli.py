@@ -8,8 +8,6 @@ import h5py
 import yaml
 import zarr
 
-from conftest import cli  # noqa: F401  (the fixture run_cli uses it)
-
 
 def test_demo_reconstructs_and_reports_quality(tmp_path, run_cli):
     result = run_cli("demo", "--out", tmp_path / "demo")

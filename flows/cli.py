@@ -150,7 +150,7 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
     with _stopped_on_error(server):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from flows import progress as progress_hooks
+        from tasks import progress as progress_hooks
         from flows.reconstruct import reconstruct, resolve_config, with_devices
         from ptycho_core.io.readers import check_data_path
         from ptycho_core.rundir import newest_checkpoint, start_iteration

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 
 from ptycho_core.checkpoint import last_value
 from ptycho_core.rundir import run_segment
-from flows import progress
+from tasks import progress
 
 
 @contextmanager

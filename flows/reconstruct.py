@@ -70,7 +70,20 @@ def close_abandoned_run(flow_run_id: str, holder: dict, run_dir: str, logger) ->
     logger.warning("marked flow run %s (%s) Crashed: %s", abandoned.name, flow_run_id, reason)
 
 
-@flow(name="reconstruct")
+def run_name(kind: str, path: str) -> str:
+    """A flow run's name: what it does and the last two parts of its folder, e.g.
+    "reconstruct study/trial_003_1a2b" (given to child runs when submitted, and the name the
+    flow itself takes when started another way)."""
+    path = Path(path).absolute()
+    return f"{kind} {path.parent.name}/{path.name}"
+
+
+def named_after(kind: str, parameter: str):
+    """A flow's flow_run_name: run_name of its own path parameter."""
+    return lambda: run_name(kind, str(flow_run.parameters[parameter]))
+
+
+@flow(name="reconstruct", flow_run_name=named_after("reconstruct", "run_dir"))
 def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None,
                 trial: Optional[dict] = None) -> dict:
     """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README).

@@ -24,7 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from flows.reconstruct import reconstruct, resolve_config
+from flows.reconstruct import named_after, reconstruct, resolve_config, run_name
 from ptycho_core.rundir import Preempted, finished, run_summary
 from ptycho_core.sweep import (
     SweepSpec,
@@ -67,7 +67,7 @@ def _wait_final(flow_run_ids: list, timeout_s: float) -> dict:
                 for i, run in zip(flow_run_ids, finished)}
 
 
-@flow(name="sweep")
+@flow(name="sweep", flow_run_name=named_after("sweep", "out_dir"))
 def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
     """Reconstruct every point of ``spec`` over ``base_config`` into ``out_dir/point_NNN_<hash>``.
@@ -97,7 +97,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
         started = time.perf_counter()
         if use_workers:
             run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir)},
-                                 flow_run_name=f"{out.name}-{name}", timeout=0, as_subflow=True,
+                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
                                  idempotency_key=f"ptyflow-sweep-{flow_run.id}-{name}")
             submitted[run.id] = row
         else:
@@ -183,7 +183,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
             if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
                 _wait_final([UUID(earlier)], spec.wait_hours * 3600)
             run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir), "trial": link},
-                                 flow_run_name=f"{out.name}-trial-{trial.number}", timeout=0, as_subflow=True,
+                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
                                  idempotency_key=f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}")
             trial.set_user_attr("flow_run_id", str(run.id))
             run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]

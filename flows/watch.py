@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from flows.reconstruct import reconstruct, resolve_config
+from flows.reconstruct import named_after, reconstruct, resolve_config, run_name
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, deployment_exists
 from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
 
@@ -39,7 +39,7 @@ def _settle_submitted(outbox: str, max_attempts: int) -> None:
                                f"flow run {run.name}: {run.state.name}")
 
 
-@flow(name="watch")
+@flow(name="watch", flow_run_name=named_after("watch", "inbox"))
 def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: float = 30.0,
           marker_suffix: str = ".done", max_attempts: int = 2,
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
@@ -55,7 +55,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
         run_dir = str(Path(outbox).resolve() / entry["name"])
         if use_workers:
             run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": run_dir},
-                                 flow_run_name=f"watch-{entry['name']}", timeout=0, as_subflow=True,
+                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
                                  idempotency_key=f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
             record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
             logger.info("submitted %s as flow run %s", entry["name"], run.name)

@@ -235,6 +235,8 @@ def test_the_server_shows_the_cores_warnings_and_the_result_images(tmp_path, pip
     ours = [entry for entry in logs if f"taking over the stale lock of {run_dir}" in entry["message"]]
     assert ours, [entry["message"] for entry in logs][:20]
     assert ours[0]["flow_run_id"] and ours[0]["level"] == 30 and ours[0]["name"] == "ptyflow"
+    run = httpx.get(f"{prefect_api}/flow_runs/{ours[0]['flow_run_id']}", timeout=30).json()
+    assert run["name"] == f"reconstruct {tmp_path.name}/run"  # named after its run directory
 
     # the run's markdown artifact carries the phase and the loss curve themselves, not only file links
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 50, "sort": "CREATED_DESC"},

@@ -83,6 +83,17 @@ def named_after(kind: str, parameter: str):
     return lambda: run_name(kind, str(flow_run.parameters[parameter]))
 
 
+def submit_reconstruct(deployment: str, config: dict, run_dir: str, idempotency_key: str, **parameters):
+    """Send one reconstruct run to the workers as a child run of the calling flow, without waiting
+    for it (the caller waits, or records its id); the key makes a resubmission by a rescheduled
+    parent return the run already submitted. Returns Prefect's FlowRun."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, parameters={"config": config, "run_dir": str(run_dir), **parameters},
+                          flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
+                          idempotency_key=idempotency_key)
+
+
 @flow(name="reconstruct", flow_run_name=named_after("reconstruct", "run_dir"))
 def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None,
                 trial: Optional[dict] = None) -> dict:

@@ -21,10 +21,9 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from flows.reconstruct import named_after, reconstruct, resolve_config, run_name
+from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from ptycho_core.rundir import Preempted, finished, run_summary
 from ptycho_core.sweep import (
     SweepSpec,
@@ -96,9 +95,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
             continue
         started = time.perf_counter()
         if use_workers:
-            run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir)},
-                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
-                                 idempotency_key=f"ptyflow-sweep-{flow_run.id}-{name}")
+            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir, f"ptyflow-sweep-{flow_run.id}-{name}")
             submitted[run.id] = row
         else:
             state = reconstruct(cfg.to_dict(), str(run_dir), return_state=True)
@@ -182,9 +179,8 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
             earlier = trial.user_attrs.get("flow_run_id")
             if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
                 _wait_final([UUID(earlier)], spec.wait_hours * 3600)
-            run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": str(run_dir), "trial": link},
-                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
-                                 idempotency_key=f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}")
+            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir,
+                                     f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}", trial=link)
             trial.set_user_attr("flow_run_id", str(run.id))
             run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]
             if not run.state.is_completed():

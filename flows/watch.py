@@ -15,9 +15,8 @@ from typing import Optional, Union
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
 
-from flows.reconstruct import named_after, reconstruct, resolve_config, run_name
+from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, deployment_exists
 from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
 
@@ -54,9 +53,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
         cfg.data.path = entry["path"]
         run_dir = str(Path(outbox).resolve() / entry["name"])
         if use_workers:
-            run = run_deployment(deployment, parameters={"config": cfg.to_dict(), "run_dir": run_dir},
-                                 flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
-                                 idempotency_key=f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
+            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir, f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
             record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
             logger.info("submitted %s as flow run %s", entry["name"], run.name)
             continue

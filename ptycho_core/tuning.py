@@ -27,6 +27,8 @@ from typing import Any, Optional
 from .config import ConfigError, PtyflowConfig
 from .sweep import OBJECTIVES, Range, SweepSpec, point_config
 
+log = logging.getLogger("ptyflow")
+
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 MAX_RETRIES = 3  # a trial that keeps losing its sweep process is not retried forever
@@ -241,7 +243,7 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     except optuna.exceptions.UpdateFinishedTrialError:
         # released: its sweep process was lost and a rerun retries it in this run directory, after
         # this run ends (flows.sweep waits for it), so the run goes on and the retry takes its score
-        logging.getLogger("ptyflow").warning(
+        log.warning(
             "trial %d of study %s was released by a rerun of its sweep; this run finishes without reporting, and the "
             "retried trial takes its score", trial.number, link.study_name)
         return False

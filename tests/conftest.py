@@ -22,13 +22,13 @@ from ptycho_core.simulate import simulate  # noqa: E402
 from serverkit import free_port, wait  # noqa: E402
 
 
+EXIT_DEADLINE_S = 300
+
+
 def pytest_unconfigure(config):
     # a test process still alive this long after its tests ended waits at exit for a stuck thread:
     # print every thread's stack and exit with an error, rather than hang until CI's time runs out
     faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
-
-
-EXIT_DEADLINE_S = 300
 
 
 def h5py_lock_is_free() -> bool:

@@ -39,6 +39,12 @@ def flow_runs(env, flow_name):
     return json.loads(out.stdout)
 
 
+def child_runs(env, out):
+    """The reconstruct runs whose run directory lies under ``out``, in the order they started."""
+    runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
+    return sorted(runs, key=lambda r: r["start"] or float("inf"))
+
+
 def stop(proc):
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -75,7 +81,7 @@ def test_sweep_on_a_server_respects_the_concurrency_limit(tmp_path, server, smal
         sweep_seconds = time.time() - started
         assert sweep.returncode == 0, sweep.stdout + sweep.stderr
         assert sweep.stdout.count(": Completed, loss") == 3, sweep.stdout
-        children = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and "/sweep/" in r["run_dir"]]
+        children = child_runs(env, tmp_path / "sweep")
         assert len(children) == 3 and {r["state"] for r in children} == {"Completed"}
         assert most_at_once(children) == 2, children
         assert (tmp_path / "sweep" / "sweep.csv").is_file() and (tmp_path / "sweep" / "sweep_phases.png").is_file()
@@ -117,7 +123,7 @@ def test_an_optuna_sweep_runs_its_trials_as_child_runs_under_the_pool_limit(tmp_
         sweep = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(base), str(spec), "--out", str(out)],
                                env=env, capture_output=True, text=True, timeout=900)
         assert sweep.returncode == 0, sweep.stdout + sweep.stderr
-        children = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
+        children = child_runs(env, out)
         assert len(children) == 3 and {r["state"] for r in children} == {"Completed"}, children
         assert all(r["trial"] and r["trial"]["storage"] == f"sqlite:///{out / 'study.db'}" for r in children)
         assert most_at_once(children) == 1
@@ -151,16 +157,13 @@ def test_a_sweep_preempted_under_a_worker_finishes_with_one_run_per_point(tmp_pa
         assert run.returncode == 0, run.stdout + run.stderr
         sweep_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
 
-        def children():
-            return [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
-
-        wait(lambda: len(children()) == 3, 240, "the sweep to submit its three points")
+        wait(lambda: len(child_runs(env, out)) == 3, 240, "the sweep to submit its three points")
         supervisors = [pid for pid, cmd in descendants(workers[1].pid) if "flow-run execute" in cmd]
         assert supervisors, descendants(workers[1].pid)
         os.kill(supervisors[0], signal.SIGTERM)
         states = wait(lambda: final_states(env, sweep_id), 600, "the sweep to finish")
         assert states[-1] == "Completed" and "AwaitingRetry" in states, states
-        finished = children()
+        finished = child_runs(env, out)
         assert len(finished) == 3 and {r["state"] for r in finished} == {"Completed"}, finished
         assert len({r["run_dir"] for r in finished}) == 3
     finally:
@@ -194,19 +197,14 @@ def test_an_optuna_sweep_preempted_under_a_worker_lets_its_running_trial_finish(
                       f"spec={spec}", "--param", f"out_dir={out}", env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         sweep_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
-
-        def children():
-            runs = [r for r in flow_runs(env, "reconstruct") if r["run_dir"] and r["run_dir"].startswith(str(out))]
-            return sorted(runs, key=lambda r: r["start"] or float("inf"))
-
-        wait(lambda: [r for r in children() if r["state"] == "Running"], 240, "the trial's run to start")
+        wait(lambda: [r for r in child_runs(env, out) if r["state"] == "Running"], 240, "the trial's run to start")
         supervisors = [pid for pid, cmd in descendants(workers[1].pid) if "flow-run execute" in cmd]
         assert supervisors, descendants(workers[1].pid)
         os.kill(supervisors[0], signal.SIGTERM)
         states = wait(lambda: final_states(env, sweep_id), 600, "the sweep to finish")
         assert states[-1] == "Completed" and "AwaitingRetry" in states, states
 
-        runs = children()
+        runs = child_runs(env, out)
         assert [r["state"] for r in runs] == ["Completed", "Completed"], runs
         assert runs[0]["run_dir"] == runs[1]["run_dir"]
         assert runs[1]["start"] >= runs[0]["end"], runs  # never two runs in one directory

@@ -18,6 +18,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from tasks import stopping
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Automatic-differentiation electron ptychography, run as Prefect flows.")
 console = Console(stderr=True, soft_wrap=True)
@@ -175,12 +177,16 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
             progress_hooks.set_reporter(reporter)
             try:
                 flow_started = time.perf_counter()
-                summary = reconstruct(cfg.to_dict(), str(run_dir))
+                with stopping.stage("Prefect's calls"):
+                    summary = reconstruct(cfg.to_dict(), str(run_dir))
                 flow_seconds = time.perf_counter() - flow_started
+            except stopping.Stopped as exc:
+                exc.saved = _what_is_saved(run_dir)
+                raise
             finally:
                 progress_hooks.set_reporter(None)
-        stopping = time.perf_counter()
-    stop_seconds = time.perf_counter() - stopping
+        server_stop = time.perf_counter()
+    stop_seconds = time.perf_counter() - server_stop
     stages = summary.pop("stage_seconds")
     timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
               "iterations": stages["iterations"], "segment set-up, checkpoints, figures": stages["segments"] - stages["iterations"],
@@ -190,6 +196,18 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
     # one line, "name X.XX s" pairs: what benchmarks/run.py --user-path reads
     out.print("timing: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timing.items()))
     return summary
+
+
+def _what_is_saved(run_dir: Path) -> str:
+    """What a rerun of a stopped run starts from, by the checkpoint files' names (none is read)."""
+    from ptycho_core.checkpoint import list_checkpoints, parse_checkpoint_name
+
+    names = [parse_checkpoint_name(p.name) for p in list_checkpoints(run_dir / "checkpoints")]
+    newest = max((n for n in names if n), default=None)
+    if newest is None:
+        return f"no checkpoint yet in {run_dir}"
+    iteration, batches = newest
+    return f"iteration {iteration}{f' (+{batches} batches)' if batches else ''} is checkpointed in {run_dir}"
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -230,7 +248,7 @@ def demo(
 
     started = time.perf_counter()
     server = _early_server(verbose)  # comes up while the data are simulated
-    with _stopped_on_error(server):
+    with _stopped_on_error(server), stopping.stage("the simulation"):
         config = simulate("small", out_dir / "data", seed=0, n_slices=slices)
     simulated = time.perf_counter() - started
     out.print(f"simulated the 'small' preset into {out_dir / 'data'}")
@@ -400,6 +418,24 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:
         sys.exit(_report(exc))
+    except BaseException as exc:  # a stop by SIGTERM/SIGINT outside the iterations
+        stop = _as_stop(exc)
+        if stop is None:
+            raise
+        console.print(f"[yellow]{stop}[/yellow]{f'; {stop.saved}' if stop.saved else ''}; rerun the same command to resume",
+                      highlight=False)
+        sys.exit(stop.exit_code)
+
+
+def _as_stop(exc: BaseException) -> Optional[stopping.Stopped]:
+    """A signal's stop as Stopped: ours, or Prefect's TerminationSignal (raised by Prefect's own
+    SIGTERM handler while its engine sets a flow run up or closes it)."""
+    if isinstance(exc, stopping.Stopped):
+        return exc
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    if prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal):
+        return stopping.Stopped("SIGTERM", "Prefect's calls")
+    return None
 
 
 def _report(exc: Exception) -> int:
@@ -444,6 +480,7 @@ def console_main() -> None:
     frees nothing this process still needs: files are closed and Prefect's queues drained by then."""
     import gc
 
+    stopping.install()  # first: a scheduler's SIGTERM may come at any moment from now on
     try:
         main()
     finally:

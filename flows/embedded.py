@@ -1,8 +1,14 @@
 """Prefect's embedded (ephemeral) API server, tied to the life of this process.
 
 Prefect's own ephemeral server is a subprocess that outlives a killed parent. When no
-PREFECT_API_URL is configured, ptyflow starts the same server itself with the Linux parent-death
-signal set, so it ends with the ptyflow process however that process ends (SIGKILL included).
+PREFECT_API_URL is configured, ptyflow starts the same server itself, tied to the ptyflow process:
+- it ends with it however that process ends: the Linux parent-death signal (SIGKILL included),
+  and the end of its stdin, which only ptyflow holds (``stop``: a clean shutdown);
+- no signal meant for the run takes it down first. A batch scheduler signals every process of
+  the job, and a terminal's Ctrl-C the whole process group; the run then still needs the server to
+  record where it stopped. So the server runs in a session of its own (out of the terminal's
+  process group) and ignores SIGTERM and SIGINT (Slurm signals the job's processes whatever
+  their session).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
+
+from tasks import stopping
 
 _PR_SET_PDEATHSIG = 1
 
@@ -80,18 +88,19 @@ class EmbeddedServer:
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "flows.embedded", str(prefect_dir.parent), str(self.port)],
+            env=env, preexec_fn=_die_with_parent, start_new_session=True, stdin=subprocess.PIPE,
         )
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """Close its stdin (it shuts down cleanly), or kill it after 10 s."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 def start_embedded_server() -> Optional[EmbeddedServer]:
@@ -135,7 +144,8 @@ def prefect_backend(timeout_s: float = 60.0, started: Optional[EmbeddedServer] =
             return
         server = EmbeddedServer()
     try:
-        _wait_healthy(server.url, server.proc, timeout_s)
+        with stopping.stage("the wait for the Prefect server"):
+            _wait_healthy(server.url, server.proc, timeout_s)
         # no flow-run heartbeats (Prefect 3.9 sends one every 180 s by default): nothing watches an
         # embedded server's runs, and each flow run's end waits up to 1 s for the heartbeat thread
         with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -145,3 +155,34 @@ def prefect_backend(timeout_s: float = 60.0, started: Optional[EmbeddedServer] =
                 _drain_to_server()
     finally:
         server.stop()
+
+
+def _serve(app_dir: str, port: int) -> None:
+    """The server process: Prefect's API app under uvicorn, deaf to SIGTERM and SIGINT, until its
+    stdin ends (ptyflow's stop, or ptyflow's death)."""
+    import threading
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.path.insert(0, app_dir)
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def capture_signals(self):  # uvicorn would stop on SIGTERM/SIGINT: the run still needs it
+            return contextlib.nullcontext()
+
+    server = Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+                                   port=port, log_level="error", lifespan="on"))
+
+    def stop_at_end_of_input():
+        sys.stdin.buffer.read()
+        if not server.started:  # still importing or migrating: nothing served, nothing to close
+            os._exit(0)
+        server.should_exit = True
+
+    threading.Thread(target=stop_at_end_of_input, daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]))

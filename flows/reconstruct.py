@@ -23,6 +23,7 @@ from prefect.states import Crashed
 from ptycho_core.config import PtyflowConfig, check_files, config_from_dict, load_config
 from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_iteration
+from tasks import stopping
 from tasks.export import export_results
 from tasks.preprocess import preprocess_data
 from tasks.segment import reconstruct_segment
@@ -102,47 +103,54 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
     every run all of the node's GPUs). ``trial``: this run is a trial of an optuna sweep
     (ptycho_core.tuning.TrialLink); it reports its objective after every segment and ends early,
     exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
-    logger = get_run_logger()
-    cfg = with_devices(resolve_config(config), devices)
-    run_dir = str(Path(run_dir).resolve())
-    check_data_path(cfg.data)
-    check_files(cfg)
-    me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
-    with run_lock(run_dir, owner=me) as stale:
-        if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):
-            close_abandoned_run(stale["flow_run_id"], stale, run_dir, logger)
-        clock = time.perf_counter()
-        preprocess_data(cfg.to_dict(), run_dir)
-        stage_seconds = {"preprocess": time.perf_counter() - clock, "iterations": 0.0, "segments": 0.0,
-                         "trial_reports": 0.0}
-        newest = newest_checkpoint(run_dir, warn=logger.warning)
-        done = newest.iteration if newest else start_iteration(cfg)
-        ends = segment_ends(cfg, done)
-        target = start_iteration(cfg) + cfg.recon_params.iterations
-        logger.info("run %s: at iteration %d of %d, %d segment(s) to go", run_dir, done, target, len(ends))
-        progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
-        pruned_at = None
-        for end in ends:
+    with stopping.owned("Prefect's calls"):
+        logger = get_run_logger()
+        cfg = with_devices(resolve_config(config), devices)
+        run_dir = str(Path(run_dir).resolve())
+        check_data_path(cfg.data)
+        check_files(cfg)
+        me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
+        with run_lock(run_dir, owner=me) as stale:
+            if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):
+                close_abandoned_run(stale["flow_run_id"], stale, run_dir, logger)
             clock = time.perf_counter()
-            segment = reconstruct_segment(run_dir, end)
-            stage_seconds["segments"] += time.perf_counter() - clock
-            stage_seconds["iterations"] += segment["seconds"]
-            update_progress_artifact(progress_id, 100.0 * end / target)
+            preprocess_data(cfg.to_dict(), run_dir)
+            stage_seconds = {"preprocess": time.perf_counter() - clock, "iterations": 0.0, "segments": 0.0,
+                             "trial_reports": 0.0}
+            newest = newest_checkpoint(run_dir, warn=logger.warning)
+            done = newest.iteration if newest else start_iteration(cfg)
+            ends = segment_ends(cfg, done)
+            target = start_iteration(cfg) + cfg.recon_params.iterations
+            logger.info("run %s: at iteration %d of %d, %d segment(s) to go", run_dir, done, target, len(ends))
+            progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
+            pruned_at = None
+            for end in ends:
+                clock = time.perf_counter()
+                segment = reconstruct_segment(run_dir, end)
+                stage_seconds["segments"] += time.perf_counter() - clock
+                stage_seconds["iterations"] += segment["seconds"]
+                update_progress_artifact(progress_id, 100.0 * end / target)
+                clock = time.perf_counter()
+                stop = trial is not None and end < target and report_to_trial(trial, run_dir, segment)
+                stage_seconds["trial_reports"] += time.perf_counter() - clock
+                if stop:
+                    pruned_at = end
+                    logger.info("trial %s pruned at iteration %d: its score is worse than the study's other trials",
+                                trial["trial_id"], end)
+                    break
             clock = time.perf_counter()
-            stop = trial is not None and end < target and report_to_trial(trial, run_dir, segment)
-            stage_seconds["trial_reports"] += time.perf_counter() - clock
-            if stop:
-                pruned_at = end
-                logger.info("trial %s pruned at iteration %d: its score is worse than the study's other trials",
-                            trial["trial_id"], end)
-                break
-        clock = time.perf_counter()
-        summary = export_results(run_dir)
-        stage_seconds["export"] = time.perf_counter() - clock
-        # where the flow's time went: iterations, and the rest of each segment (its set-up, reading
-        # and writing checkpoints, figures); benchmarks/run.py --user-path reads it
-        summary.update(pruned_at_iteration=pruned_at, stage_seconds=stage_seconds)
-    previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
+            summary = export_results(run_dir)
+            stage_seconds["export"] = time.perf_counter() - clock
+            # where the flow's time went: iterations, and the rest of each segment (its set-up, reading
+            # and writing checkpoints, figures); benchmarks/run.py --user-path reads it
+            summary.update(pruned_at_iteration=pruned_at, stage_seconds=stage_seconds)
+        previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
+        _publish(run_dir, summary, previews)
+    return summary
+
+
+def _publish(run_dir: str, summary: dict, previews: dict[str, bytes]) -> None:
+    """The run's summary table and its results (inline previews, links) as Prefect artifacts."""
     table = {k: [v] for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
     create_table_artifact(table, description=f"summary of {run_dir}")
     links = "\n".join(f"- [{Path(p).name}](file://{p})" for p in summary["figures"])
@@ -152,7 +160,6 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
         f"- result: [{summary['result']}](file://{summary['result']})\n{links}\n",
         description=f"results of {run_dir}",
     )
-    return summary
 
 
 def _inline_images(previews: dict[str, bytes]) -> str:

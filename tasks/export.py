@@ -3,10 +3,12 @@
 from prefect import get_run_logger, task
 
 from ptycho_core.rundir import export_run
+from tasks import stopping
 
 
 @task(name="export")
 def export_results(run_dir: str) -> dict:
-    summary = export_run(run_dir)
+    with stopping.stage("the export"):
+        summary = export_run(run_dir)
     get_run_logger().info("exported iteration %d to %s", summary["iteration"], summary["result"])
     return summary

@@ -6,13 +6,15 @@ from prefect import get_run_logger, task
 
 from ptycho_core.config import config_from_dict
 from ptycho_core.rundir import prepare
+from tasks import stopping
 
 
 @task(name="preprocess")
 def preprocess_data(config: dict, run_dir: str) -> dict:
     """Write run_dir/config.yaml and preprocessed.h5, or confirm the existing ones (skipped)."""
     logger = get_run_logger()
-    outcome = prepare(config_from_dict(config), run_dir, warn=logger.warning)
+    with stopping.stage("preprocessing"):
+        outcome = prepare(config_from_dict(config), run_dir, warn=logger.warning)
     verb = "reused" if outcome.skipped else "wrote"
     logger.info(
         "%s preprocessed.h5: %d patterns of %dx%d, dx %.4f Å, dk %.4f mrad, bright-field disk radius %.1f px",

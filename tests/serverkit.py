@@ -99,3 +99,16 @@ def deploy_all(env, tmp_path):
     deploy = prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all",
                      env={**env, "PTYFLOW_WORKDIR": str(REPO), **inbox_env}, cwd=REPO)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+
+def with_environment(name, value):
+    """Living processes whose environment holds name=value (e.g. the PREFECT_HOME of one test)."""
+    found = []
+    for pid in processes():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if f"{name}={value}".encode() in environ.split(b"\0") and alive(pid):
+            found.append(pid)
+    return found

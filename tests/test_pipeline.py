@@ -20,7 +20,7 @@ from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.rundir import RunDirError, lock_holder, run_lock
 
 from conftest import cli
-from serverkit import alive, descendants
+from serverkit import alive, descendants, with_environment
 
 ITERATIONS = 24
 SEGMENT = 4
@@ -91,20 +91,34 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, pipeline_conf
     assert (run_dir / "result.zarr").is_dir() and (run_dir / "figures" / "object_phase.png").is_file()
 
 
-def test_sigterm_checkpoints_reports_and_resumes(tmp_path, pipeline_config, reference, run_cli):
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM to the run", "SIGTERM to its process group"])
+def test_sigterm_checkpoints_reports_and_resumes(tmp_path, pipeline_config, reference, run_cli, sig, to_group):
+    """A preemption during the iterations, with the embedded server. A batch scheduler signals every
+    process of the job at once: the server, in the same job, must not go down before the run has
+    recorded where it stopped (the run used to end in screens of connection errors)."""
     run_dir = tmp_path / "run"
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home)}
     proc = subprocess.Popen(cli("run", pipeline_config, "--run-dir", run_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     wait_for_checkpoint(run_dir, proc)
     time.sleep(random.uniform(0.0, 0.5))
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, (stdout, stderr)
     import re
 
-    match = re.search(r"preempted at iteration (\d+)(?: \(\+(\d+) batches)?", stderr)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("iterations ")]
+    assert len(lines) == 1, stderr  # one line says where it stopped
+    match = re.fullmatch(r"preempted at iteration (\d+)(?: \(\+(\d+) batches of iteration \d+\))? by SIGTERM; "
+                         r"checkpoint .*; rerun the same command to resume", lines[0])
     assert match, stderr
-    assert "Traceback" not in stderr
+    time.sleep(1)
+    assert not with_environment("PREFECT_HOME", home), "a process outlived the run"
     iteration, batches = int(match.group(1)), int(match.group(2) or 0)
     written = read_checkpoint(run_dir / "model.hdf5")
     assert (written.iteration, written.batch_cursor) == (iteration, batches)

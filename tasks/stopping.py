@@ -21,6 +21,7 @@ Signals are process-wide, so this state is too: one ``_Owner`` per process, kept
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,9 +72,27 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _quiet_unraisable() -> None:
+    """A signal that lands inside a finalizer or a weakref callback (an import's module lock, a
+    closed file) raises Stopped where Python cannot propagate it: it prints "Exception ignored"
+    and a traceback, and carries on. Such a Stopped is dropped silently instead; the request stays
+    recorded and takes effect at the next stage boundary or batch."""
+    if getattr(sys.unraisablehook, "ptyflow_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            previous(unraisable)
+
+    hook.ptyflow_quiet = True
+    sys.unraisablehook = hook
+
+
 def install() -> None:
     """Own SIGTERM and SIGINT for the rest of this process (the CLI's first call)."""
     _owner.holders += 1
+    _quiet_unraisable()
     for sig in SIGNALS:
         signal.signal(sig, _on_signal)
 
@@ -92,6 +111,7 @@ def owned(name: str) -> Iterator[None]:
     if _owner.holders == 0:
         _owner.requested = None
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _quiet_unraisable()
     _owner.holders += 1
     try:
         for sig in SIGNALS:

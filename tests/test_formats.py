@@ -289,16 +289,18 @@ def test_compressed_tiff_blocks_give_the_stack_a_page_decoded_once(tmp_path, per
     patterns written, and blocks read in order decode every page once."""
     import tifffile
 
-    from ptycho_core.io.readers import open_patterns
+    from ptycho_core.io.readers import describe_data, open_patterns
 
     patterns, _ = synthetic(2)
-    flat = patterns.reshape(-1, DET, DET)
+    flat = patterns.reshape(-1, DET, DET).astype(np.uint16)  # detector counts
     if per_page == 1:
         tifffile.imwrite(tmp_path / "s.tif", flat, compression="zlib")
     else:
         tifffile.imwrite(tmp_path / "s.tif", flat.reshape(-1, per_page, DET, DET), compression="zlib",
                          photometric="minisblack", planarconfig="separate")
-    source = open_patterns(cfg(base_config(tmp_path / "s.tif")).data)
+    data = cfg(base_config(tmp_path / "s.tif")).data
+    assert describe_data(data)["dtype"] == "uint16"
+    source = open_patterns(data)
     try:
         pages = source.array
         decoded = []

@@ -314,3 +314,40 @@ def test_compressed_tiff_blocks_give_the_stack_a_page_decoded_once(tmp_path, per
         assert np.array_equal(source.read(np.array([2, 9, 19])), flat[[2, 9, 19]])
     finally:
         source.close()
+
+
+def test_matlab_v5_is_described_without_reading_and_refused_when_it_cannot_fit(tmp_path):
+    """scipy reads a v5 variable whole (it may be compressed): inspect-data takes shape and type
+    from the variable's header, and a variable larger than half the memory available is refused,
+    naming its size and the v7.3 alternative, before anything is allocated."""
+    import struct
+    import tracemalloc
+
+    import scipy.io
+
+    from ptycho_core.io.readers import describe_data, open_patterns
+
+    big = np.random.default_rng(3).poisson(5.0, size=(8000, DET, DET)).astype(np.float32)  # 33 MB
+    scipy.io.savemat(tmp_path / "big.mat", {"dp": big}, do_compression=True)
+    data = cfg(base_config(tmp_path / "big.mat", meas_key="dp")).data
+    tracemalloc.start()
+    report = describe_data(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report["shape"] == [8000, DET, DET] and report["dtype"] == "float32"
+    assert peak < 0.1 * big.nbytes, peak
+
+    # a file whose header declares 2^18 x 2^6 patterns of 64 x 64 doubles (550 GB): only the header is read
+    scipy.io.savemat(tmp_path / "huge.mat", {"dp": np.ones((2, 3, 4, 5), np.uint8)})
+    raw = bytearray((tmp_path / "huge.mat").read_bytes())
+    # after the 128-byte file header and the variable's tag: its array flags (class 9, uint8) and dimensions
+    assert struct.unpack_from("<2i2I2i4i", raw, 136) == (6, 8, 9, 0, 5, 16, 2, 3, 4, 5)
+    struct.pack_into("<I", raw, 144, 6)  # class double
+    struct.pack_into("<4i", raw, 160, 1 << 18, 1 << 6, 64, 64)
+    (tmp_path / "huge.mat").write_bytes(bytes(raw))
+    huge = cfg(base_config(tmp_path / "huge.mat", meas_key="dp"))
+    assert describe_data(huge.data)["shape"] == [1 << 18, 1 << 6, 64, 64]
+    source = open_patterns(huge.data)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'huge.mat'}: variable 'dp' \(262144, 64, 64, 64\) float64 "
+                                        r"is 550 GB; a MATLAB v5 file is read whole, .* Save it as MATLAB v7.3"):
+        source.read(np.arange(4))  # the first block preprocessing reads

@@ -168,22 +168,22 @@ def test_lbfgs_out_of_memory_in_its_first_evaluation_splits_the_batch_and_takes_
         small_dataset, small_prep, monkeypatch):
     """Before LBFGS's first evaluation of a step returns, it has changed nothing: the batch is split
     and the step retried, with the whole batch's gradient."""
-    cfg = config_with(small_dataset, **{"recon_params.dtype": "float64", "recon_params.batch_size": 64,
+    cfg = config_with(small_dataset, **{"recon_params.dtype": "float64", "recon_params.batch_size": 128,
                                         "model_params.optimizer_params": LBFGS})
     rec = Reconstruction.create(cfg, small_prep)
     forward = rec.model.forward
 
     def small_memory(indices, **kwargs):
-        if len(indices) > 32:
+        if len(indices) > 64:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(indices, **kwargs)
 
     monkeypatch.setattr(rec.model, "forward", small_memory)
     warnings = []
-    rec.run(2, warn=warnings.append)
+    rec.run(1, warn=warnings.append)
     assert rec.problem.micro_batches == 2 and len(warnings) == 1
     reference = Reconstruction.create(cfg, small_prep)
-    reference.run(2)
+    reference.run(1)
     for name, value in reference.model.tensors().items():
         assert torch.allclose(rec.model.tensors()[name], value, rtol=1e-9, atol=1e-9 * value.abs().max()), name
 

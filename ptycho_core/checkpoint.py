@@ -33,11 +33,20 @@ from .faults import pause_point
 from .model import TENSOR_NAMES, PtychoAD
 
 FORMAT = "ptyflow-model"
-FORMAT_VERSION = 1
+# 2: the probe's learning rate is in units of the brightest mean-pattern amplitude (its group's lr
+#    and eps are scaled) and the loss has a floor relative to the batch's mean intensity, so the
+#    optimizer state of a format-1 file was accumulated for other steps. Tensors, buffers and
+#    layout are unchanged: a format-1 file still starts a run (init.model_path), it cannot be
+#    continued (resume, optimizer_params.load_state).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
     """A model.hdf5 that cannot be used; the message names the file (and tensor, if any)."""
+
+
+class NewerFormatError(CheckpointError):
+    """A model.hdf5 written by a newer ptyflow: not damaged, so a resume must not skip it."""
 
 
 class StorageError(RuntimeError):
@@ -62,6 +71,7 @@ class Checkpoint:
     rng_state: Optional[torch.Tensor]
     shape_hash: str
     config_hash: str
+    format_version: int = FORMAT_VERSION
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -150,8 +160,23 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> tuple[list[dict
     return groups, {index_to_name[i]: s for i, s in sd["state"].items()}
 
 
+def require_current_format(ckpt: Checkpoint) -> None:
+    """Refuse to continue a model file of an older format: its optimizer state means other steps."""
+    if ckpt.format_version >= FORMAT_VERSION:
+        return
+    raise CheckpointError(
+        f"{ckpt.path}: written by an older ptyflow (model file format {ckpt.format_version}; this ptyflow "
+        f"writes format {FORMAT_VERSION}): its optimizer state was accumulated with the probe's learning rate "
+        f"in other units and another loss floor, so continuing it would take other steps. Its tensors mean "
+        f"what they meant: start a new run directory with init.model_path: {ckpt.path} (and "
+        f"init.continue_iteration: true to count on from iteration {ckpt.iteration}), without "
+        f"optimizer_params.load_state; the optimizer then starts afresh"
+    )
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     """Continue from ckpt's optimizer state. The current param-group settings (lr, ...) stay."""
+    require_current_format(ckpt)
     if ckpt.optimizer_name is None:
         raise CheckpointError(f"{ckpt.path}: holds no optimizer state")
     if ckpt.optimizer_name != type(optimizer).__name__:
@@ -313,6 +338,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 raise CheckpointError(f"{path}: not a ptyflow model file (format attribute {attrs.get('format')!r})")
             if not attrs.get("complete", False):
                 raise CheckpointError(f"{path}: incomplete model file (no completeness mark; the write was interrupted)")
+            version = attrs.get("format_version")
+            if not isinstance(version, (int, np.integer)) or version < 1:
+                raise CheckpointError(f"{path}: damaged model file (format_version attribute {version!r})")
+            if version > FORMAT_VERSION:
+                raise NewerFormatError(
+                    f"{path}: written by a newer ptyflow (model file format {version}; this ptyflow reads "
+                    f"formats up to {FORMAT_VERSION}); continue it with that ptyflow or a newer one"
+                )
             tensors = {name: torch.from_numpy(_array(f["tensors"][name])) for name in f["tensors"]}
             buffers = f["buffers"]
             optimizer_name, groups, states = None, [], {}
@@ -342,6 +375,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 rng_state=torch.from_numpy(_array(f["rng"]["torch_cpu"])) if "rng" in f else None,
                 shape_hash=str(attrs.get("shape_hash", "")),
                 config_hash=str(attrs.get("config_hash", "")),
+                format_version=int(version),
                 attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v)
                        for k, v in attrs.items()},
             )
@@ -363,11 +397,15 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def latest_valid_checkpoint(folder: str | Path) -> tuple[Optional[Checkpoint], list[tuple[Path, str]]]:
-    """Newest readable checkpoint in ``folder`` and the (path, reason) of newer ones skipped."""
+    """Newest readable checkpoint in ``folder`` and the (path, reason) of newer damaged ones
+    skipped. A file of a newer format is not damaged: its NewerFormatError stops the search (an
+    older file's format is for the caller to judge, see require_current_format)."""
     skipped = []
     for path in reversed(list_checkpoints(folder)):
         try:
             return read_checkpoint(path), skipped
+        except NewerFormatError:
+            raise
         except CheckpointError as exc:
             skipped.append((path, str(exc)))
     return None, skipped

@@ -1,8 +1,8 @@
 """Constraints: projections applied under no_grad to the model tensors after an iteration.
 
 One function per constraint, registered by its name in ``constraint_params``, applied in the
-fixed order of ``CONSTRAINT_ORDER``. They change parameter values in place; one that reorders
-the probe modes returns the new order so the optimizer state can follow.
+fixed order of ``CONSTRAINT_ORDER``. They change parameter values in place; one that mixes the
+probe modes returns the mixing so the optimizer state can follow (``mix_state``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def register_constraint(name: str):
 
 def _assignment(weights: torch.Tensor) -> torch.Tensor:
     """A permutation pairing each column k with a row source[k], strongest pairs first (P x P, P
-    small): the old mode each new mode takes its optimizer state from."""
+    small): the old mode each new mode mostly comes from."""
     weights = weights.clone()
     source = torch.empty(weights.shape[1], dtype=torch.long, device=weights.device)
     for _ in range(weights.shape[1]):
@@ -84,8 +84,8 @@ def _assignment(weights: torch.Tensor) -> torch.Tensor:
 def orthogonalize_probe_modes(model: PtychoAD, params, context: DataContext) -> Optional[torch.Tensor]:
     """Replace the probe modes by the orthogonal modes of the same mixed state, by power.
 
-    Returns, for each new mode, the old mode it mostly came from (P,), so the optimizer's
-    per-element state can be reordered with the modes."""
+    Returns the unitary mixing (P, P), new modes = mixing @ old modes, so the optimizer's
+    per-element state can follow (mix_state)."""
     if model.probe.shape[0] < 2:
         return None
     probe = model.probe_complex
@@ -101,7 +101,7 @@ def orthogonalize_probe_modes(model: PtychoAD, params, context: DataContext) -> 
     mixing = mixing * (lead.conj() / lead.abs())
     modes = mixing.T @ flat
     model.probe.copy_(torch.view_as_real(modes.reshape(probe.shape)))
-    return source
+    return mixing.T
 
 
 @register_constraint("fix_probe_intensity")
@@ -190,14 +190,39 @@ def limit_positions(model: PtychoAD, params, context: DataContext) -> None:
     shifts.copy_(initial + moved - corners)
 
 
-def permute_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Tensor, order: torch.Tensor) -> None:
-    """Reorder the optimizer's per-element state of ``param`` along its first axis (Adam's moments
-    follow the probe modes they were accumulated for)."""
+# optimizer state that is a running sum of gradients (or of parameters: ASGD's average), so linear
+# in them; every other per-element state (exp_avg_sq, max_exp_avg_sq, square_avg, ...) is taken to
+# be a running sum of squared components
+LINEAR_STATE = ("exp_avg", "momentum_buffer", "grad_avg", "prev", "ax")
+
+
+def mix_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Tensor, mixing: torch.Tensor) -> None:
+    """Carry the optimizer's per-element state of the probe (real view (P, ny, nx, 2)) over to the
+    modes ``mixing @ modes`` (mixing (P, P) complex, unitary).
+
+    The gradient with respect to the new modes is the same mixture of the old modes' gradients
+    (the loss sees only the mixed state, which a unitary mixing keeps), so the linear state
+    (Adam's first moment, momentum) is mixed exactly as the modes are. A running mean of squared
+    real and imaginary parts (Adam's second moment) becomes the expected squares of the mixed
+    parts: sum_j Re(m)^2 v_re + Im(m)^2 v_im (and the same with re and im exchanged), exact for a
+    reordering and when the modes' gradients, and their two parts, are uncorrelated. LBFGS keeps
+    its history as flat vectors, not per element: it is left as it is."""
     if optimizer is None:
         return
-    for value in optimizer.state.get(param, {}).values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            value.copy_(value.index_select(0, order.to(value.device)))
+    n_modes = param.shape[0]
+    for key, value in optimizer.state.get(param, {}).items():
+        if not (torch.is_tensor(value) and value.shape == param.shape):
+            continue
+        weights = mixing.to(value.device)
+        if key in LINEAR_STATE:
+            flat = torch.view_as_complex(value).reshape(n_modes, -1)
+            value.copy_(torch.view_as_real(weights.to(flat.dtype) @ flat).reshape(value.shape))
+            continue
+        real_sq, imag_sq = weights.real.square().to(value.dtype), weights.imag.square().to(value.dtype)
+        parts = value.reshape(n_modes, -1, 2)
+        re, im = parts[..., 0], parts[..., 1]
+        mixed = torch.stack([real_sq @ re + imag_sq @ im, real_sq @ im + imag_sq @ re], dim=-1)
+        value.copy_(mixed.reshape(value.shape))
 
 
 def apply_constraints(model: PtychoAD, constraint_params, iteration: int, context: DataContext,
@@ -209,8 +234,8 @@ def apply_constraints(model: PtychoAD, constraint_params, iteration: int, contex
         for name in CONSTRAINT_ORDER:
             params = getattr(constraint_params, name)
             if params.active(iteration) and _optimized(model, *CONSTRAINT_TENSORS[name]):
-                order = CONSTRAINTS[name](model, params, context)
-                if order is not None:
-                    permute_state(optimizer, model.probe, order)
+                mixing = CONSTRAINTS[name](model, params, context)
+                if mixing is not None:
+                    mix_state(optimizer, model.probe, mixing)
                 applied.append(name)
     return applied

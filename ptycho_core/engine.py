@@ -290,19 +290,38 @@ def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
 def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
                     meas: torch.Tensor, iteration: int, warn: Callable[[str], None],
                     batch: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """One optimizer step on one batch; a batch that does not fit in (GPU) memory is split into
-    more micro-batches (problem.micro_batches, kept for the rest of the run). Returns the loss terms."""
+    """One optimizer step on one batch. A batch whose gradient does not fit in (GPU) memory is split
+    into more micro-batches (problem.micro_batches, kept for the rest of the run) and the step is
+    retried: nothing but gradients had changed. Running out of memory after that, inside the
+    optimizer's update or in a later evaluation of LBFGS's, which follow a change of the tensors,
+    ends the run: a retry would apply part of the step twice. Returns the loss terms."""
     parts: dict[str, torch.Tensor] = {}
     closure = batch_step_closure(model, optimizer, problem, indices, meas, parts, batch)
+    updating = False
+
+    def gradient_then_update() -> torch.Tensor:
+        nonlocal updating
+        loss = closure()
+        updating = True  # from here on the optimizer changes the tensors and its state
+        return loss
+
     while True:
+        updating = False
         try:
             if isinstance(optimizer, torch.optim.LBFGS):
-                optimizer.step(closure)
+                optimizer.step(gradient_then_update)
             else:
-                closure()
+                gradient_then_update()
                 optimizer.step()
             return parts
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as exc:
+            if updating:
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of memory in the optimizer's update at iteration {iteration}, after the batch's gradient "
+                    f"was computed: the update was partly applied, so it is not retried with smaller batches; "
+                    f"nothing of it is saved (a rerun continues from the newest checkpoint). The optimizer's "
+                    f"state needs memory the patterns leave free: lower recon_params.memory_budget_gb (the "
+                    f"patterns then stay in host memory or on disk) or, for LBFGS, configs.history_size") from exc
             # with several processes a retry would repeat collectives the others have passed
             if problem.micro_batches >= len(indices) or problem.collective is not None:
                 raise

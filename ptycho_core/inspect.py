@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import last_value, read_checkpoint
+from .checkpoint import FORMAT_VERSION, last_value, read_checkpoint
 from .rundir import (
     RunDirError,
     RunPaths,
@@ -38,6 +38,10 @@ def inspect_path(path: str | Path) -> dict:
             "optimizer": ckpt.optimizer_name,
             "optimizer_state_for": sorted(ckpt.optimizer_state),
             "created": ckpt.attrs.get("created"),
+            "format_version": ckpt.format_version,
+            "format": (f"ptyflow model file format {ckpt.format_version}" if ckpt.format_version == FORMAT_VERSION
+                       else f"ptyflow model file format {ckpt.format_version}, from an older ptyflow: its tensors "
+                            "can start a run (init.model_path), its optimizer state cannot be continued"),
         }
     return inspect_run_dir(path)
 

@@ -15,7 +15,6 @@ changes a result: the tests compare tensors bitwise.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from contextlib import contextmanager
@@ -27,23 +26,12 @@ import torch
 
 from .config import ConfigError
 from .io.patterns import PatternStore
+from .io.readers import host_available_bytes
 
 HOST_AHEAD = 1
 DISK_AHEAD = 2
 IN_FLIGHT = DISK_AHEAD + 2  # batches queued, being read, and being used
 DEFAULT_BUDGET_FRACTION = 0.5
-
-
-def host_available_bytes() -> int:
-    """RAM the kernel can give without swapping (MemAvailable), or free pages where that is missing."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_available_bytes(device: torch.device) -> int:

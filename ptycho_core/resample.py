@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ class PreviousRun:
     obja: torch.Tensor
     probe: torch.Tensor  # (P, ny, nx) complex
     dx_ang: float
-    origin_ang: np.ndarray  # (2,) physical (y, x) of canvas pixel (0, 0)
+    origin_ang: Optional[np.ndarray]  # (2,) physical (y, x) of canvas pixel (0, 0); None: not recorded
+    path: Path
 
 
 def read_previous(path: str | Path) -> PreviousRun:
@@ -33,14 +35,15 @@ def read_previous(path: str | Path) -> PreviousRun:
             dx = float(meta["dx_ang"])
             origin = np.asarray(root["positions_ang"][0]) - np.asarray(root["positions_px_initial"][0]) * dx
             return PreviousRun(torch.from_numpy(root["object_phase"][:]), torch.from_numpy(root["object_amplitude"][:]),
-                               torch.from_numpy(root["probe"][:]), dx, origin)
+                               torch.from_numpy(root["probe"][:]), dx, origin, path)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             raise DataError(f"{path}: not a ptyflow result.zarr ({exc})") from None
     from .checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(path)
-    origin = np.asarray(ckpt.attrs.get("origin_ang", [0.0, 0.0]), dtype=np.float64)
-    return PreviousRun(ckpt.tensors["objp"], ckpt.tensors["obja"], ckpt.tensors["probe"], ckpt.dx_ang, origin)
+    # model files of the first ptyflow versions do not record their canvas origin
+    origin = np.asarray(ckpt.attrs["origin_ang"], dtype=np.float64) if "origin_ang" in ckpt.attrs else None
+    return PreviousRun(ckpt.tensors["objp"], ckpt.tensors["obja"], ckpt.tensors["probe"], ckpt.dx_ang, origin, path)
 
 
 def _sample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,11 @@ def resample_object(prev: PreviousRun, canvas: tuple[int, int], dx_ang: float, o
     Depth: the same slices when the count matches; otherwise the projected phase is shared
     equally among the new slices (and the amplitude as its n_slices-th root).
     """
+    if prev.origin_ang is None:
+        raise DataError(
+            f"{prev.path}: the model file does not record where its canvas lies (origin_ang), so its object "
+            "cannot be placed on this canvas; start the object from that run's result.zarr instead"
+        )
     rows = (origin_ang[0] + torch.arange(canvas[0], dtype=torch.float64) * dx_ang - prev.origin_ang[0]) / prev.dx_ang
     cols = (origin_ang[1] + torch.arange(canvas[1], dtype=torch.float64) * dx_ang - prev.origin_ang[1]) / prev.dx_ang
     rr, cc = torch.meshgrid(rows, cols, indexing="ij")

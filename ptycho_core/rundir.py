@@ -37,6 +37,7 @@ from .checkpoint import (
     leftover_temporaries,
     list_checkpoints,
     read_checkpoint,
+    require_current_format,
 )
 from .config import PtyflowConfig, check_files, config_from_dict
 from .distributed import device_list, helper_ranks
@@ -209,11 +210,15 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
     """Write config.yaml and preprocessed.h5, or confirm that the existing ones match.
 
     A run directory that holds a different input or a different configuration is refused
-    (naming what differs) so that two reconstructions never mix in one place.
+    (naming what differs) so that two reconstructions never mix in one place; so is one whose
+    checkpoints an older ptyflow wrote (checkpoint.require_current_format says what to do).
     """
     check_files(config)  # a missing starting model is named as such, not as "a different configuration"
     paths = RunPaths(Path(run_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
+    newest = newest_checkpoint(run_dir, warn=lambda message: None)  # the segment warns about damaged files
+    if newest is not None:  # a directory an older ptyflow wrote: that is what to say, not what differs
+        require_current_format(newest)
     if paths.config.is_file():
         old = read_run_config(run_dir)
         changed = _differences(old.resume_dict(), config.resume_dict())
@@ -304,6 +309,8 @@ def run_segment(
         raise RunDirError(f"{paths.preprocessed}: missing or incomplete; run the preprocess step first")
     try:
         ckpt = newest_checkpoint(run_dir, warn)
+        if ckpt is not None:  # an older ptyflow's file is refused as such, before anything starts
+            require_current_format(ckpt)
         if ckpt is not None and ckpt.config_hash != config.resume_hash():
             raise RunDirError(
                 f"{ckpt.path}: written with a different configuration than {paths.config}; "
@@ -386,7 +393,8 @@ def checkpoint_summary(run_dir: str | Path) -> list[dict]:
     for path in list_checkpoints(RunPaths(Path(run_dir)).checkpoints):
         try:
             ck = read_checkpoint(path)
-            rows.append({"file": path.name, "iteration": ck.iteration, "batch_cursor": ck.batch_cursor, "valid": True})
+            rows.append({"file": path.name, "iteration": ck.iteration, "batch_cursor": ck.batch_cursor, "valid": True,
+                         "format_version": ck.format_version})
         except CheckpointError as exc:
             rows.append({"file": path.name, "valid": False, "reason": str(exc)})
     return rows

@@ -11,9 +11,14 @@ from ptycho_core.checkpoint import (
     atomic_write,
     checkpoint_name,
     latest_valid_checkpoint,
+    list_checkpoints,
     read_checkpoint,
 )
+from ptycho_core.inspect import inspect_path
+from ptycho_core.io.readers import DataError
+from ptycho_core.model import TENSOR_NAMES
 from ptycho_core.reconstruction import Reconstruction
+from ptycho_core.rundir import prepare, run_segment
 
 from helpers import config_with
 
@@ -146,3 +151,129 @@ def test_file_holds_plain_arrays_named_by_tensor(tmp_path, small_dataset, small_
         assert f["tensors/probe"].dtype == np.complex64 and f.attrs["complete"]
         assert f.attrs["iteration"] == 2
     assert set(kinds) <= {"f", "c", "i", "u", "b"}  # numbers only: nothing to unpickle
+
+
+# --------------------------------------------------------------------------- files of an older ptyflow
+def as_format_1(path, lr: dict[str, float], origin: bool = True):
+    """Rewrite a model file in place as ptyflow wrote format 1: format_version 1; optimizer param
+    groups as build_optimizer made them then (each group's lr as configured, the probe's without
+    its amplitude unit, Adam's default eps, no base_lr); without origin_ang when ``origin`` is
+    False (the first versions did not record it). Tensors, buffers and the rest of the layout are
+    what format 1 had (git log -p ptycho_core/checkpoint.py)."""
+    import json
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        groups = json.loads(f["optimizer"].attrs["param_groups"])
+        for group in groups:
+            group.pop("base_lr")
+            group.update(lr=lr[group["names"][0]], eps=1e-8)
+        f["optimizer"].attrs["param_groups"] = json.dumps(groups)
+        if not origin:
+            del f.attrs["origin_ang"]
+
+
+def format_1_lrs(cfg):
+    return {name: getattr(cfg.model_params.update_params, name).lr for name in TENSOR_NAMES}
+
+
+@pytest.fixture
+def old_run_dir(tmp_path, small_dataset):
+    """A run directory whose checkpoints (iterations 1 and 2) an older ptyflow wrote."""
+    cfg = config_with(small_dataset, **{"recon_params.iterations": 4, "recon_params.segment_iterations": 2,
+                                        "recon_params.segment_figures": False, "recon_params.batch_size": 64})
+    run_dir = tmp_path / "old_run"
+    prepare(cfg, run_dir)
+    run_segment(run_dir, 1)
+    run_segment(run_dir, 2)
+    for path in list_checkpoints(run_dir / "checkpoints"):  # model.hdf5 is a hard link to the newest
+        as_format_1(path, format_1_lrs(cfg))
+    return run_dir, cfg
+
+
+def files_in(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_an_older_run_directory_is_refused_with_what_to_do_and_left_as_it_was(old_run_dir):
+    """Resuming continues the optimizer state, which format 1 accumulated for other steps: the run
+    stops with one message naming the file and the way on, instead of taking other steps (or
+    skipping the file as damaged and starting over)."""
+    run_dir, cfg = old_run_dir
+    newest = run_dir / "checkpoints" / "iter_000002.h5"
+    before = files_in(run_dir)
+    ckpt, skipped = latest_valid_checkpoint(run_dir / "checkpoints")
+    assert ckpt.path == newest and ckpt.format_version == 1 and not skipped  # old, not damaged
+    for attempt in (lambda: prepare(cfg, run_dir), lambda: run_segment(run_dir, 4)):
+        with pytest.raises(CheckpointError) as info:
+            attempt()
+        message = str(info.value)
+        assert message.startswith(f"{newest}: written by an older ptyflow (model file format 1"), message
+        assert f"init.model_path: {newest}" in message and "init.continue_iteration: true" in message
+        assert "\n" not in message  # the CLI prints it as one line
+    assert files_in(run_dir) == before
+
+
+def test_load_state_from_an_older_file_is_refused(old_run_dir, small_dataset, small_prep):
+    run_dir, _ = old_run_dir
+    old = run_dir / "model.hdf5"
+    cfg = config_with(small_dataset, **{"model_params.optimizer_params": {"name": "Adam", "load_state": str(old)}})
+    with pytest.raises(CheckpointError, match=rf"^{old}: written by an older ptyflow \(model file format 1; "
+                                              r"this ptyflow writes format 2\): its optimizer state"):
+        Reconstruction.create(cfg, small_prep)
+
+
+def test_an_older_file_still_starts_a_run_through_init_model_path(old_run_dir, small_dataset, small_prep, tmp_path):
+    """Format 2 changed what the optimizer state means, not the tensors: init.model_path takes them
+    from an old file exactly as from the same file in the current format."""
+    run_dir, cfg = old_run_dir
+    old = run_dir / "model.hdf5"
+    current = tmp_path / "current.h5"
+    Reconstruction.create(config_with(small_dataset, **{"init.model_path": str(old)}), small_prep).save(current)
+    started = {}
+    for label, path in (("old", old), ("current", current)):
+        rec = Reconstruction.create(config_with(small_dataset, **{
+            "init.model_path": str(path), "init.continue_iteration": True, "recon_params.batch_size": 64}), small_prep)
+        assert rec.state.iteration == 2
+        rec.run(3)
+        started[label] = rec
+    assert torch.equal(started["old"].model.crop_pos, read_checkpoint(old).crop_pos)
+    assert_same_tensors(started["old"], started["current"])
+
+
+def test_inspect_says_what_an_older_file_is(old_run_dir):
+    run_dir, _ = old_run_dir
+    report = inspect_path(run_dir / "model.hdf5")
+    assert report["kind"] == "checkpoint" and report["iteration"] == 2 and report["format_version"] == 1
+    assert "from an older ptyflow" in report["format"] and "init.model_path" in report["format"]
+    rows = inspect_path(run_dir)["checkpoints"]
+    assert [(r["file"], r["valid"], r["format_version"]) for r in rows] == [
+        ("iter_000001.h5", True, 1), ("iter_000002.h5", True, 1)]
+
+
+def test_a_file_of_a_newer_format_is_refused_not_skipped(tmp_path, small_dataset, small_prep):
+    rec = run(config_with(small_dataset), small_prep, 1)
+    good = rec.save(tmp_path / checkpoint_name(1))
+    newer = rec.save(tmp_path / checkpoint_name(2))
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(CheckpointError, match=rf"^{newer}: written by a newer ptyflow \(model file format 3; "
+                                              r"this ptyflow reads formats up to 2\)"):
+        latest_valid_checkpoint(tmp_path)  # not skipped as damaged: a resume would start from the older one
+    assert read_checkpoint(good).format_version == 2
+
+
+def test_an_object_from_a_file_without_its_canvas_origin_is_refused(tmp_path, small_dataset, small_prep):
+    """The first versions wrote no origin_ang; placing their object as if its canvas started at
+    (0, 0) Å would shift it silently."""
+    cfg = config_with(small_dataset)
+    path = run(cfg, small_prep, 1).save(tmp_path / "m.hdf5")
+    as_format_1(path, format_1_lrs(cfg), origin=False)
+    with pytest.raises(DataError, match=rf"^{path}: the model file does not record where its canvas lies"):
+        Reconstruction.create(config_with(small_dataset, **{
+            "init.object.source": "previous", "init.object.path": str(path)}), small_prep)
+    # its probe needs no canvas: still taken
+    rec = Reconstruction.create(config_with(small_dataset, **{
+        "init.probe.source": "previous", "init.probe.path": str(path)}), small_prep)
+    assert torch.allclose(rec.model.probe_complex, read_checkpoint(path).tensors["probe"].to(rec.model.probe_complex),
+                          rtol=1e-5, atol=1e-5 * rec.model.probe_complex.abs().max())

@@ -85,6 +85,12 @@ def write_all_formats(tmp_path, patterns, positions):
     tifffile.imwrite(tmp_path / "dz.tif", flat, compression="zlib")  # not memory-mappable: read page by page
     configs["tiff_zlib"] = base_config(tmp_path / "dz.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos",
                                        scan_shape=list(SCAN))
+    # compressed, not one 3D stack of one pattern per page: decoded a page at a time all the same
+    tifffile.imwrite(tmp_path / "d4z.tif", patterns, compression="zlib")  # (4, 5, ky, kx): a pattern per page
+    configs["tiff_4d_zlib"] = base_config(tmp_path / "d4z.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos")
+    tifffile.imwrite(tmp_path / "dpz.tif", patterns, compression="zlib", photometric="minisblack",
+                     planarconfig="separate")  # a page per scan row, its 5 patterns as sample planes
+    configs["tiff_planes_zlib"] = base_config(tmp_path / "dpz.tif", pos_path=str(tmp_path / "pos.txt"), pos_key="pos")
     zarr.save_array(str(tmp_path / "d.zarr"), patterns, zarr_format=3)
     configs["zarr"] = base_config(tmp_path / "d.zarr", pos_path=str(tmp_path / "pos.npy"), pos_key="pos")
     # EMPAD: float32 frames of 130 rows x 128 columns, the last two rows metadata; scan shape from config
@@ -222,25 +228,34 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path, run_cli):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("layout", ["hdf5", "mat_v73", "tiff_zlib"])
+@pytest.mark.parametrize("layout", ["hdf5", "mat_v73", "tiff_zlib", "tiff_4d_zlib", "tiff_planes_zlib"])
 def test_preprocessing_holds_a_few_blocks_not_the_dataset(tmp_path, layout):
     """Two streaming passes (centring needs the mean pattern) into preprocessed.h5: numpy's
-    allocations peak at a few read blocks, a small part of the 38 MB of patterns."""
+    allocations peak at a few read blocks, a small part of the 38 MB of patterns. Compressed
+    TIFFs are decoded a page at a time, whether a page holds a pattern of a 3D or a 4D stack or a
+    scan row of patterns (as sample planes); they used to be decoded whole unless they were a 3D
+    stack of one pattern per page."""
     import tracemalloc
 
     rng = np.random.default_rng(5)
     scan, det = (24, 24), 128
     yy, xx = np.mgrid[:det, :det] - det // 2
     disk = ((yy**2 + xx**2) <= 30**2).astype(np.float32) * 50
-    name = {"hdf5": "big.h5", "mat_v73": "big.mat", "tiff_zlib": "big.tif"}[layout]
+    name = {"hdf5": "big.h5", "mat_v73": "big.mat"}.get(layout, "big.tif")
     # MATLAB 7.3 stores the axes reversed: (kx, ky, scan_x, scan_y)
     shape, chunks = ((*scan, det, det), (1, scan[1], det, det)) if layout == "hdf5" else \
         ((det, det, scan[1], scan[0]), (det, det, scan[1], 1))
-    if layout == "tiff_zlib":
+    if layout.startswith("tiff"):
         import tifffile
 
-        stack = disk + rng.random((scan[0] * scan[1], det, det), dtype=np.float32)
-        tifffile.imwrite(tmp_path / name, stack, compression="zlib")  # one compressed page per pattern
+        stack = disk + rng.random((*scan, det, det), dtype=np.float32)
+        if layout == "tiff_zlib":  # one compressed page per pattern, a 3D stack
+            tifffile.imwrite(tmp_path / name, stack.reshape(-1, det, det), compression="zlib")
+        elif layout == "tiff_4d_zlib":  # one compressed page per pattern, the series (scan_y, scan_x, ky, kx)
+            tifffile.imwrite(tmp_path / name, stack, compression="zlib")
+        else:  # one compressed page per scan row of 24 patterns (1.5 MB), as sample planes
+            tifffile.imwrite(tmp_path / name, stack, compression="zlib", photometric="minisblack",
+                             planarconfig="separate")
         del stack
     else:
         with h5py.File(tmp_path / name, "w", userblock_size=512) as f:
@@ -265,3 +280,74 @@ def test_preprocessing_holds_a_few_blocks_not_the_dataset(tmp_path, layout):
     assert prep.measurements.nbytes == 24 * 24 * det * det * 4
     assert peak < 8 * block_bytes < 0.5 * prep.measurements.nbytes, peak / block_bytes
     assert np.allclose(prep.measurements.mean_pattern(), prep.mean_pattern)
+
+
+@pytest.mark.parametrize("per_page", [1, 5, 20])
+def test_compressed_tiff_blocks_give_the_stack_a_page_decoded_once(tmp_path, per_page):
+    """20 patterns in pages of 1, of 5 (sample planes: the series is (4, 5, ky, kx)) or all 20 in
+    one page: blocks of the first axis, also ones that start or end inside a page, are the
+    patterns written, and blocks read in order decode every page once."""
+    import tifffile
+
+    from ptycho_core.io.readers import describe_data, open_patterns
+
+    patterns, _ = synthetic(2)
+    flat = patterns.reshape(-1, DET, DET).astype(np.uint16)  # detector counts
+    if per_page == 1:
+        tifffile.imwrite(tmp_path / "s.tif", flat, compression="zlib")
+    else:
+        tifffile.imwrite(tmp_path / "s.tif", flat.reshape(-1, per_page, DET, DET), compression="zlib",
+                         photometric="minisblack", planarconfig="separate")
+    data = cfg(base_config(tmp_path / "s.tif")).data
+    assert describe_data(data)["dtype"] == "uint16"
+    source = open_patterns(data)
+    try:
+        pages = source.array
+        decoded = []
+        decode = pages.tif.asarray
+        pages.tif.asarray = lambda key, series: decoded.append(key) or decode(key=key, series=series)
+        stack = flat.reshape(source.shape)
+        ends = [0, 1, 3, 3, source.shape[0]]
+        for lo, hi in zip(ends, ends[1:]):
+            assert np.array_equal(pages[lo:hi], stack[lo:hi]), (lo, hi)
+        assert decoded == list(range(20 // per_page))
+        assert np.array_equal(source.read(np.array([2, 9, 19])), flat[[2, 9, 19]])
+    finally:
+        source.close()
+
+
+def test_matlab_v5_is_described_without_reading_and_refused_when_it_cannot_fit(tmp_path):
+    """scipy reads a v5 variable whole (it may be compressed): inspect-data takes shape and type
+    from the variable's header, and a variable larger than half the memory available is refused,
+    naming its size and the v7.3 alternative, before anything is allocated."""
+    import struct
+    import tracemalloc
+
+    import scipy.io
+
+    from ptycho_core.io.readers import describe_data, open_patterns
+
+    big = np.random.default_rng(3).poisson(5.0, size=(8000, DET, DET)).astype(np.float32)  # 33 MB
+    scipy.io.savemat(tmp_path / "big.mat", {"dp": big}, do_compression=True)
+    data = cfg(base_config(tmp_path / "big.mat", meas_key="dp")).data
+    tracemalloc.start()
+    report = describe_data(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report["shape"] == [8000, DET, DET] and report["dtype"] == "float32"
+    assert peak < 0.1 * big.nbytes, peak
+
+    # a file whose header declares 2^18 x 2^6 patterns of 64 x 64 doubles (550 GB): only the header is read
+    scipy.io.savemat(tmp_path / "huge.mat", {"dp": np.ones((2, 3, 4, 5), np.uint8)})
+    raw = bytearray((tmp_path / "huge.mat").read_bytes())
+    # after the 128-byte file header and the variable's tag: its array flags (class 9, uint8) and dimensions
+    assert struct.unpack_from("<2i2I2i4i", raw, 136) == (6, 8, 9, 0, 5, 16, 2, 3, 4, 5)
+    struct.pack_into("<I", raw, 144, 6)  # class double
+    struct.pack_into("<4i", raw, 160, 1 << 18, 1 << 6, 64, 64)
+    (tmp_path / "huge.mat").write_bytes(bytes(raw))
+    huge = cfg(base_config(tmp_path / "huge.mat", meas_key="dp"))
+    assert describe_data(huge.data)["shape"] == [1 << 18, 1 << 6, 64, 64]
+    source = open_patterns(huge.data)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'huge.mat'}: variable 'dp' \(262144, 64, 64, 64\) float64 "
+                                        r"is 550 GB; a MATLAB v5 file is read whole, .* Save it as MATLAB v7.3"):
+        source.read(np.arange(4))  # the first block preprocessing reads

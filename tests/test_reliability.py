@@ -1,6 +1,7 @@
 """Bad numbers, full disks, hostile files and fuzzed configs: one clear message, nothing lost."""
 
 import contextlib
+import importlib
 import io
 import sys
 from pathlib import Path
@@ -123,6 +124,88 @@ def test_out_of_memory_splits_batches_and_carries_on(small_dataset, small_prep, 
     reference = Reconstruction.create(cfg, small_prep)
     reference.run(3)
     assert np.allclose(rec.state.history["loss"], reference.state.history["loss"], rtol=0.02)
+
+
+def test_out_of_memory_inside_the_optimizer_update_ends_the_run_and_keeps_the_checkpoints(
+        tmp_path, run_dir, small_dataset, monkeypatch, one_thread):
+    """Adam updates its param groups one after another: running out of memory at the second group
+    leaves the first one stepped. Retrying with smaller batches (what the split did) would step it
+    twice; the run ends instead, naming what happened, saves nothing of it, and the rerun from the
+    newest checkpoint gives the tensors of a run that never ran out of memory."""
+    adam_module = importlib.import_module("torch.optim.adam")  # Adam.step calls its adam() once per group
+    real_adam = adam_module.adam
+    calls = []
+
+    def adam_short_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the objp group of the second step, after the obja group's update
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_adam(*args, **kwargs)
+
+    before = snapshot(run_dir)
+    monkeypatch.setattr(adam_module, "adam", adam_short_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"^out of memory in the optimizer's update at iteration 5, "
+                                                          r"after the batch's gradient was computed: the update was "
+                                                          r"partly applied, so it is not retried"):
+        run_segment(run_dir, 6)
+    monkeypatch.undo()
+    assert len(calls) == 6 and snapshot(run_dir) == before
+    run_segment(run_dir, 6)
+
+    reference = tmp_path / "reference"
+    prepare(config_with(small_dataset, **{"recon_params.iterations": 8, "recon_params.segment_iterations": 2,
+                                          "recon_params.segment_figures": False}), reference)
+    run_segment(reference, 6)
+    resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(reference / "model.hdf5")
+    for name, value in uninterrupted.tensors.items():
+        assert torch.equal(resumed.tensors[name], value), name
+
+
+LBFGS = {"name": "LBFGS", "configs": {"lr": 0.5, "max_iter": 3, "history_size": 4}}
+
+
+def test_lbfgs_out_of_memory_in_its_first_evaluation_splits_the_batch_and_takes_the_same_steps(
+        small_dataset, small_prep, monkeypatch):
+    """Before LBFGS's first evaluation of a step returns, it has changed nothing: the batch is split
+    and the step retried, with the whole batch's gradient."""
+    cfg = config_with(small_dataset, **{"recon_params.dtype": "float64", "recon_params.batch_size": 128,
+                                        "model_params.optimizer_params": LBFGS})
+    rec = Reconstruction.create(cfg, small_prep)
+    forward = rec.model.forward
+
+    def small_memory(indices, **kwargs):
+        if len(indices) > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(indices, **kwargs)
+
+    monkeypatch.setattr(rec.model, "forward", small_memory)
+    warnings = []
+    rec.run(1, warn=warnings.append)
+    assert rec.problem.micro_batches == 2 and len(warnings) == 1
+    reference = Reconstruction.create(cfg, small_prep)
+    reference.run(1)
+    for name, value in reference.model.tensors().items():
+        assert torch.allclose(rec.model.tensors()[name], value, rtol=1e-9, atol=1e-9 * value.abs().max()), name
+
+
+def test_lbfgs_out_of_memory_after_its_first_evaluation_is_not_retried(small_dataset, small_prep, monkeypatch):
+    """LBFGS's later evaluations follow a change of the tensors (and of its history): retrying the
+    step would start it from there, so the run ends."""
+    cfg = config_with(small_dataset, **{"model_params.optimizer_params": LBFGS})
+    rec = Reconstruction.create(cfg, small_prep)
+    forward = rec.model.forward
+    calls = []
+
+    def short_at_the_second_evaluation(indices, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(indices, **kwargs)
+
+    monkeypatch.setattr(rec.model, "forward", short_at_the_second_evaluation)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="the update was partly applied, so it is not retried"):
+        rec.run(1)
+    assert rec.problem.micro_batches == 1 and len(calls) == 2
 
 
 # --------------------------------------------------------------------------- config fuzzing

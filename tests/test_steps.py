@@ -116,6 +116,47 @@ def test_adam_state_follows_the_probe_modes(small_dataset, small_prep):
         assert torch.allclose(state[key], value, rtol=1e-6), key
 
 
+def test_adam_state_is_mixed_as_the_probe_modes_are(small_dataset, small_prep):
+    """Modes far from orthogonal are mixed, not only reordered. The loss sees only the mixed state,
+    so the gradient with respect to the new modes is the same mixture of the old modes' gradients:
+    Adam's first moment after one step at the old modes must become exactly (1 - beta1) times the
+    gradient at the new modes. The second moment keeps its total (the squared mixing weights are
+    doubly stochastic)."""
+    cfg = config_with(small_dataset, **{"init.probe.n_modes": 3, "recon_params.dtype": "float64",
+                                        f"{UP}.probe": {"start_iter": 1, "lr": 1e-3}})
+    rec = Reconstruction.create(cfg, small_prep)
+    rec.model.set_iteration(1)
+    with torch.no_grad():  # overlapping modes
+        p = rec.model.probe_complex.clone()
+        rec.model.probe.copy_(torch.view_as_real(torch.stack([p[0], p[1] + 0.6 * p[0], p[2] + 0.4j * p[0] + 0.5 * p[1]])))
+    rec.optimizer.state.clear()
+    before_step = {name: getattr(rec.model, name).detach().clone() for name in rec.model.optimized_names()}
+    at_old = before_step["probe"]
+    indices = batch_order(0, 1, rec.model.n_positions, 64)[0]
+
+    def gradient():
+        closure = batch_step_closure(rec.model, rec.optimizer, rec.problem, indices,
+                                     rec.problem.measurements[indices], {})
+        closure()
+        return rec.model.probe.grad.clone()
+
+    gradient()
+    rec.optimizer.step()  # Adam's first step: exp_avg = (1 - beta1) g, exp_avg_sq = (1 - beta2) g^2
+    with torch.no_grad():  # back to where g was taken: the state belongs to the old modes there
+        for name, value in before_step.items():
+            getattr(rec.model, name).copy_(value)
+    state = rec.optimizer.state[rec.model.probe]
+    (beta1, beta2), = {group["betas"] for group in rec.optimizer.param_groups if group["names"] == ["probe"]}
+    total_sq = state["exp_avg_sq"].sum()
+    cp = ConstraintParams.model_validate({n: {"start_iter": None} for n in CONSTRAINT_ORDER} | {"probe_ortho": {"start_iter": 1}})
+    assert apply_constraints(rec.model, cp, 1, rec.problem.context, rec.optimizer) == ["probe_ortho"]
+    assert not torch.allclose(rec.model.probe.detach(), at_old, rtol=0.1)  # the modes did mix
+    g_new = gradient()
+    assert torch.allclose(state["exp_avg"], (1 - beta1) * g_new, rtol=1e-9, atol=1e-9 * g_new.abs().max())
+    assert torch.isclose(state["exp_avg_sq"].sum(), total_sq, rtol=1e-12)
+    assert (state["exp_avg_sq"] >= 0).all()
+
+
 def test_the_constraint_order_is_one_explicit_tuple(small_dataset, small_prep):
     """Every configurable constraint has its place in CONSTRAINT_ORDER and acts there; the probe's
     intensity is restored after the Fourier mask removed some of it."""

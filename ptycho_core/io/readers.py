@@ -2,10 +2,10 @@
 
 One interface for every format: ``open_patterns(data)`` returns a ``PatternSource`` that knows
 the layout ((N, ky, kx) or (scan_y, scan_x, ky, kx)) and reads blocks of patterns on demand, so
-a multi-GB dataset is never loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
-(memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which loads the
-file whole), TIFF stacks (tifffile; memory-mapped, or page by page when compressed), zarr arrays,
-EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, EMD 1.0
+a multi-GB dataset is not loaded whole. Formats: HDF5 (CXI 1.6 included), NumPy .npy
+(memory-mapped), MATLAB .mat (v7.3 through h5py, in blocks; v5 through scipy, which reads a
+variable whole: one larger than half the memory available is refused), TIFF stacks (tifffile;
+memory-mapped, or a page at a time when compressed), zarr arrays, EMPAD .raw, Dectris (Arina, Eiger, Quadro) master files with their linked data files, EMD 1.0
 datacubes (py4DSTEM's included), Thermo Fisher Velox .emd image stacks, and, through
 RosettaSciIO, Quantum Detectors Merlin .mib and Gatan .dm3/.dm4 files. HDF5
 datasets compressed with the filters detectors use (bitshuffle-LZ4, LZ4, Blosc, Zstd) are decoded
@@ -19,6 +19,7 @@ bad pixels, the scan grid), for formats that carry it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,18 @@ except ImportError:  # reading such files then ends in a DataError that says wha
 
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file/key and what was expected."""
+
+
+def host_available_bytes() -> int:
+    """RAM the kernel can give without swapping (MemAvailable), or free pages where that is missing."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 EXTENSIONS = {
@@ -152,22 +165,45 @@ class _AxesReversed:
 
 
 class _TiffPages:
-    """A compressed TIFF stack of one pattern per page, decoded a block of pages at a time."""
+    """A TIFF series that cannot be memory-mapped (compressed, or its pages not contiguous), read a
+    page at a time as blocks are asked for. A page holds whole patterns: one (ky, kx) image, or a
+    stack of them (sample planes or a volume, (k, ky, kx)), in the series' order; the page decoded
+    last is kept, since consecutive blocks often share one. A compressed page is decoded whole, so
+    memory holds a page, never the file."""
 
-    def __init__(self, tif):
+    def __init__(self, tif, path: Path):
+        series = tif.series[0]
         self.tif = tif
-        self.shape = tuple(tif.series[0].shape)
-        if len(self.shape) != 3 or len(tif.pages) != self.shape[0]:
-            self.array = tif.asarray()  # not one pattern per page: decode it whole
-        else:
-            self.array = None
+        self.shape = tuple(series.shape)
+        self.dtype = series.dtype
+        page_shape = tuple(series.keyframe.shape)
+        self.per_page = int(np.prod(page_shape[:-2], dtype=np.int64))
+        n_patterns = int(np.prod(self.shape[:-2], dtype=np.int64))
+        if page_shape[-2:] != self.shape[-2:] or len(series) * self.per_page != n_patterns:
+            raise DataError(
+                f"{path}: its pages (shape {page_shape}, {len(series)} of them) do not hold whole patterns of "
+                f"the stack {self.shape}; expected pages of one (ky, kx) pattern or of a stack of them"
+            )
+        self._last: tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def _page(self, index: int) -> np.ndarray:
+        """(per_page, ky, kx) patterns of page ``index`` of the series."""
+        if self._last[0] != index:
+            self._last = (index, self.tif.asarray(key=index, series=0).reshape(-1, *self.shape[-2:]))
+        return self._last[1]
 
     def __getitem__(self, item):
-        if self.array is not None:
-            return self.array[item]
-        if not isinstance(item, slice):
+        if not isinstance(item, slice) or item.step not in (None, 1):
             raise TypeError("TIFF pages are read in blocks of the first axis")
-        return np.stack([self.tif.pages[i].asarray() for i in range(*item.indices(self.shape[0]))])
+        lo, hi, _ = item.indices(self.shape[0])
+        per_index = int(np.prod(self.shape[1:-2], dtype=np.int64))  # patterns per index of the first axis
+        first, end = lo * per_index, max(hi, lo) * per_index
+        pages = range(first // self.per_page, -(-end // self.per_page))
+        if not len(pages):
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        flat = np.concatenate([self._page(i) for i in pages]) if len(pages) > 1 else self._page(pages[0])
+        offset = pages[0] * self.per_page
+        return flat[first - offset:end - offset].reshape(max(hi - lo, 0), *self.shape[1:])
 
 
 def _check_layout(path: Path, key: str, shape: tuple[int, ...]) -> None:
@@ -655,13 +691,58 @@ def _only_pattern_dataset(path: Path) -> str:
     return candidates[0]
 
 
-def _mat_v5(path: Path) -> dict:
+# numpy types of the MATLAB classes a v5 file's patterns can have (scipy's whosmat names them)
+MATLAB_NUMERIC = {"double": np.float64, "single": np.float32, "int8": np.int8, "uint8": np.uint8, "int16": np.int16,
+                  "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "uint64": np.uint64}
+MATLAB_V5_MEMORY_FRACTION = 0.5  # of the memory available that one v5 variable, read whole, may take
+
+
+class _MatV5Variable:
+    """A numeric variable of a MATLAB v5 file. v5 variables can be compressed and are not laid out
+    for reading in blocks, so scipy reads the variable whole, at the first block asked for (shape
+    and type come from its header, read without its data). One that would take more than
+    MATLAB_V5_MEMORY_FRACTION of the memory available is refused before it is read."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], matlab_class: str):
+        if matlab_class not in MATLAB_NUMERIC:
+            raise DataError(f"{path}: variable '{name}' is a MATLAB {matlab_class}, not a numeric array")
+        self.path, self.name, self.shape = path, name, tuple(int(n) for n in shape)
+        self.dtype = np.dtype(MATLAB_NUMERIC[matlab_class])
+        self._array: Optional[np.ndarray] = None
+
+    def __getitem__(self, item):
+        if self._array is None:
+            nbytes = int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+            available = host_available_bytes()
+            if nbytes > MATLAB_V5_MEMORY_FRACTION * available:
+                raise DataError(
+                    f"{self.path}: variable '{self.name}' {self.shape} {self.dtype} is {nbytes / 1e9:.3g} GB; a MATLAB "
+                    f"v5 file is read whole, and this machine has {available / 1e9:.3g} GB of memory available. Save "
+                    f"it as MATLAB v7.3 (save -v7.3: an HDF5 file, read in blocks) or as .npy or HDF5"
+                )
+            self._array = np.asarray(_mat_v5(self.path, variable_names=[self.name])[self.name])
+        return self._array[item]
+
+
+def _mat_v5(path: Path, **options) -> dict:
     try:
         from scipy.io import loadmat
     except ImportError:
         raise DataError(f"{path}: reading MATLAB v5 files needs scipy (pip install scipy)") from None
     try:
-        return loadmat(path)
+        return loadmat(path, **options)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable MATLAB file ({exc})") from None
+
+
+def _mat_v5_variables(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, MATLAB class)} of a v5 file's variables, from their headers alone."""
+    try:
+        from scipy.io import whosmat
+    except ImportError:
+        raise DataError(f"{path}: reading MATLAB v5 files needs scipy (pip install scipy)") from None
+    try:
+        return {name: (tuple(shape), matlab_class) for name, shape, matlab_class in whosmat(path)}
     except Exception as exc:
         raise DataError(f"{path}: not a readable MATLAB file ({exc})") from None
 
@@ -703,11 +784,11 @@ def open_patterns(data) -> PatternSource:
         if _is_hdf5(path):  # v7.3 files are HDF5; MATLAB writes arrays with reversed axes
             source = _hdf5_source(path, "/" + _matlab_key(key or "meas"))
             return PatternSource(path, source.key, _AxesReversed(source.array), source.close)
-        variables = {k: v for k, v in _mat_v5(path).items() if not k.startswith("__")}
+        variables = _mat_v5_variables(path)
         name = _matlab_key(key or "meas")
         if name not in variables:
             raise DataError(f"{path}: no variable '{name}'; variables in the file: {', '.join(variables) or 'none'}")
-        array = np.asarray(variables[name])
+        array = _MatV5Variable(path, name, *variables[name])
         _check_layout(path, name, array.shape)
         return PatternSource(path, name, array)
     if fmt == "tiff":
@@ -723,8 +804,11 @@ def open_patterns(data) -> PatternSource:
             if tif.series[0].dataoffset is not None and not tif.pages[0].compression > 1:
                 tif.close()  # contiguous and uncompressed: memory-map it
                 array, close = tifffile.memmap(path, mode="r"), (lambda: None)
-            else:  # compressed: decode page by page, as blocks are read
-                array, close = _TiffPages(tif), tif.close
+            else:  # compressed or scattered: decoded a page at a time, as blocks are read
+                array, close = _TiffPages(tif, path), tif.close
+        except DataError:
+            tif.close()
+            raise
         except Exception as exc:
             tif.close()
             raise DataError(f"{path}: not a readable TIFF stack ({exc})") from None

@@ -29,6 +29,7 @@ EXIT_USER_ERROR = 2
 EXIT_NUMERICAL = 3
 EXIT_STORAGE = 4
 EXIT_DISTRIBUTED = 5  # a rank of a multi-process run died; the newest checkpoint is intact
+EXIT_OUT_OF_MEMORY = 6  # the GPU ran out of memory where a smaller batch cannot help
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -443,6 +444,7 @@ def _report(exc: Exception) -> int:
     error classes are imported here, not at start-up: `ptyflow run` starts its embedded server
     before it imports torch.)"""
     import click
+    import torch
 
     from ptycho_core.checkpoint import CheckpointError, StorageError
     from ptycho_core.config import ConfigError
@@ -464,6 +466,9 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, StorageError):
         console.print(f"[red]storage error:[/red] {exc}", highlight=False)
         return EXIT_STORAGE
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        console.print(f"[red]out of memory:[/red] {_one_line(exc)}", highlight=False)
+        return EXIT_OUT_OF_MEMORY
     if isinstance(exc, DistributedError):
         console.print(f"[red]a process of the run failed:[/red] {_one_line(exc)}; the newest checkpoint is kept, "
                       "rerun the same command to resume", highlight=False)

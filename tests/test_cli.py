@@ -141,3 +141,33 @@ def servers_using(prefect_home) -> list[int]:
 
     table = processes()
     return [pid for pid in with_environment("PREFECT_HOME", prefect_home) if "flows.embedded" in table.get(pid, (0, ""))[1]]
+
+
+def test_out_of_memory_in_the_optimizer_update_is_one_line_and_exit_6(tmp_path, small_dataset, prefect_api):
+    """An out-of-memory error that a smaller batch cannot help (here inside Adam's update, injected
+    on the CPU) ends `ptyflow run` with one line and exit code 6, not a traceback."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    config = tmp_path / "config.yaml"
+    raw = yaml.safe_load(small_dataset.read_text())
+    raw["data"]["path"] = str(small_dataset.parent / raw["data"]["path"])
+    raw["recon_params"].update(iterations=4, segment_iterations=2)
+    config.write_text(yaml.safe_dump(raw))
+    code = textwrap.dedent(f"""
+        import sys, torch
+        def no_memory(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        torch.optim.Adam.step = no_memory
+        sys.argv = ["ptyflow", "run", {str(config)!r}, "--run-dir", {str(tmp_path / "run")!r}]
+        from flows.cli import console_main
+        console_main()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PREFECT_API_URL": prefect_api},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 6, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("out of memory: out of memory in the optimizer's update"), lines

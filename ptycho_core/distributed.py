@@ -5,8 +5,9 @@ processes (ranks) by pattern, rank r computing the patterns i with i % world == 
 only those in memory. Each rank scores its part against the whole batch (losses.BatchStats,
 summed across ranks first), so the parts' gradients add up to the whole batch's gradient; one
 all-reduce per batch sums them, together with the loss terms and a stop vote. Every rank then
-takes the same optimizer step on the same tensors, and the constraints, being deterministic,
-keep them equal: the result is a single process's on the same batches, to float rounding.
+takes the same optimizer step on the same tensors and applies the same constraints: the result is
+a single process's on the same batches, to float rounding. Rank 0's tensors are broadcast after
+each iteration all the same (Collective.share_model): on GPUs equal inputs need not round equally.
 
 Rank 0 is the process that runs the segment (``rundir.run_segment``, under Prefect the segment
 task): it owns the signals, writes the checkpoints and figures. It starts the other ranks as

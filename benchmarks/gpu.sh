@@ -3,7 +3,8 @@
 # clone of the repository. In about 5 minutes once the wheels are cached (the first install
 # downloads CUDA torch, several GB) it:
 #   1. names the card (nvidia-smi) and checks that torch sees it;
-#   2. runs the CUDA tests (tests/test_cuda.py: GPU vs CPU, the tiers, a resume);
+#   2. runs the CUDA tests (tests/test_cuda.py: GPU vs CPU, the tiers, a resume; with two GPUs or
+#      more, NCCL: every process on its own GPU only, a killed rank named at once);
 #   3. runs the benchmark cases with ptyflow, torch.compile, PtyRAD 1.0.0 and the FFT floor on
 #      the same GPU, interleaved (benchmarks/run.py --device cuda);
 #   4. counts the host syncs inside an iteration (benchmarks/gpu_syncs.py);

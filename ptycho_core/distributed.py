@@ -5,8 +5,9 @@ processes (ranks) by pattern, rank r computing the patterns i with i % world == 
 only those in memory. Each rank scores its part against the whole batch (losses.BatchStats,
 summed across ranks first), so the parts' gradients add up to the whole batch's gradient; one
 all-reduce per batch sums them, together with the loss terms and a stop vote. Every rank then
-takes the same optimizer step on the same tensors, and the constraints, being deterministic,
-keep them equal: the result is a single process's on the same batches, to float rounding.
+takes the same optimizer step on the same tensors and applies the same constraints: the result is
+a single process's on the same batches, to float rounding. Rank 0's tensors are broadcast after
+each iteration all the same (Collective.share_model): on GPUs equal inputs need not round equally.
 
 Rank 0 is the process that runs the segment (``rundir.run_segment``, under Prefect the segment
 task): it owns the signals, writes the checkpoints and figures. It starts the other ranks as
@@ -14,6 +15,13 @@ spawned helper processes for one segment (``helper_ranks``); they load the same 
 ignore SIGTERM/SIGINT (rank 0's stop vote ends them at the same batch) and die with rank 0
 (PR_SET_PDEATHSIG). A rank that dies ends the others with DistributedError naming it; the
 newest checkpoint is left as it was. Backends: gloo on CPUs, NCCL on GPUs.
+
+A dead rank is noticed by rank 0 watching its helpers' processes while it waits for a collective,
+not by the backend: a gloo peer's death closes its connections, which raises at once, but an NCCL
+collective whose peer died raises nothing and spins on the GPU until the process-group timeout
+(COLLECTIVE_TIMEOUT, which remains for a rank that hangs without dying). Every rank selects its
+GPU (torch.cuda.set_device) before anything touches CUDA, so that none holds a context on
+another rank's GPU.
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -39,6 +48,13 @@ from .losses import BatchStats
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that hangs (not dies) ends the run after this
 HELPER_START_TIMEOUT_S = 300.0
+WATCH_INTERVAL_S = 0.002  # the longest pause between two looks at a collective and the helpers
+# NCCL's own error handling, read when a group is built: with blocking wait a failed collective
+# raises in wait() on every torch from 2.4 (without it, 2.4 raises nothing there), and the watchdog
+# that finds a timed-out or failed collective aborts the communicators instead of killing the
+# process (2: CleanUpOnly; the default, 3, would end rank 0, the run's own process, with SIGABRT
+# before it could name the rank).
+NCCL_SETTINGS = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
 class DistributedError(RuntimeError):
@@ -81,15 +97,33 @@ def backend_for(devices: list[torch.device]) -> str:
     return "gloo"
 
 
-def process_group(backend: str, rendezvous: Path, rank: int, world: int, device: torch.device):
+def process_group(backend: str, rendezvous: Path, rank: int, world: int):
     """The ranks' process group, met through a file store at ``rendezvous``. An explicit group
     object rather than torch's global default group: every segment makes its own and drops it,
-    with no destroy_process_group (which, on torch 2.4, could hang after the other ranks left)."""
+    with no destroy_process_group (which, on torch 2.4, could hang after the other ranks left).
+    NCCL's settings (NCCL_SETTINGS) hold for this group only: the environment is restored after."""
     store = torch.distributed.FileStore(str(rendezvous), world)
     if backend == "nccl":
-        torch.cuda.set_device(device)
-        return torch.distributed.ProcessGroupNCCL(store, rank, world)
+        saved = {name: os.environ.get(name) for name in NCCL_SETTINGS}
+        os.environ.update(NCCL_SETTINGS)
+        try:
+            return torch.distributed.ProcessGroupNCCL(store, rank, world, COLLECTIVE_TIMEOUT)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
     return torch.distributed.ProcessGroupGloo(store, rank, world, COLLECTIVE_TIMEOUT)
+
+
+def using_device(device: torch.device):
+    """A context in which ``device`` is this thread's CUDA device (nothing on the CPU), for a
+    segment's process (rank 0, or the only one), entered before anything touches CUDA. A thread
+    starts on GPU 0: a CUDA call made there by a process meant for GPU 1 (a stream switch, a
+    check of the current stream) creates a context on GPU 0, some hundreds of MB of another
+    process's memory. (torch.cuda.device leaves without creating one on the device it restores.)"""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 # --------------------------------------------------------------------------- the engine's side
@@ -101,7 +135,8 @@ class Collective:
     world: int
     vote: bool = False  # this rank's wish to stop after the current batch (rank 0: a signal came)
     stop: bool = False  # what the ranks agreed after the last batch
-    failed: Callable[[], Optional[str]] = field(default=lambda: None)  # which rank died, if one did
+    # which rank died, if one did, waiting up to the given seconds for one to (rank 0 watches its helpers)
+    failed: Callable[[float], Optional[str]] = field(default=lambda patience_s: None)
     connect: Callable[[], None] = field(default=lambda: None)  # rank 0: wait for the others, then join them
     pattern_sums: Optional[torch.Tensor] = None  # (N,) float64: every pattern's counts (start())
     group: object = None  # the torch.distributed ProcessGroup of the ranks (process_group())
@@ -114,15 +149,55 @@ class Collective:
         """This rank's part of a batch."""
         return indices[indices % self.world == self.rank]
 
-    def _guarded(self, collective_call: Callable[[], object]) -> None:
-        """Run a collective; a peer that died turns its error into one naming the rank."""
+    def join(self, group, device: torch.device) -> None:
+        """Take ``group`` (process_group()) and meet the other ranks in it once, so that NCCL sets
+        up its communicators now, while every rank is here, rather than at the first batch."""
+        self.group = group
+        self._all_reduce(torch.zeros(1, device=device))
+
+    def _run(self, launch: Callable[[], object]) -> None:
+        """Run a collective (``launch`` starts it and returns its Work) to its end, watching the
+        other ranks: a rank that died (rank 0 polls its helpers' processes) or a collective that
+        failed or outlasted COLLECTIVE_TIMEOUT raises DistributedError naming what it knows.
+        Waiting for the end (not merely queueing after it, as NCCL's wait() does) costs little:
+        the engine reads every batch's sums and stop vote on the host anyway."""
         try:
-            collective_call()
+            work = launch()
         except (RuntimeError, torch.distributed.DistBackendError) as exc:
-            raise DistributedError(self.failed() or f"another rank failed ({str(exc).splitlines()[0]})") from None
+            self._fail(exc)
+        deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+        pause_s = 5e-5
+        while not work.is_completed():
+            dead = self.failed(0.0)
+            if dead or time.monotonic() > deadline:
+                self._abandon()
+                raise DistributedError(dead or f"the other ranks did not answer within {COLLECTIVE_TIMEOUT}")
+            time.sleep(pause_s)
+            pause_s = min(2 * pause_s, WATCH_INTERVAL_S)
+        try:
+            work.wait()  # raises the backend's error, if the collective failed
+        except (RuntimeError, torch.distributed.DistBackendError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        """A collective failed: the rank that died (a peer's death is what usually breaks one)."""
+        self._abandon()
+        raise DistributedError(self.failed(5.0) or f"another rank failed ({str(exc).splitlines()[0]})") from None
+
+    def _abandon(self) -> None:
+        """Abort the group's communicators after a failure: an NCCL collective whose peer is gone
+        would keep a GPU busy until this process exits. (A group without abort() in some torch
+        version is aborted when dropped, which helper_ranks does next.)"""
+        abort = getattr(self.group, "abort", None)
+        if abort is None:
+            return
+        try:
+            abort()
+        except RuntimeError:
+            pass  # the failure being reported is what matters
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._guarded(lambda: self.group.allreduce([tensor]).wait())
+        self._run(lambda: self.group.allreduce([tensor]))
         return tensor
 
     def start(self, feed, n_patterns: int, chunk: int = 256) -> None:
@@ -180,7 +255,7 @@ class Collective:
         the ranks compute the same things, but on a GPU some kernels (atomic adds) round
         differently from run to run, and equal tensors must not drift apart."""
         for tensor in [*model.parameters(), model.crop_pos]:
-            self._guarded(lambda: self.group.broadcast(tensor.data, 0).wait())
+            self._run(lambda: self.group.broadcast(tensor.data, 0))
 
 
 # --------------------------------------------------------------------------- the processes
@@ -215,17 +290,19 @@ def _helper_main(args: dict) -> None:
         from .reconstruction import Reconstruction
         from .rundir import RunPaths, read_run_config
 
+        device = torch.device(args["device"])
+        if device.type == "cuda":  # before the model, the feed and its buffers are made (see using_device)
+            torch.cuda.set_device(device)
         if args["threads"]:
             torch.set_num_threads(args["threads"])
         config = read_run_config(args["run_dir"])
         prep = read_preprocessed(RunPaths(Path(args["run_dir"])).preprocessed)
         collective = Collective(rank, args["world"])
-        rec = Reconstruction.create(config, prep, device=torch.device(args["device"]), collective=collective)
+        rec = Reconstruction.create(config, prep, device=device, collective=collective)
         if args["checkpoint"] is not None:
             rec.resume(read_checkpoint(args["checkpoint"]))
         (scratch / f"ready.{rank}").touch()
-        collective.group = process_group(args["backend"], scratch / "rendezvous", rank, args["world"],
-                                         torch.device(args["device"]))
+        collective.join(process_group(args["backend"], scratch / "rendezvous", rank, args["world"]), device)
         rec.run(args["to_iteration"])
         prep.measurements.close()
     except DistributedError:
@@ -241,9 +318,12 @@ def _helper_main(args: dict) -> None:
 def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Path], devices: list[torch.device],
                  threads: Optional[int], info: Callable[[str], None]) -> Iterator[Collective]:
     """Start ranks 1..N-1 for one segment (each loads the run and ``checkpoint``) and make this
-    process rank 0; yields rank 0's Collective. The helpers load while this process builds its
-    own reconstruction; ``connect()`` then waits for them. On exit the process group is closed and
-    the helpers are joined (killed if they linger, or at once if they never connected).
+    process rank 0 (on devices[0], which the caller makes this thread's: using_device); yields
+    rank 0's Collective. The helpers load while this process builds its own reconstruction;
+    ``connect()`` then waits for them. On exit the process group is dropped and the helpers are
+    joined: after a segment that ended well they finish their last batch and exit; after a
+    failure (a dead rank, an error here) they are killed at once, since nothing of theirs is
+    kept and under NCCL they would wait for the dead rank until the timeout.
 
     Helpers are ``python -m ptycho_core.distributed`` processes rather than multiprocessing
     children, so nothing depends on how the caller's main module can be re-imported."""
@@ -263,19 +343,21 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
                 "device": str(devices[rank]), "threads": threads, "parent": os.getpid()}
         helpers.append(subprocess.Popen([sys.executable, "-m", "ptycho_core.distributed", json.dumps(args)]))
 
-    def failed() -> Optional[str]:
-        """The first helper that died, with its exit status and error (waits briefly for one)."""
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
+    def failed(patience_s: float) -> Optional[str]:
+        """The first helper that died, with its exit status and error; waits up to ``patience_s``
+        for one to (a peer's broken connection can be seen before its exit status is)."""
+        deadline = time.monotonic() + patience_s
+        while True:
             for rank, process in enumerate(helpers, start=1):
                 code = process.poll()
-                if code is not None and code != 0:
+                if code:  # None: running; 0: its segment is done
                     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                     error = scratch / f"error.{rank}"
                     detail = ": " + error.read_text().strip().splitlines()[-1] if error.is_file() else ""
                     return f"rank {rank} (pid {process.pid}, {devices[rank]}) {how}{detail}"
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(0.05)
-        return None
 
     connected: list[bool] = []
 
@@ -284,23 +366,34 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
         while not all((scratch / f"ready.{rank}").exists() for rank in range(1, world)):
             # a helper that fails while loading is reported here, not as a hang
             if any(process.poll() is not None for process in helpers):
-                raise DistributedError(failed() or "a rank exited while loading")
+                raise DistributedError(failed(5.0) or "a rank exited while loading")
             if time.monotonic() - started > HELPER_START_TIMEOUT_S:
                 raise DistributedError(f"the other ranks did not start in {HELPER_START_TIMEOUT_S:g} s")
             time.sleep(0.02)
-        collective.group = process_group(backend, scratch / "rendezvous", 0, world, devices[0])
         connected.append(True)
+        collective.join(process_group(backend, scratch / "rendezvous", 0, world), devices[0])
         info(f"devices: {world} processes ({', '.join(str(d) for d in devices)}), {backend}"
              + (f", {threads} threads each" if threads else ""))
 
     collective = Collective(0, world, failed=failed, connect=connect)
+    ended_well = False
     try:
         yield collective
+        ended_well = True
     finally:
-        collective.group = None  # an explicit group, not torch's global one: nothing to destroy
+        # an explicit group, not torch's global one: nothing to destroy, it is dropped. After a
+        # failure that happens aside: a collective still waiting on a silent peer (a hung rank; a
+        # gloo connection some other process holds open) blocks the group's destructor until the
+        # timeout, and the failure is to be reported now
+        dropped = [collective.group]
+        collective.group = None
+        if ended_well:
+            dropped.clear()
+        else:
+            threading.Thread(target=dropped.clear, daemon=True, name="ptyflow-drop-group").start()
         for process in helpers:
             try:
-                process.wait(timeout=30 if connected else 0.01)
+                process.wait(timeout=30 if connected and ended_well else 0.01)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

@@ -92,18 +92,22 @@ def _fft_order(block: np.ndarray) -> np.ndarray:
 
 class _Prefetcher:
     """Runs ``load`` over ``batches`` in a daemon thread, at most ``ahead`` results ahead of the
-    consumer; an exception in ``load`` is raised to the consumer at that batch."""
+    consumer; an exception in ``load`` is raised to the consumer at that batch. ``device``: the
+    feed's, made the thread's CUDA device first (a new thread starts on GPU 0, where the copy's
+    stream switch would otherwise create a context in a run on another GPU)."""
 
-    def __init__(self, load: Callable, batches: list[torch.Tensor], ahead: int):
+    def __init__(self, load: Callable, batches: list[torch.Tensor], ahead: int, device: torch.device):
         self.batches = batches
         self.results: queue.Queue = queue.Queue(maxsize=ahead)
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(load,), daemon=True, name="ptyflow-prefetch")
+        self.thread = threading.Thread(target=self._run, args=(load, device), daemon=True, name="ptyflow-prefetch")
         self.thread.start()
 
-    def _run(self, load):
+    def _run(self, load, device):
         for indices in self.batches:
             try:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # a no-op after the first batch
                 item = (load(indices), None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
                 item = (None, exc)
@@ -191,7 +195,7 @@ class MeasurementFeed:
         if not self.ahead or not batches:
             yield (self.batch(indices) for indices in batches)
             return
-        fetcher = _Prefetcher(self._load, [b.cpu() for b in batches], self.ahead)
+        fetcher = _Prefetcher(self._load, [b.cpu() for b in batches], self.ahead, self.device)
         try:
             yield (self._ready(loaded) for loaded in fetcher)
         finally:

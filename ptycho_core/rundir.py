@@ -40,7 +40,7 @@ from .checkpoint import (
     require_current_format,
 )
 from .config import PtyflowConfig, check_files, config_from_dict
-from .distributed import device_list, helper_ranks
+from .distributed import device_list, helper_ranks, using_device
 from .io.preprocess import check_inputs, preprocess, read_preprocessed
 from .io.readers import DataError
 from .reconstruction import Reconstruction
@@ -318,6 +318,7 @@ def run_segment(
             )
         devices = device_list(config.recon_params)
         with ExitStack() as ranks:
+            ranks.enter_context(using_device(devices[0]))  # this thread's GPU, before anything touches CUDA
             collective = None
             if len(devices) > 1:  # this process is rank 0 of several; the others start now
                 collective = ranks.enter_context(helper_ranks(

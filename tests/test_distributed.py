@@ -19,6 +19,7 @@ from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.rundir import prepare, read_run_config, run_segment
 
 from conftest import cli
+from rankkit import Segments, probe_env
 from serverkit import alive, rank_processes
 
 # Measured (float32, Adam, 2 slices, 2 probe modes, object, probe and positions updated from the
@@ -122,6 +123,36 @@ def test_a_rank_that_dies_ends_the_run_naming_it_and_leaves_the_checkpoint(tmp_p
     assert "Traceback" not in stderr
     kept = read_checkpoint(run_dir / "model.hdf5")  # the newest checkpoint is the one before the kill
     assert (kept.iteration, kept.batch_cursor) == (newest.iteration, newest.batch_cursor) and kept.iteration < 40
+    assert not rank_processes(run_dir)
+
+
+def test_a_dead_rank_whose_connections_stay_open_is_named_at_once(tmp_path, small_dataset):
+    """How a rank dies under NCCL on one machine: nothing reaches the other ranks through the
+    transport, and their collective waits (for the 10-minute timeout, before rank 0 watched its
+    helpers' processes). Here a copy of the helper (tests/rank_probe) keeps its gloo sockets open
+    when it is killed, so only that watch can see the death."""
+    run_dir = run_dir_for(tmp_path, "run", raw_config(small_dataset, "cpu:2", iterations=1000, segment=1000),
+                          small_dataset)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    holder = None
+    with Segments(run_dir, [1000], probe_env(PTYFLOW_PROBE_HOLD=hold)) as run:
+        try:
+            run.wait_for("iteration 1")  # both ranks are in the batches
+            (helper,) = rank_processes(run_dir)
+            (hold / "hold").touch()
+            deadline = time.monotonic() + 30
+            while not (hold / f"holder.{helper}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            holder = int((hold / f"holder.{helper}").read_text())
+            os.kill(helper, signal.SIGKILL)
+            assert run.end(timeout_s=60) == 5, run.stderr
+        finally:
+            if holder is not None:
+                os.kill(holder, signal.SIGKILL)
+    assert re.search(rf"DistributedError: rank 1 \(pid {helper}, cpu\) was killed by SIGKILL", run.stderr), run.stderr
+    assert not (run_dir / "model.hdf5").exists()  # no checkpoint from a failed segment
+    time.sleep(0.5)
     assert not rank_processes(run_dir)
 
 

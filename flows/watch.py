@@ -1,9 +1,9 @@
 """The watch flow: reconstruct each complete dataset of an inbox exactly once.
 
 Deployed on a schedule, every run polls the inbox. A complete dataset (marker file, or a size
-that held still) is reconstructed into ``<outbox>/<dataset name>/``: through the `reconstruct`
-deployment with an idempotency key made from its content hash when a server has it (so two
-watchers never start two runs for one dataset), inline otherwise. A dataset whose reconstruction
+that held still) is reconstructed into ``<outbox>/<dataset name>/``: as a child run of
+``deployment`` (the `reconstruct` deployment unless told otherwise; a server without it is an
+error), or in this process when ``deployment`` is None. A dataset whose reconstruction
 fails is retried up to ``max_attempts`` times in later polls, then reported as failed.
 """
 
@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
-from flows.sweep import RECONSTRUCT_DEPLOYMENT, deployment_exists
+from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
 from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
 
 
@@ -45,7 +45,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
     """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces."""
     logger = get_run_logger()
     template = resolve_config(config)
-    use_workers = bool(deployment) and deployment_exists(deployment)
+    use_workers = (deployment := checked_deployment(deployment)) is not None
     if use_workers:
         _settle_submitted(outbox, max_attempts)
     for entry in claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts):
@@ -53,7 +53,10 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
         cfg.data.path = entry["path"]
         run_dir = str(Path(outbox).resolve() / entry["name"])
         if use_workers:
-            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir, f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
+            # a new attempt after a failed one is a new run; a poll that lost its record of the
+            # submission (killed in between) submits again once the claim expires and gets the
+            # run back
+            run = submit_reconstruct(deployment, cfg, run_dir, f"watch dataset {entry['hash']} attempt {entry['attempts']}")
             record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
             logger.info("submitted %s as flow run %s", entry["name"], run.name)
             continue

@@ -2,6 +2,7 @@
 test_facility_server.py, slow)."""
 
 import csv
+import logging
 import shutil
 
 import pytest
@@ -166,6 +167,98 @@ def test_a_preempted_point_stops_the_sweep_and_the_rerun_resumes_it(tmp_path, sm
     rows = sweep(config, spec, str(out), deployment=None)
     assert [r["state"] for r in rows] == ["Completed", "Completed"] and all(r["iteration"] == 4 for r in rows)
     assert stopped.path.is_file() and newest_checkpoint(first).iteration == 4  # resumed from it
+
+
+@pytest.fixture
+def warnings_of():
+    """warnings_of(logger name) -> the list its WARNING records' messages go to (Prefect's logging
+    set-up replaces the root handlers, pytest's caplog among them)."""
+    attached = []
+
+    def attach(name):
+        lines = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logging.getLogger(name).addHandler(handler)
+        attached.append((name, handler))
+        return lines
+
+    yield attach
+    for name, handler in attached:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def test_a_watch_state_cut_to_nothing_is_set_aside_and_rebuilt_without_reprocessing(tmp_path, small_dataset,
+                                                                                    in_prefect, warnings_of):
+    """A power loss left .watch-state.json empty: the next poll sets it aside with a warning and
+    rebuilds it from the outbox's finished run directories, so the dataset done before is not
+    reconstructed again, and its content hash still makes a byte-identical copy a duplicate."""
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_a.h5")
+    (inbox / "scan_a.h5.done").touch()
+
+    def poll():
+        rows = watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0, deployment=None)
+        return {r["dataset"]: r for r in rows}
+
+    assert poll()["scan_a.h5"]["status"] == "done"
+    done_before = (outbox / "scan_a.h5" / "model.hdf5").stat().st_mtime_ns
+    (outbox / ".watch-state.json").write_bytes(b"")
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_b.h5")  # the same bytes, under another name
+    (inbox / "scan_b.h5.done").touch()
+    warned = warnings_of("ptyflow")
+    rows = poll()
+    assert any(".watch-state.json could not be read; set aside as .watch-state.json.damaged-" in w for w in warned)
+    assert rows["scan_a.h5"]["status"] == "done" and rows["scan_a.h5"]["run_dir"] == str(outbox / "scan_a.h5")
+    assert rows["scan_b.h5"]["status"] == "duplicate" and rows["scan_b.h5"]["duplicate_of"] == "scan_a.h5"
+    assert (outbox / "scan_a.h5" / "model.hdf5").stat().st_mtime_ns == done_before
+    assert not (outbox / "scan_b.h5").exists()
+    assert [p.stat().st_size for p in outbox.glob(".watch-state.json.damaged-*")] == [0]
+
+
+HOLD_THE_LOCK = (
+    "import fcntl, sys, time\n"
+    "lock = open(sys.argv[1], 'a+')\n"
+    "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_a_poll_that_cannot_have_the_state_lock_ends_at_once_saying_so(tmp_path, small_dataset, in_prefect,
+                                                                       monkeypatch, warnings_of):
+    """Another process holds the state's lock (a watcher stuck on a slow filesystem): the poll
+    waits its bounded time, then ends Completed with the reason in its state, its log and its
+    table, claiming nothing; it neither fails the watch run nor hangs."""
+    import subprocess
+    import sys
+
+    from ptycho_core import inbox as inbox_state
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan.h5")
+    (inbox / "scan.h5.done").touch()
+    monkeypatch.setattr(inbox_state, "LOCK_WAIT_S", 1.0, raising=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(outbox / ".watch-state.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        warned = warnings_of("prefect.flow_runs")
+        state = watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0, deployment=None,
+                      return_state=True)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert state.is_completed()
+    assert state.message.startswith("poll skipped: ") and ".watch-state.lock is held by another process" in state.message
+    assert "waited 1 s" in state.message and any(w.startswith(f"poll of {inbox} skipped: ") for w in warned)
+    assert state.result() == [] and not (outbox / "scan.h5").exists()
 
 
 def test_a_child_run_key_names_the_run_directory_the_config_and_the_scope(tmp_path, small_dataset, monkeypatch):

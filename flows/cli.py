@@ -263,20 +263,25 @@ def sweep(
     base_config: Path = typer.Argument(..., help="configuration YAML every point starts from"),
     spec: Path = typer.Argument(..., help="sweep spec YAML: mode, parameters (dotted keys -> values), n"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the points' run directories and the table"),
+    inline: bool = typer.Option(
+        False, "--inline", help="with a configured server: run the points in this process, not on the workers"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Reconstruct every point of a parameter sweep (embedded: one after the other)."""
+    """Reconstruct every point of a parameter sweep: embedded (or --inline) one after the other in
+    this process; with a configured server, as child runs of its `reconstruct` deployment."""
     server = _early_server(verbose)  # comes up while the flows are imported and the spec checked
     with _stopped_on_error(server):
         from flows.embedded import prefect_backend
-        from flows.sweep import sweep as sweep_flow
+        from flows.sweep import RECONSTRUCT_DEPLOYMENT, sweep as sweep_flow
         from ptycho_core.sweep import load_sweep_spec
 
         if not verbose:
             _show_run_warnings()
         spec_model = load_sweep_spec(spec)
+    # the embedded server has no deployments; a configured one must have it (checked by the flow)
+    deployment = None if server is not None or inline else RECONSTRUCT_DEPLOYMENT
     with prefect_backend(started=server):
-        rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()))
+        rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()), deployment=deployment)
     keys = list(spec_model.parameters)
     for row in rows:
         values = ", ".join(f"{k}={_short(row.get(k))}" for k in keys)

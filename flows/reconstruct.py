@@ -3,6 +3,8 @@ run directory continues from the newest valid checkpoint; nothing finished is re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -84,15 +86,29 @@ def named_after(kind: str, parameter: str):
     return lambda: run_name(kind, str(flow_run.parameters[parameter]))
 
 
-def submit_reconstruct(deployment: str, config: dict, run_dir: str, idempotency_key: str, **parameters):
+def child_run_key(scope: str, run_dir: Union[str, Path], config: PtyflowConfig) -> str:
+    """The idempotency key of a reconstruct child run.
+
+    Prefect hands back the run already created under a key (per flow, for as long as the server
+    keeps that run), so the key names everything that makes the work distinct: the absolute run
+    directory, the resolved config (its sha256, data.path included) and ``scope``, what else the
+    submitter needs told apart (the parent sweep run, the trial, the dataset's attempt). Equal
+    inputs give the key again, so a parent that Prefect reschedules finds what it had submitted.
+    A sha256 of the three, 72 characters whatever the paths: Prefect sets no limit on a key, but a
+    PostgreSQL server's unique index on it refuses entries over about 2.7 kB."""
+    named = json.dumps([scope, str(Path(run_dir).resolve()), config.hash()])
+    return f"ptyflow-{hashlib.sha256(named.encode()).hexdigest()}"
+
+
+def submit_reconstruct(deployment: str, config: PtyflowConfig, run_dir: Union[str, Path], scope: str, **parameters):
     """Send one reconstruct run to the workers as a child run of the calling flow, without waiting
-    for it (the caller waits, or records its id); the key makes a resubmission by a rescheduled
-    parent return the run already submitted. Returns Prefect's FlowRun."""
+    for it (the caller waits, or records its id), under child_run_key(scope, run_dir, config).
+    Returns Prefect's FlowRun."""
     from prefect.deployments import run_deployment
 
-    return run_deployment(deployment, parameters={"config": config, "run_dir": str(run_dir), **parameters},
+    return run_deployment(deployment, parameters={"config": config.to_dict(), "run_dir": str(run_dir), **parameters},
                           flow_run_name=run_name("reconstruct", run_dir), timeout=0, as_subflow=True,
-                          idempotency_key=idempotency_key)
+                          idempotency_key=child_run_key(scope, run_dir, config))
 
 
 @flow(name="reconstruct", flow_run_name=named_after("reconstruct", "run_dir"))
@@ -136,7 +152,7 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
                 if stop:
                     pruned_at = end
                     logger.info("trial %s pruned at iteration %d: its score is worse than the study's other trials",
-                                trial["trial_id"], end)
+                                trial["trial_number"], end)
                     break
             clock = time.perf_counter()
             summary = export_results(run_dir)

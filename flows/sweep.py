@@ -1,9 +1,11 @@
 """The sweep flow: one reconstruct flow run per point, each in its own run directory.
 
-With a server where the `reconstruct` deployment exists, every point is a child flow run sent to
-the workers through run_deployment (Prefect's concurrency limits decide how many run at once);
-otherwise (embedded mode) the points run one after the other as subflows. Finished points are
-skipped, so rerunning a sweep completes only what is missing.
+With ``deployment`` named (the default, the `reconstruct` deployment), every point is a child flow
+run sent to the workers through run_deployment (Prefect's concurrency limits decide how many run
+at once); a server without that deployment is an error, never a silent fallback. With
+``deployment=None`` the points run one after the other as subflows in this process (embedded
+mode, `ptyflow sweep --inline`). Finished points are skipped, so rerunning a sweep completes only
+what is missing.
 
 Mode optuna asks an Optuna study for the points instead (ptycho_core.tuning): each trial is a
 reconstruct run that reports its objective at its segment ends, where the study's pruner may stop
@@ -24,6 +26,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
+from ptycho_core.config import ConfigError
 from ptycho_core.rundir import Preempted, finished, run_summary
 from ptycho_core.sweep import (
     SweepSpec,
@@ -38,15 +41,31 @@ from ptycho_core.sweep import (
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
 
 
-def deployment_exists(name: str) -> bool:
-    from prefect.exceptions import ObjectNotFound
+def checked_deployment(deployment: Optional[str]) -> Optional[str]:
+    """``deployment`` once the server is seen to have it; None (run in this process) stays None.
 
+    A missing deployment is a ConfigError naming it: after a typo, or against a server where
+    nothing was deployed, running every reconstruction on the control process instead (CPU
+    reconstructions on a small control worker) would go unnoticed."""
+    if not deployment:
+        return None
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if deployment.count("/") != 1:
+        raise ConfigError(f"deployment {deployment!r}: expected <flow name>/<deployment name>, "
+                          f"e.g. {RECONSTRUCT_DEPLOYMENT}")
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(name)
-            return True
+            client.read_deployment_by_name(deployment)
+            return deployment
         except ObjectNotFound:
-            return False
+            pass
+    raise ConfigError(
+        f"deployment {deployment!r} not found on the Prefect server {PREFECT_API_URL.value() or ''}: deploy it "
+        "(PTYFLOW_WORKDIR=<repository> prefect deploy --prefect-file deployments/prefect.yaml --all, see README, "
+        "'Under a Prefect server and workers'), or run the reconstructions in this process (deployment: null, "
+        "`ptyflow sweep --inline`)")
 
 
 def _wait_final(flow_run_ids: list, timeout_s: float) -> dict:
@@ -69,18 +88,22 @@ def _wait_final(flow_run_ids: list, timeout_s: float) -> dict:
 @flow(name="sweep", flow_run_name=named_after("sweep", "out_dir"))
 def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
-    """Reconstruct every point of ``spec`` over ``base_config`` into ``out_dir/point_NNN_<hash>``.
+    """Reconstruct every point of ``spec`` over ``base_config`` into ``out_dir/point_NNN_<hash>``:
+    as child runs of ``deployment``, or in this process when it is None.
 
-    Each child run has an idempotency key made of this sweep run's id and the point: a sweep that
-    Prefect reschedules after a preemption finds the children it had already submitted instead
-    of submitting them again (a new sweep run, started by hand, resubmits what is unfinished)."""
+    Each child run's idempotency key names this sweep run, the point's run directory and its
+    config: a sweep that Prefect reschedules after a preemption finds the children it had already
+    submitted instead of submitting them again (a new sweep run, started by hand, resubmits what is
+    unfinished). A point preempted in this process stops the sweep (rundir.Preempted); the rerun
+    resumes that point."""
     logger = get_run_logger()
     base = resolve_config(base_config)
     sweep_spec = load_sweep_spec(spec)
     out = Path(out_dir).resolve()
-    use_workers = bool(deployment) and deployment_exists(deployment)
+    deployment = checked_deployment(deployment)
+    use_workers = deployment is not None
     if sweep_spec.mode == "optuna":
-        return tune(base, sweep_spec, out, deployment if use_workers else None)
+        return tune(base, sweep_spec, out, deployment)
     points = sweep_points(sweep_spec)
     configs = [point_config(base, point) for point in points]  # every point is validated up front
     logger.info("sweep of %d points into %s (%s)", len(points), out,
@@ -95,10 +118,13 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
             continue
         started = time.perf_counter()
         if use_workers:
-            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir, f"ptyflow-sweep-{flow_run.id}-{name}")
+            run = submit_reconstruct(deployment, cfg, run_dir, f"sweep {flow_run.id}")
             submitted[run.id] = row
         else:
             state = reconstruct(cfg.to_dict(), str(run_dir), return_state=True)
+            error = state.result(raise_on_failure=False) if not state.is_completed() else None
+            if isinstance(error, Preempted):
+                raise error  # the process is being stopped: no next point; the rerun resumes this one
             row.update(state=state.name, seconds=time.perf_counter() - started)
     if submitted:
         for run_id, run in _wait_final(list(submitted), sweep_spec.wait_hours * 3600).items():
@@ -153,8 +179,6 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
         try:
             read_ground_truth(base.data.path)
         except (OSError, KeyError):
-            from ptycho_core.config import ConfigError
-
             raise ConfigError(f"sweep spec objective phase_pearson: {base.data.path} holds no ground truth; "
                               "use objective validation_loss") from None
     pruning = tuning.pruner_settings(spec, base.recon_params.segment_iterations, base.recon_params.iterations)
@@ -173,14 +197,16 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
         cfg = tuning.trial_config(base, spec, point)
         run_dir = Path(trial.user_attrs.get("run_dir") or out / point_name(trial.number, point).replace("point", "trial"))
         trial.set_user_attr("run_dir", str(run_dir))
-        link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial._trial_id, spec.objective,
+        link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial.number, spec.objective,
                                 spec.pruner, pruning).to_dict()
         if deployment:
             earlier = trial.user_attrs.get("flow_run_id")
             if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
                 _wait_final([UUID(earlier)], spec.wait_hours * 3600)
-            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir,
-                                     f"ptyflow-trial-{study._study_id}-{trial.number}-{run_dir.name}", trial=link)
+            # a retry is a new trial (new number), so a new run; the start time tells this study's
+            # trial from one of a study deleted and created again in the same folder
+            run = submit_reconstruct(deployment, cfg, run_dir, f"trial {trial.number} of study {study.study_name} "
+                                     f"started {trial.datetime_start.isoformat()}", trial=link)
             trial.set_user_attr("flow_run_id", str(run.id))
             run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]
             if not run.state.is_completed():
@@ -194,7 +220,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
                     study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
                     raise error
                 raise TrialFailed(f"trial {trial.number}: {error}")
-        pruned_at = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned_at_iteration")
+        pruned_at = tuning.stored_user_attrs(study, trial.number).get("pruned_at_iteration")
         if pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at iteration {pruned_at}")
         value = tuning.objective_value(run_summary(run_dir), spec.objective)

@@ -1,10 +1,11 @@
 """The watch flow: reconstruct each complete dataset of an inbox exactly once.
 
 Deployed on a schedule, every run polls the inbox. A complete dataset (marker file, or a size
-that held still) is reconstructed into ``<outbox>/<dataset name>/``: through the `reconstruct`
-deployment with an idempotency key made from its content hash when a server has it (so two
-watchers never start two runs for one dataset), inline otherwise. A dataset whose reconstruction
-fails is retried up to ``max_attempts`` times in later polls, then reported as failed.
+that held still) is reconstructed into ``<outbox>/<dataset name>/``: as a child run of
+``deployment`` (the `reconstruct` deployment unless told otherwise; a server without it is an
+error), or in this process when ``deployment`` is None. A dataset whose reconstruction fails is
+retried up to ``max_attempts`` times in later polls, then reported as failed. A poll that cannot
+have the state's lock in time ends at once, Completed, saying so (ptycho_core.inbox.StateBusy).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Optional, Union
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
+from prefect.states import Completed
 
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
-from flows.sweep import RECONSTRUCT_DEPLOYMENT, deployment_exists
-from ptycho_core.inbox import claim_due_datasets, record, record_failure, report
+from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
+from ptycho_core.inbox import StateBusy, claim_due_datasets, peek, record, record_failure, report
 
 
 def _settle_submitted(outbox: str, max_attempts: int) -> None:
@@ -42,18 +44,36 @@ def _settle_submitted(outbox: str, max_attempts: int) -> None:
 def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: float = 30.0,
           marker_suffix: str = ".done", max_attempts: int = 2,
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
-    """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces."""
+    """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces.
+    Returns the state's rows, one per dataset."""
     logger = get_run_logger()
     template = resolve_config(config)
-    use_workers = bool(deployment) and deployment_exists(deployment)
-    if use_workers:
+    deployment = checked_deployment(deployment)
+    try:
+        rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger)
+    except StateBusy as exc:
+        # another watcher stuck holding the state: this poll ends, the next one tries again
+        logger.warning("poll of %s skipped: %s", inbox, exc)
+        rows = peek(outbox)
+        _table(rows, f"inbox {inbox} (poll skipped: {exc})")
+        return Completed(message=f"poll skipped: {exc}", data=rows)
+    _table(rows, f"inbox {inbox}")
+    return rows
+
+
+def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger) -> list[dict]:
+    if deployment:
         _settle_submitted(outbox, max_attempts)
     for entry in claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts):
         cfg = template.model_copy(deep=True)
         cfg.data.path = entry["path"]
         run_dir = str(Path(outbox).resolve() / entry["name"])
-        if use_workers:
-            run = submit_reconstruct(deployment, cfg.to_dict(), run_dir, f"ptyflow-watch-{entry['hash']}-{entry['attempts']}")
+        if deployment:
+            # a new attempt after a failed one is a new run; a poll that lost its record of the
+            # submission (killed in between) submits again once the claim expires and gets the
+            # run back
+            run = submit_reconstruct(deployment, cfg, run_dir, f"watch {entry['outbox_id']} dataset {entry['hash']} "
+                                     f"attempt {entry['attempts']}")
             record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
             logger.info("submitted %s as flow run %s", entry["name"], run.name)
             continue
@@ -65,6 +85,8 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
                                       run_dir=run_dir)
             logger.warning("reconstruction of %s failed (attempt %d of %d): %s", entry["name"], attempts,
                            max_attempts, state.message)
-    rows = report(outbox)
-    create_table_artifact([{k: str(v) for k, v in row.items()} for row in rows], description=f"inbox {inbox}")
-    return rows
+    return report(outbox)
+
+
+def _table(rows: list[dict], description: str) -> None:
+    create_table_artifact([{k: str(v) for k, v in row.items()} for row in rows], description=description)

@@ -45,7 +45,7 @@ class TrialLink:
 
     storage: str
     study_name: str
-    trial_id: int
+    trial_number: int
     objective: str
     pruner: str
     pruner_options: dict
@@ -183,6 +183,12 @@ def finished_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=done)
 
 
+def stored_user_attrs(study, number: int) -> dict[str, Any]:
+    """Trial ``number``'s user attributes as the database holds them now, including those its run
+    set from a worker (get_trials reads unfinished trials afresh; a Trial object's own copy does not)."""
+    return next(t.user_attrs for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
 def claim(trial) -> None:
     """Record which process runs the trial (release_abandoned reads it)."""
     trial.set_user_attr("sweep_host", socket.gethostname())
@@ -235,9 +241,12 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     value = objective_value(summary, link.objective)
     if value is None:
         return False
-    study = optuna.load_study(study_name=link.study_name, storage=open_storage(link.storage, heartbeat=False),
+    storage = open_storage(link.storage, heartbeat=False)
+    study = optuna.load_study(study_name=link.study_name, storage=storage,
                               pruner=make_pruner(link.pruner, link.pruner_options))
-    trial = optuna.trial.Trial(study, link.trial_id)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(link.study_name),
+                                                               link.trial_number)
+    trial = optuna.trial.Trial(study, trial_id)
     try:
         trial.report(value, iteration)
     except optuna.exceptions.UpdateFinishedTrialError:

@@ -2,6 +2,7 @@
 test_facility_server.py, slow)."""
 
 import csv
+import logging
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ def test_sweep_runs_every_point_once_and_reruns_nothing(tmp_path, small_dataset,
 
     spec = {"mode": "list", "parameters": {"model_params.update_params.objp.lr": [2e-3, 5e-3, 1e-2],
                                            "recon_params.batch_size": [16, 32, 64]}}
-    rows = sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"))
+    rows = sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"), deployment=None)
     assert [r["state"] for r in rows] == ["Completed"] * 3
     assert all(r["phase_pearson"] > 0.5 and r["iteration"] == 2 for r in rows)
     with open(tmp_path / "sweep" / "sweep.csv") as fh:
@@ -29,7 +30,7 @@ def test_sweep_runs_every_point_once_and_reruns_nothing(tmp_path, small_dataset,
     assert (tmp_path / "sweep" / "sweep_phases.png").stat().st_size > 5000
     stamps = {r["point"]: (tmp_path / "sweep" / r["point"] / "model.hdf5").stat().st_mtime_ns for r in rows}
 
-    again = sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"))
+    again = sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"), deployment=None)
     assert [r["state"] for r in again] == ["skipped (finished)"] * 3
     assert stamps == {r["point"]: (tmp_path / "sweep" / r["point"] / "model.hdf5").stat().st_mtime_ns for r in again}
 
@@ -39,9 +40,10 @@ def test_bad_sweep_spec_names_the_problem(tmp_path, small_dataset, in_prefect):
     from flows.sweep import sweep
 
     with pytest.raises(ConfigError, match="mode list: every parameter needs the same number of values"):
-        sweep(short_config(small_dataset), {"mode": "list", "parameters": {"a.b": [1, 2], "c.d": [1]}}, str(tmp_path))
+        sweep(short_config(small_dataset), {"mode": "list", "parameters": {"a.b": [1, 2], "c.d": [1]}}, str(tmp_path),
+              deployment=None)
     with pytest.raises(ConfigError, match="recon_params.batchsize: unknown key"):
-        sweep(short_config(small_dataset), {"parameters": {"recon_params.batchsize": [1]}}, str(tmp_path))
+        sweep(short_config(small_dataset), {"parameters": {"recon_params.batchsize": [1]}}, str(tmp_path), deployment=None)
     assert not any(tmp_path.iterdir())
 
 
@@ -59,7 +61,7 @@ def test_watch_reconstructs_each_dataset_once_and_gives_up_on_bad_ones(tmp_path,
     template = short_config(small_dataset)
 
     def poll():
-        rows = watch(str(inbox), str(outbox), template, stable_seconds=0.0, max_attempts=2)
+        rows = watch(str(inbox), str(outbox), template, stable_seconds=0.0, max_attempts=2, deployment=None)
         return {r["dataset"]: r for r in rows}
 
     first = poll()
@@ -83,6 +85,196 @@ def test_a_copy_of_a_reconstructed_dataset_is_recorded_as_duplicate(tmp_path, sm
     for name in ("a_first.h5", "b_copy.h5"):  # claimed in name order
         shutil.copy(small_dataset.parent / "data.h5", inbox / name)
         (inbox / f"{name}.done").touch()
-    rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0)}
+    rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0,
+                                                 deployment=None)}
     assert rows["b_copy.h5"]["status"] == "duplicate" and rows["b_copy.h5"]["duplicate_of"] == "a_first.h5"
     assert rows["a_first.h5"]["status"] == "done" and not (outbox / "b_copy.h5").exists()
+
+
+def test_a_named_deployment_the_server_lacks_is_an_error_not_a_silent_fallback(tmp_path, small_dataset, in_prefect,
+                                                                                run_cli):
+    """The session's server has no deployments: asking for one is refused before anything runs,
+    naming it and how to deploy it (inline runs are asked for with deployment=None, as the tests
+    above do, or `ptyflow sweep --inline`)."""
+    from ptycho_core.config import ConfigError
+    from flows.sweep import sweep
+    from flows.watch import watch
+
+    spec = {"mode": "list", "parameters": {"model_params.update_params.objp.lr": [2e-3]}}
+    missing = r"deployment 'reconstruct/reconstruct' not found on the Prefect server .*prefect deploy --prefect-file"
+    with pytest.raises(ConfigError, match=missing):
+        sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"))
+    with pytest.raises(ConfigError, match=r"deployment 'reconstruct': expected <flow name>/<deployment name>"):
+        sweep(short_config(small_dataset), spec, str(tmp_path / "sweep"), deployment="reconstruct")
+    assert not (tmp_path / "sweep").exists()
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan.h5")
+    (inbox / "scan.h5.done").touch()
+    with pytest.raises(ConfigError, match=missing):
+        watch(str(inbox), str(tmp_path / "outbox"), short_config(small_dataset), stable_seconds=0.0)
+    assert not (tmp_path / "outbox").exists()
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(short_config(small_dataset)))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    refused = run_cli("sweep", base, tmp_path / "spec.yaml", "--out", tmp_path / "sweep")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "deployment 'reconstruct/reconstruct' not found" in refused.stderr and "--inline" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_preempted_point_stops_the_sweep_and_the_rerun_resumes_it(tmp_path, small_dataset, in_prefect):
+    """SIGTERM while the first point iterates (in this process, as a scheduler would send it): the
+    point checkpoints and the sweep ends with Preempted instead of starting the next point."""
+    import os
+    import signal
+
+    from flows.sweep import sweep
+    from ptycho_core.rundir import Preempted, newest_checkpoint
+    from tasks import progress
+
+    class SigtermAtFirstIteration:
+        sent = False
+
+        def iteration_done(self, state, row):
+            if not self.sent:
+                # the segment owns SIGTERM while it iterates; with the default action this would kill pytest
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def segment_done(self, outcome):
+            pass
+
+    config = short_config(small_dataset, iterations=4)
+    config["recon_params"]["segment_iterations"] = 2
+    spec = {"mode": "list", "parameters": {"model_params.update_params.objp.lr": [2e-3, 5e-3]}}
+    out = tmp_path / "sweep"
+    progress.set_reporter(SigtermAtFirstIteration())
+    try:
+        with pytest.raises(Preempted, match="preempted at iteration 1"):
+            sweep(config, spec, str(out), deployment=None)
+    finally:
+        progress.set_reporter(None)
+    first, = out.glob("point_000_*")
+    assert not list(out.glob("point_001_*"))  # the next point never started
+    stopped = newest_checkpoint(first)
+    assert stopped.iteration == 1, stopped
+
+    rows = sweep(config, spec, str(out), deployment=None)
+    assert [r["state"] for r in rows] == ["Completed", "Completed"] and all(r["iteration"] == 4 for r in rows)
+    assert stopped.path.is_file() and newest_checkpoint(first).iteration == 4  # resumed from it
+
+
+@pytest.fixture
+def warnings_of():
+    """warnings_of(logger name) -> the list its WARNING records' messages go to (Prefect's logging
+    set-up replaces the root handlers, pytest's caplog among them)."""
+    attached = []
+
+    def attach(name):
+        lines = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logging.getLogger(name).addHandler(handler)
+        attached.append((name, handler))
+        return lines
+
+    yield attach
+    for name, handler in attached:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def test_a_watch_state_cut_to_nothing_is_set_aside_and_rebuilt_without_reprocessing(tmp_path, small_dataset,
+                                                                                    in_prefect, warnings_of):
+    """A power loss left .watch-state.json empty: the next poll sets it aside with a warning and
+    rebuilds it from the outbox's finished run directories, so the dataset done before is not
+    reconstructed again, and its content hash still makes a byte-identical copy a duplicate."""
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_a.h5")
+    (inbox / "scan_a.h5.done").touch()
+
+    def poll():
+        rows = watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0, deployment=None)
+        return {r["dataset"]: r for r in rows}
+
+    assert poll()["scan_a.h5"]["status"] == "done"
+    done_before = (outbox / "scan_a.h5" / "model.hdf5").stat().st_mtime_ns
+    (outbox / ".watch-state.json").write_bytes(b"")
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan_b.h5")  # the same bytes, under another name
+    (inbox / "scan_b.h5.done").touch()
+    warned = warnings_of("ptyflow")
+    rows = poll()
+    assert any(".watch-state.json could not be read; set aside as .watch-state.json.damaged-" in w for w in warned)
+    assert rows["scan_a.h5"]["status"] == "done" and rows["scan_a.h5"]["run_dir"] == str(outbox / "scan_a.h5")
+    assert rows["scan_b.h5"]["status"] == "duplicate" and rows["scan_b.h5"]["duplicate_of"] == "scan_a.h5"
+    assert (outbox / "scan_a.h5" / "model.hdf5").stat().st_mtime_ns == done_before
+    assert not (outbox / "scan_b.h5").exists()
+    assert [p.stat().st_size for p in outbox.glob(".watch-state.json.damaged-*")] == [0]
+
+
+HOLD_THE_LOCK = (
+    "import fcntl, sys, time\n"
+    "lock = open(sys.argv[1], 'a+')\n"
+    "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_a_poll_that_cannot_have_the_state_lock_ends_at_once_saying_so(tmp_path, small_dataset, in_prefect,
+                                                                       monkeypatch, warnings_of):
+    """Another process holds the state's lock (a watcher stuck on a slow filesystem): the poll
+    waits its bounded time, then ends Completed with the reason in its state, its log and its
+    table, claiming nothing; it neither fails the watch run nor hangs."""
+    import subprocess
+    import sys
+
+    from ptycho_core import inbox as inbox_state
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan.h5")
+    (inbox / "scan.h5.done").touch()
+    monkeypatch.setattr(inbox_state, "LOCK_WAIT_S", 1.0, raising=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(outbox / ".watch-state.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        warned = warnings_of("prefect.flow_runs")
+        state = watch(str(inbox), str(outbox), short_config(small_dataset), stable_seconds=0.0, deployment=None,
+                      return_state=True)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert state.is_completed()
+    assert state.message.startswith("poll skipped: ") and ".watch-state.lock is held by another process" in state.message
+    assert "waited 1 s" in state.message and any(w.startswith(f"poll of {inbox} skipped: ") for w in warned)
+    assert state.result() == [] and not (outbox / "scan.h5").exists()
+
+
+def test_a_child_run_key_names_the_run_directory_the_config_and_the_scope(tmp_path, small_dataset, monkeypatch):
+    """Prefect hands back the run made under a key: equal inputs give the key again (a rescheduled
+    parent finds its runs), a change of any one gives a new key, and its length does not grow
+    with the paths."""
+    from flows.reconstruct import child_run_key, resolve_config
+
+    config = resolve_config(short_config(small_dataset))
+    fewer = resolve_config({**short_config(small_dataset), "recon_params": {
+        **short_config(small_dataset)["recon_params"], "iterations": 1}})
+    key = child_run_key("sweep 1", tmp_path / "point", config)
+    monkeypatch.chdir(tmp_path)
+    assert key == child_run_key("sweep 1", "point", resolve_config(short_config(small_dataset)))
+    others = {child_run_key("sweep 2", tmp_path / "point", config), child_run_key("sweep 1", tmp_path / "other", config),
+              child_run_key("sweep 1", tmp_path / "point", fewer)}
+    assert len(others) == 3 and key not in others
+    deep = tmp_path.joinpath(*["a_rather_long_folder_name"] * 40)
+    assert len(key) == len(child_run_key("sweep 1", deep, config)) == 72

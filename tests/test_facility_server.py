@@ -369,3 +369,92 @@ def test_a_run_whose_node_died_is_crashed_by_the_server_and_the_inbox_retries_it
         for proc in (node, second):
             if proc is not None and proc.poll() is None:
                 stop(proc)
+
+
+def base_config(dataset_config, path, iterations=6):
+    """A short run of ``dataset_config``'s data, written to ``path``."""
+    raw = yaml.safe_load(dataset_config.read_text())
+    raw["data"]["path"] = str(dataset_config.parent / raw["data"]["path"])
+    raw["recon_params"].update(iterations=iterations, segment_iterations=3)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_same_optuna_spec_on_a_second_dataset_runs_that_dataset_s_own_trial(tmp_path, server, small_dataset):
+    """The natural facility use: one tuning spec, applied to dataset A and then to dataset B. Each
+    sweep has its own SQLite study (study id 1 in both) and the seeded sampler draws the same
+    first point, so a key made of those alone handed B's trial A's finished run. B's trial must
+    run on B's data, in B's folder, and be scored there."""
+    import optuna
+
+    env = server
+    (tmp_path / "watch.yaml").write_text(base_config(small_dataset, tmp_path / "base_a.yaml").read_text())
+    other = simulate("small", tmp_path / "other", seed=11)
+    bases = {"a": tmp_path / "base_a.yaml", "b": base_config(other, tmp_path / "base_b.yaml")}
+    deploy_all(env, tmp_path)
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"mode": "optuna", "n_trials": 1, "pruner": "none", "wait_hours": 1,
+                                        "parameters": {"model_params.update_params.objp.lr": {"low": 2e-3, "high": 2e-2,
+                                                                                               "log": True}}}))
+        trials = {}
+        for name, base in bases.items():
+            out = tmp_path / f"study_{name}"
+            sweep = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(base), str(spec), "--out", str(out)],
+                                   env=env, capture_output=True, text=True, timeout=600)
+            assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+            trials[name] = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+        assert trials["a"][0].params == trials["b"][0].params  # the collision's precondition: the same first point
+        runs = child_runs(env, tmp_path / "study_b")
+        assert len(runs) == 1 and runs[0]["state"] == "Completed", runs
+        run_dir = runs[0]["run_dir"]
+        assert trials["b"][0].state.name == "COMPLETE" and trials["b"][0].user_attrs["run_dir"] == run_dir
+        assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["data"]["path"] == str(other.parent / "data.h5")
+        assert trials["b"][0].value == pytest.approx(run_summary(run_dir)["validation_loss"])
+        assert len(child_runs(env, tmp_path / "study_a")) == 1
+    finally:
+        stop(worker)
+
+
+def test_the_same_inbox_file_with_another_template_is_reconstructed_again(tmp_path, server, small_dataset):
+    """One dataset, watched into an outbox with one template, then into another outbox with a
+    second template (fewer iterations): a key made of the content hash and the attempt alone
+    handed the second poll the first run, and the dataset was recorded done with nothing in the
+    second outbox."""
+    env = server
+    template_a = base_config(small_dataset, tmp_path / "watch.yaml", iterations=6)
+    template_b = base_config(small_dataset, tmp_path / "template_b.yaml", iterations=3)
+    deploy_all(env, tmp_path)
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ptyflow"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "scan.h5")
+    (inbox / "scan.h5.done").touch()
+    poll_code = ("import sys\nfrom flows.watch import watch\n"
+                 "watch(sys.argv[1], sys.argv[2], sys.argv[3], stable_seconds=0.0)\n")
+    quiet = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    def watched_until_final(outbox, template):
+        entry, deadline = {}, time.time() + 300
+        while time.time() < deadline and entry.get("status") not in ("done", "failed"):
+            done = subprocess.run([sys.executable, "-c", poll_code, str(inbox), str(outbox), str(template)],
+                                  env=quiet, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            entry = json.loads((outbox / ".watch-state.json").read_text())["datasets"].get("scan.h5", {})
+            time.sleep(2)
+        return entry
+
+    try:
+        assert watched_until_final(tmp_path / "outbox_a", template_a)["status"] == "done"
+        assert watched_until_final(tmp_path / "outbox_b", template_b)["status"] == "done"
+        runs = {os.path.dirname(r["run_dir"]): r for r in flow_runs(env, "reconstruct") if r["run_dir"]}
+        assert sorted(runs) == [str(tmp_path / "outbox_a"), str(tmp_path / "outbox_b")], runs
+        assert {r["state"] for r in runs.values()} == {"Completed"}
+        assert newest_checkpoint(tmp_path / "outbox_a" / "scan.h5").iteration == 6
+        assert newest_checkpoint(tmp_path / "outbox_b" / "scan.h5").iteration == 3
+        assert (tmp_path / "outbox_b" / "scan.h5" / "result.zarr").is_dir()
+    finally:
+        stop(worker)

@@ -53,7 +53,7 @@ def test_a_study_prunes_poor_trials_at_segment_ends_and_a_rerun_adds_none(tmp_pa
     from flows.sweep import sweep
 
     out = tmp_path / "study"
-    rows = sweep(str(noisy_base), spec(), str(out))
+    rows = sweep(str(noisy_base), spec(), str(out), deployment=None)
     states = [r["state"] for r in rows]
     assert len(rows) == 6 and set(states) <= {"COMPLETE", "PRUNED"}, rows
     assert states.count("PRUNED") >= 1 and states.count("COMPLETE") >= 2, states
@@ -78,7 +78,7 @@ def test_a_study_prunes_poor_trials_at_segment_ends_and_a_rerun_adds_none(tmp_pa
         assert (out / name).stat().st_size > 5000, name
 
     before = mtimes(out)
-    again = sweep(str(noisy_base), spec(), str(out))
+    again = sweep(str(noisy_base), spec(), str(out), deployment=None)
     assert len(again) == 6 and len(study_trials(out)) == 6
     assert mtimes(out) == before  # no trial ran again
 
@@ -91,7 +91,7 @@ def test_bad_study_settings_are_refused_before_any_trial(tmp_path, noisy_base, i
     def refused(message, **changes):
         bad = spec(**changes)
         with pytest.raises(ConfigError, match=message):
-            sweep(str(noisy_base), bad, str(out))
+            sweep(str(noisy_base), bad, str(out), deployment=None)
         assert not out.exists() or not any(out.glob("trial_*"))
 
     refused("init.probe.nmodes: unknown key", parameters={"init.probe.nmodes": {"low": 1, "high": 2}})
@@ -115,7 +115,7 @@ def test_a_released_trial_s_run_goes_on_without_reporting(tmp_path, caplog):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=storage, study_name="released")
     trial = study.ask()
-    link = tuning.TrialLink(storage, "released", trial._trial_id, "validation_loss", "median", {}).to_dict()
+    link = tuning.TrialLink(storage, "released", trial.number, "validation_loss", "median", {}).to_dict()
     assert tuning.report_segment(link, {"validation_loss": 1.0}, 3) is False
     study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
     with caplog.at_level("WARNING", logger="ptyflow"):
@@ -131,7 +131,7 @@ def test_a_killed_sweep_reruns_into_the_same_study(tmp_path, noisy_base, prefect
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec(n_trials=3, pruner="none")))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    first = subprocess.Popen(cli("sweep", noisy_base, spec_path, "--out", out), env=env,
+    first = subprocess.Popen(cli("sweep", noisy_base, spec_path, "--out", out, "--inline"), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         second = lambda: next(out.glob("trial_001_*/checkpoints/*.h5"), None)  # noqa: E731
@@ -147,7 +147,7 @@ def test_a_killed_sweep_reruns_into_the_same_study(tmp_path, noisy_base, prefect
     done_before = mtimes(out)[next(out.glob("trial_000_*")).name]
     assert [t.state.name for t in study_trials(out)] == ["COMPLETE", "RUNNING"]
 
-    rerun = subprocess.run(cli("sweep", noisy_base, spec_path, "--out", out), env=env, capture_output=True,
+    rerun = subprocess.run(cli("sweep", noisy_base, spec_path, "--out", out, "--inline"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     trials = study_trials(out)
@@ -173,7 +173,7 @@ def test_sigterm_stops_the_study_and_the_rerun_continues_the_trial(tmp_path, noi
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     # checkpoint writes pause, and the signal comes in the first (inside the segment, where the run
     # owns SIGTERM), not between two stages of the run
-    first = subprocess.Popen(cli("sweep", noisy_base, spec_path, "--out", out), stdout=subprocess.PIPE,
+    first = subprocess.Popen(cli("sweep", noisy_base, spec_path, "--out", out, "--inline"), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**env, "PTYFLOW_FAULT_PAUSE": "checkpoint_write:3"})
     try:
         lines = []
@@ -194,7 +194,7 @@ def test_sigterm_stops_the_study_and_the_rerun_continues_the_trial(tmp_path, noi
     assert stopped_at < 8 and not list(out.glob("trial_001_*"))
     assert [t.state.name for t in study_trials(out)] == ["FAIL", "WAITING"]
 
-    rerun = subprocess.run(cli("sweep", noisy_base, spec_path, "--out", out), env=env, capture_output=True,
+    rerun = subprocess.run(cli("sweep", noisy_base, spec_path, "--out", out, "--inline"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     trials = study_trials(out)

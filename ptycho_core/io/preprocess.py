@@ -151,6 +151,16 @@ def input_fingerprint(path: Path, stop: Optional[threading.Event] = None) -> dic
             "sha256": content_digest(path, stop=stop)}
 
 
+def recorded_inputs(preprocessed_path: Path) -> list[dict]:
+    """The input fingerprints (input_fingerprint) a preprocessed file records, read without opening
+    its patterns; [] when it records none or cannot be read."""
+    try:
+        with h5py.File(preprocessed_path, "r") as f:
+            return json.loads(f.attrs.get("inputs", "[]"))
+    except (OSError, ValueError):
+        return []
+
+
 def _settings(config: PtyflowConfig) -> str:
     return json.dumps({
         "data": config.data.model_dump(mode="json", exclude={"path", "pos_path"}),

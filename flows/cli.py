@@ -181,8 +181,9 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
                 with stopping.stage("Prefect's calls"):
                     summary = reconstruct(cfg.to_dict(), str(run_dir))
                 flow_seconds = time.perf_counter() - flow_started
-            except stopping.Stopped as exc:
-                exc.saved = _what_is_saved(run_dir)
+            except BaseException:
+                if stopping.requested():
+                    stopping.note_saved(_what_is_saved(run_dir))
                 raise
             finally:
                 progress_hooks.set_reporter(None)
@@ -280,7 +281,7 @@ def sweep(
         spec_model = load_sweep_spec(spec)
     # the embedded server has no deployments; a configured one must have it (checked by the flow)
     deployment = None if server is not None or inline else RECONSTRUCT_DEPLOYMENT
-    with prefect_backend(started=server):
+    with prefect_backend(started=server), stopping.stage("Prefect's calls"):
         rows = sweep_flow(str(base_config), spec_model.model_dump(), str(out_dir.resolve()), deployment=deployment)
     keys = list(spec_model.parameters)
     for row in rows:
@@ -422,26 +423,34 @@ def main() -> None:
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
-    except Exception as exc:
-        sys.exit(_report(exc))
-    except BaseException as exc:  # a stop by SIGTERM/SIGINT outside the iterations
+    except BaseException as exc:  # noqa: BLE001 - a stop by SIGTERM/SIGINT is reported, not re-raised
         stop = _as_stop(exc)
         if stop is None:
+            if isinstance(exc, Exception):
+                sys.exit(_report(exc))
             raise
-        console.print(f"[yellow]{stop}[/yellow]{f'; {stop.saved}' if stop.saved else ''}; rerun the same command to resume",
+        saved = stopping.saved()
+        console.print(f"[yellow]{stop}[/yellow]{f'; {saved}' if saved else ''}; rerun the same command to resume",
                       highlight=False)
         sys.exit(stop.exit_code)
 
 
 def _as_stop(exc: BaseException) -> Optional[stopping.Stopped]:
-    """A signal's stop as Stopped: ours, or Prefect's TerminationSignal (raised by Prefect's own
-    SIGTERM handler while its engine sets a flow run up or closes it)."""
+    """The stop by a signal that ``exc`` ends this process with, if any: a Stopped; Prefect's
+    TerminationSignal (its own SIGTERM handler, active while its engine sets a flow run up or
+    closes it); or any other error once a signal came (a Stopped raised inside a library's
+    callback reaches here wrapped, e.g. by pydantic's serializer). A preemption in the iterations
+    (rundir.Preempted) keeps its own line, which names the checkpoint."""
     if isinstance(exc, stopping.Stopped):
         return exc
+    rundir = sys.modules.get("ptycho_core.rundir")
+    if rundir is not None and isinstance(exc, rundir.Preempted):
+        return None
+    pending = stopping.pending_stop()
     prefect_exceptions = sys.modules.get("prefect.exceptions")
-    if prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal):
+    if pending is None and prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal):
         return stopping.Stopped("SIGTERM", "Prefect's calls")
-    return None
+    return pending
 
 
 def _report(exc: Exception) -> int:

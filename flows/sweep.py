@@ -37,6 +37,7 @@ from ptycho_core.sweep import (
     sweep_points,
     write_summary,
 )
+from tasks import stopping
 
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
 
@@ -68,18 +69,39 @@ def checked_deployment(deployment: Optional[str]) -> Optional[str]:
         "`ptyflow sweep --inline`)")
 
 
+STOP_CHECK_S = 5  # how often a wait for child runs looks whether this process is being stopped
+
+
 def _wait_final(flow_run_ids: list, timeout_s: float) -> dict:
     """The flow runs once final, through Prefect's own wait (event-driven, bounded): a run still
-    not final after ``timeout_s`` comes back as it stands (read_flow_run), not as a hang."""
+    not final after ``timeout_s`` comes back as it stands (read_flow_run), not as a hang.
+
+    The wait is cut into STOP_CHECK_S pieces, so that a signal to this process (tasks.stopping)
+    also ends the waits of optuna's trial threads, which no signal reaches: the process exits
+    within seconds and the child runs go on on their workers (a rerun waits for them)."""
     import asyncio
 
+    from prefect.exceptions import FlowRunWaitTimeout
     from prefect.flow_runs import wait_for_flow_run
 
+    async def wait_one(flow_run_id):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stopping.check()
+            piece = min(STOP_CHECK_S, deadline - time.monotonic())
+            try:
+                return await wait_for_flow_run(flow_run_id, timeout=max(1, int(piece)))
+            except FlowRunWaitTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+
     async def wait_all():
-        return await asyncio.gather(*(wait_for_flow_run(i, timeout=int(timeout_s)) for i in flow_run_ids),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(wait_one(i) for i in flow_run_ids), return_exceptions=True)
 
     finished = asyncio.run(wait_all())
+    stopped = next((run for run in finished if isinstance(run, stopping.Stopped)), None)
+    if stopped is not None:
+        raise stopped
     with get_client(sync_client=True) as client:
         return {i: run if not isinstance(run, BaseException) else client.read_flow_run(i)
                 for i, run in zip(flow_run_ids, finished)}
@@ -96,18 +118,24 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     submitted instead of submitting them again (a new sweep run, started by hand, resubmits what is
     unfinished). A point preempted in this process stops the sweep (rundir.Preempted); the rerun
     resumes that point."""
+    with stopping.owned("the sweep"):
+        base = resolve_config(base_config)
+        sweep_spec = load_sweep_spec(spec)
+        out = Path(out_dir).resolve()
+        deployment = checked_deployment(deployment)
+        if sweep_spec.mode == "optuna":
+            return tune(base, sweep_spec, out, deployment)
+        return grid(base, sweep_spec, out, deployment)
+
+
+def grid(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[dict]:
+    """Modes grid and list: every point of ``spec``, skipping finished ones; as child runs of
+    ``deployment`` (all submitted, then waited for) or one after the other in this process."""
     logger = get_run_logger()
-    base = resolve_config(base_config)
-    sweep_spec = load_sweep_spec(spec)
-    out = Path(out_dir).resolve()
-    deployment = checked_deployment(deployment)
-    use_workers = deployment is not None
-    if sweep_spec.mode == "optuna":
-        return tune(base, sweep_spec, out, deployment)
-    points = sweep_points(sweep_spec)
+    points = sweep_points(spec)
     configs = [point_config(base, point) for point in points]  # every point is validated up front
     logger.info("sweep of %d points into %s (%s)", len(points), out,
-                f"child runs of {deployment}" if use_workers else "subflows in this process")
+                f"child runs of {deployment}" if deployment else "subflows in this process")
     rows, submitted = [], {}
     for index, (point, cfg) in enumerate(zip(points, configs)):
         name = point_name(index, point)
@@ -117,7 +145,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
         if run_dir.is_dir() and (run_dir / "config.yaml").is_file() and finished(run_dir):
             continue
         started = time.perf_counter()
-        if use_workers:
+        if deployment:
             run = submit_reconstruct(deployment, cfg, run_dir, f"sweep {flow_run.id}")
             submitted[run.id] = row
         else:
@@ -127,12 +155,12 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
                 raise error  # the process is being stopped: no next point; the rerun resumes this one
             row.update(state=state.name, seconds=time.perf_counter() - started)
     if submitted:
-        for run_id, run in _wait_final(list(submitted), sweep_spec.wait_hours * 3600).items():
+        for run_id, run in _wait_final(list(submitted), spec.wait_hours * 3600).items():
             seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
             submitted[run_id].update(state=run.state.name, seconds=seconds, flow_run_id=str(run_id))
     for row in rows:
         add_run_summary(row)
-    files = write_summary(out, rows, list(sweep_spec.parameters))
+    files = write_summary(out, rows, list(spec.parameters))
     create_table_artifact(artifact_table(rows), description=f"sweep {out}: {files['csv']}, {files['figure']}")
     logger.info("sweep table %s, figure %s", files["csv"], files["figure"])
     return rows
@@ -155,6 +183,16 @@ def artifact_table(rows: list[dict]) -> list[dict]:
     """The rows as a Prefect table artifact takes them (numbers, strings and None)."""
     return [{k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in row.items()}
             for row in rows]
+
+
+class _TrialStopped(BaseException):
+    """A trial's run was stopped by a signal (rundir.Preempted or tasks.stopping.Stopped). Carries
+    that stop out of study.optimize, which logs every Exception an objective raises as a failed
+    trial with its traceback; the trial is already told FAIL and queued again."""
+
+    def __init__(self, stop: BaseException):
+        super().__init__(str(stop))
+        self.stop = stop
 
 
 class TrialFailed(Exception):
@@ -212,13 +250,17 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
             if not run.state.is_completed():
                 raise TrialFailed(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
         else:
-            state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
-            if not state.is_completed():
-                error = state.result(raise_on_failure=False)
-                if isinstance(error, Preempted):
-                    # run it again, from its checkpoint, when the sweep is rerun
-                    study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
-                    raise error
+            try:
+                state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
+                error = None if state.is_completed() else state.result(raise_on_failure=False)
+            except stopping.Stopped as stop:
+                error = stop
+            if isinstance(error, (Preempted, stopping.Stopped)):
+                # this attempt ends; a copy, queued, continues from its checkpoint when the sweep is rerun
+                study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise _TrialStopped(error)
+            if error is not None:
                 raise TrialFailed(f"trial {trial.number}: {error}")
         pruned_at = tuning.stored_user_attrs(study, trial.number).get("pruned_at_iteration")
         if pruned_at is not None:
@@ -231,8 +273,11 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     if remaining > 0:
         stop_when_done = optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                                optuna.trial.TrialState.PRUNED))
-        study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
-                       n_jobs=spec.parallel if deployment else 1, catch=(TrialFailed,), callbacks=[stop_when_done])
+        try:
+            study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
+                           n_jobs=spec.parallel if deployment else 1, catch=(TrialFailed,), callbacks=[stop_when_done])
+        except _TrialStopped as stopped:
+            raise stopped.stop from None
     rows = study_rows(study, list(ranges))
     files = write_summary(out, rows, list(ranges))
     files.update(tuning.write_study_report(study, out, base, spec))

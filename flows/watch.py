@@ -20,7 +20,9 @@ from prefect.states import Completed
 
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
-from ptycho_core.inbox import StateBusy, claim_due_datasets, peek, record, record_failure, report
+from ptycho_core.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
+from ptycho_core.rundir import Preempted
+from tasks import stopping
 
 
 def _settle_submitted(outbox: str, max_attempts: int) -> None:
@@ -46,46 +48,63 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
     """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces.
     Returns the state's rows, one per dataset."""
-    logger = get_run_logger()
-    template = resolve_config(config)
-    deployment = checked_deployment(deployment)
-    try:
-        rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger)
-    except StateBusy as exc:
-        # another watcher stuck holding the state: this poll ends, the next one tries again
-        logger.warning("poll of %s skipped: %s", inbox, exc)
-        rows = peek(outbox)
-        _table(rows, f"inbox {inbox} (poll skipped: {exc})")
-        return Completed(message=f"poll skipped: {exc}", data=rows)
-    _table(rows, f"inbox {inbox}")
+    with stopping.owned("the watch"):
+        logger = get_run_logger()
+        template = resolve_config(config)
+        deployment = checked_deployment(deployment)
+        try:
+            rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger)
+        except StateBusy as exc:
+            # another watcher stuck holding the state: this poll ends, the next one tries again
+            logger.warning("poll of %s skipped: %s", inbox, exc)
+            rows = peek(outbox)
+            _table(rows, f"inbox {inbox} (poll skipped: {exc})")
+            return Completed(message=f"poll skipped: {exc}", data=rows)
+        _table(rows, f"inbox {inbox}")
     return rows
 
 
 def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger) -> list[dict]:
     if deployment:
         _settle_submitted(outbox, max_attempts)
-    for entry in claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts):
+    due = claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts)
+    for index, entry in enumerate(due):
         cfg = template.model_copy(deep=True)
         cfg.data.path = entry["path"]
         run_dir = str(Path(outbox).resolve() / entry["name"])
-        if deployment:
-            # a new attempt after a failed one is a new run; a poll that lost its record of the
-            # submission (killed in between) submits again once the claim expires and gets the
-            # run back
-            run = submit_reconstruct(deployment, cfg, run_dir, f"watch {entry['outbox_id']} dataset {entry['hash']} "
-                                     f"attempt {entry['attempts']}")
-            record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
-            logger.info("submitted %s as flow run %s", entry["name"], run.name)
-            continue
-        state = reconstruct(cfg.to_dict(), run_dir, return_state=True)
-        if state.is_completed():
-            record(outbox, entry["name"], status="done", run_dir=run_dir)
-        else:
-            attempts = record_failure(outbox, entry["name"], entry["attempts"], max_attempts, str(state.message)[:500],
-                                      run_dir=run_dir)
-            logger.warning("reconstruction of %s failed (attempt %d of %d): %s", entry["name"], attempts,
-                           max_attempts, state.message)
+        try:
+            if deployment:
+                _submit(deployment, cfg, run_dir, outbox, entry, logger)
+            else:
+                _reconstruct_here(cfg, run_dir, outbox, entry, max_attempts, logger)
+        except (Preempted, stopping.Stopped):
+            # this process is being stopped: no failed attempt; the next poll takes these datasets again
+            hand_back(outbox, due[index:])
+            raise
     return report(outbox)
+
+
+def _submit(deployment: str, cfg, run_dir: str, outbox: str, entry: dict, logger) -> None:
+    # a new attempt after a failed one is a new run; a poll that lost its record of the
+    # submission (killed in between) submits again once the claim expires and gets the run back
+    run = submit_reconstruct(deployment, cfg, run_dir, f"watch {entry['outbox_id']} dataset {entry['hash']} "
+                             f"attempt {entry['attempts']}")
+    record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
+    logger.info("submitted %s as flow run %s", entry["name"], run.name)
+
+
+def _reconstruct_here(cfg, run_dir: str, outbox: str, entry: dict, max_attempts: int, logger) -> None:
+    state = reconstruct(cfg.to_dict(), run_dir, return_state=True)
+    if state.is_completed():
+        record(outbox, entry["name"], status="done", run_dir=run_dir)
+        return
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, Preempted):
+        raise error
+    attempts = record_failure(outbox, entry["name"], entry["attempts"], max_attempts, str(state.message)[:500],
+                              run_dir=run_dir)
+    logger.warning("reconstruction of %s failed (attempt %d of %d): %s", entry["name"], attempts,
+                   max_attempts, state.message)
 
 
 def _table(rows: list[dict], description: str) -> None:

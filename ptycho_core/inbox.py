@@ -245,6 +245,20 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
     return due
 
 
+def hand_back(outbox: str | Path, entries: list[dict], wait_s: Optional[float] = None) -> None:
+    """Give up this watcher's claims on ``entries`` (claim_due_datasets' results) when its poll is
+    stopped: the next poll takes them again, their attempts unchanged. A claim another watcher has
+    taken over meanwhile is left alone; a state whose lock is not had lets the claims expire."""
+    try:
+        with locked_state(outbox, wait_s) as state:
+            for due in entries:
+                entry = state["datasets"].get(due["name"], {})
+                if entry.get("status") == "claimed" and entry.get("claim") == due.get("claim"):
+                    _unclaim(entry)
+    except StateBusy:
+        pass  # they expire after CLAIM_TIMEOUT_S
+
+
 def _unclaim(entry: dict) -> None:
     entry.pop("claim", None)
     entry["status"] = "retry" if entry.get("attempts") else "arriving"

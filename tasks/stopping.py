@@ -40,7 +40,6 @@ class Stopped(BaseException):
         super().__init__(f"stopped by {signal_name} during {stage}")
         self.signal_name = signal_name
         self.stage = stage
-        self.saved = ""  # what a rerun starts from, added by whoever knows (the CLI: the checkpoints)
 
     @property
     def exit_code(self) -> int:
@@ -55,6 +54,8 @@ class _Owner:
     deferring: int = 0  # deferred() scopes now open
     stage: str = "start-up"
     requested: Optional[str] = None  # the signal's name, once one came
+    requested_during: str = ""  # the stage it came in
+    saved: str = ""  # what a rerun starts from, noted by whoever knows (the CLI: the checkpoints)
 
 
 _owner = _Owner()
@@ -64,6 +65,7 @@ def _on_signal(signum, frame) -> None:
     if _owner.requested is not None:
         return  # already stopping
     _owner.requested = signal.Signals(signum).name
+    _owner.requested_during = _owner.stage
     if not _owner.deferring:
         raise Stopped(_owner.requested, _owner.stage)
 
@@ -158,3 +160,21 @@ def check() -> None:
 def requested() -> Optional[str]:
     """The signal that asked this process to stop, or None."""
     return _owner.requested
+
+
+def note_saved(text: str) -> None:
+    """Say what a rerun of this stopped process starts from (printed with the stop's line)."""
+    _owner.saved = text
+
+
+def saved() -> str:
+    return _owner.saved
+
+
+def pending_stop() -> Optional[Stopped]:
+    """The stop asked for, as the Stopped it raised (or would raise) where the signal came; None
+    without one. For whoever ends the process: a Stopped raised inside a C extension's callback can
+    reach it wrapped in that library's own exception (pydantic's serializer does that)."""
+    if _owner.requested is None:
+        return None
+    return Stopped(_owner.requested, _owner.requested_during)

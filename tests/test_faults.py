@@ -176,3 +176,54 @@ def test_signals_to_the_run_or_its_process_group_at_every_stage_stop_cleanly(tmp
         for name, value in reference.items():
             assert torch.equal(final.tensors[name], value), (what, name)
     print(dict(counts))
+
+
+@pytest.mark.parametrize("command", ["sweep-grid", "sweep-optuna", "demo"])
+def test_sigterm_to_the_process_group_stops_sweeps_and_the_demo_cleanly(tmp_path, small_dataset, command):
+    """The same for `ptyflow sweep` (grid and optuna, in this process) and `ptyflow demo`: SIGTERM
+    to the whole group in the second point's iterations (the demo's first) ends the command with
+    143, one line and no process left; the rerun finishes what is missing and nothing else."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    out = tmp_path / "out"
+    if command == "demo":
+        args, first_of = ["demo", "--out", out], lambda: next(out.glob("run/checkpoints/iter_*.h5"), None)
+    else:
+        raw = yaml.safe_load(Path(small_dataset).read_text())
+        raw["data"]["path"] = str(Path(small_dataset).parent / raw["data"]["path"])
+        raw["recon_params"].update(iterations=6, segment_iterations=3, threads=1, validation_fraction=0.1)
+        base = tmp_path / "base.yaml"
+        base.write_text(yaml.safe_dump(raw))
+        lr = "model_params.update_params.objp.lr"
+        spec = ({"mode": "list", "parameters": {lr: [2e-3, 5e-3, 1e-2]}} if command == "sweep-grid" else
+                {"mode": "optuna", "n_trials": 3, "seed": 1, "pruner": "none", "parameters": {
+                    lr: {"low": 1e-3, "high": 0.1, "log": True}}})
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        args = ["sweep", base, tmp_path / "spec.yaml", "--out", out]
+        second = "point_001_*" if command == "sweep-grid" else "trial_001_*"
+        first_of = lambda: next(out.glob(f"{second}/checkpoints/iter_*.h5"), None)  # noqa: E731
+    proc = subprocess.Popen(cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while first_of() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = stop_lines(stderr)
+    assert len(lines) == 1 and STOP_LINE.match(lines[0]), lines
+    time.sleep(2)
+    assert not with_environment("PREFECT_HOME", home), "a process outlived the command"
+
+    rerun = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if command == "demo":
+        assert "phase Pearson vs ground truth" in rerun.stdout
+        assert read_checkpoint(out / "run" / "model.hdf5").iteration == 30
+    else:
+        finished_dirs = sorted(p.name for p in out.iterdir() if (p / "model.hdf5").is_file()
+                               and read_checkpoint(p / "model.hdf5").iteration == 6)
+        assert len(finished_dirs) == 3, sorted(p.name for p in out.iterdir())

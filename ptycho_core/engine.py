@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .constraints import DataContext, apply_constraints
+from .constraints import DataContext, apply_constraints, place_held_out
 from .distributed import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
@@ -335,9 +335,10 @@ def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: 
 
 def validation_loss(model: PtychoAD, problem: Problem) -> float:
     """The weighted data terms (amplitude, poisson) of the held-out patterns, scored as one batch:
-    how well the model predicts patterns it was never fitted to. Regularizers and the batch-level
-    pacbed term are left out: they do not measure a prediction. Every process of a distributed run
-    scores its share and the shares are summed."""
+    how well the model predicts patterns it was never fitted to, at the positions their trained
+    neighbours' corrections give them (constraints.place_held_out). Regularizers and the
+    batch-level pacbed term are left out: they do not measure a prediction. Every process of a
+    distributed run scores its share and the shares are summed."""
     weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
     held = torch.from_numpy(problem.validation_indices)
     chunks = list(held.tensor_split(max(1, math.ceil(len(held) / problem.batch_size))))
@@ -431,6 +432,11 @@ def run_iterations(
         _check_finite(model, sums["total"], iteration)
         totals = {k: float(v) for k, v in sums.items()}
         apply_constraints(model, problem.constraint_params, iteration, context, optimizer)
+        # held-out patterns are scored where the refined positions around them say their probes
+        # are. Stored in the model rather than computed for the score alone: the checkpoint, the
+        # exported positions and a later run that starts from this model then hold the positions
+        # that were scored, and a resume continues from exactly them
+        place_held_out(model, context)
         # a position correction past half a pixel moves its probe window by whole pixels, so the
         # Fourier shift inside the window stays sub-pixel and never wraps the probe's tail around
         model.recentre_windows()

@@ -26,7 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, PtyflowConfig
-from .constraints import DataContext
+from .constraints import DataContext, held_out_neighbours
 from .distributed import Collective
 from .engine import (
     EngineState,
@@ -191,6 +191,7 @@ class Reconstruction:
         opt_params = config.model_params.optimizer_params
         optimizer = build_optimizer(model, opt_params.name, opt_params.configs,
                                     lr_units={"probe": probe_amplitude_unit(mean_pattern)})
+        validation = held_out_indices(prep.geometry.positions_px, recon.validation_fraction, recon.seed)
         problem = Problem(
             measurements=open_feed(tier.tier, prep.measurements, device, real, owned),
             loss_weights={name: term.weight for name, term in config.loss_params.active_terms().items()},
@@ -204,11 +205,12 @@ class Reconstruction:
                 mean_pattern_sum=torch.tensor(mean_counts, dtype=real, device=device),
                 positions_ang=torch.from_numpy(prep.positions_ang),
                 initial_positions_px=torch.from_numpy(prep.geometry.crop_pos + prep.geometry.shifts_px),
+                held_out=held_out_neighbours(prep.geometry.positions_px, validation),
             ),
             forward_loss=compiled_forward_loss() if recon.compile else forward_loss,
             lr_factor=config.model_params.lr_schedule.factor,
             collective=collective,
-            validation_indices=held_out_indices(prep.geometry.positions_px, recon.validation_fraction, recon.seed),
+            validation_indices=validation,
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:

@@ -42,7 +42,11 @@ class Preset:
     iterations: int = 30
     batch_size: int = 16
     tilt_mrad: tuple[float, float] = (0.0, 0.0)  # true global object tilt (y, x)
-    position_jitter_ang: float = 0.0  # true positions = nominal grid + Gaussian jitter of this std
+    # scan errors: the true probe positions differ from the nominal grid that data.h5's positions_ang
+    # and the config give (the truth keeps the true ones; scan_errors_ang)
+    position_jitter_ang: float = 0.0  # independent Gaussian error of every position, std per axis
+    drift_ang: tuple[float, float] = (0.0, 0.0)  # specimen drift (y, x) over the scan's time, in scan order
+    drift_settle: float = 0.0  # 0: steady; > 0: slowing as exp(-t / drift_settle), t the scan's time from 0 to 1
     defocus_spread_ang: float = 0.0  # partial coherence: incoherent sum over a Gaussian defocus spread
     crystal: bool = False  # every slice the same (atom columns straight through the sample)
 
@@ -74,6 +78,27 @@ def atom_object(canvas: tuple[int, int], dx_ang: float, preset: Preset, n_slices
     return phase
 
 
+def scan_errors_ang(p: Preset, rng: np.random.Generator) -> np.ndarray:
+    """(N, 2) true minus nominal probe positions (y, x) in Å of a raster scan acquired row by row,
+    about their mean.
+
+    Drift: the specimen moves by ``drift_ang`` from the first pattern to the last, steadily, or,
+    with ``drift_settle`` > 0, fast at first and slowing as exp(-t / drift_settle) (t: time as a
+    fraction of the scan), as a stage settling after a move does. Errors in scan order distort
+    the image: in a raster, steady drift shears or stretches it; settling drift bends it. Jitter:
+    independent Gaussian errors of std ``position_jitter_ang`` per axis (drawn from ``rng``)."""
+    n = p.scan_shape[0] * p.scan_shape[1]
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    if p.drift_settle > 0:
+        t = -np.expm1(-t / p.drift_settle) / -np.expm1(-1.0 / p.drift_settle)
+    errors = t * np.asarray(p.drift_ang, dtype=np.float64)
+    if p.position_jitter_ang:
+        errors = errors + rng.normal(0, p.position_jitter_ang, (n, 2))
+    # about their mean: a common offset of the whole scan only moves the image, and a reconstruction
+    # that removes the mean correction (position_limit) then lands on the truth's canvas
+    return errors - errors.mean(axis=0)
+
+
 def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices: Optional[int] = None,
              dose_e_per_ang2: Optional[float] | str = "preset", **changes) -> Path:
     """Simulate a dataset with ground truth into out_dir; returns out_dir/config.yaml.
@@ -90,13 +115,27 @@ def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices:
     rng = np.random.default_rng(seed)
     window = (p.window_px, p.window_px)
     positions = raster_positions_ang(p.scan_shape, p.step_ang)
-    true_positions = positions + rng.normal(0, p.position_jitter_ang, positions.shape) if p.position_jitter_ang else positions
-    geometry = scan_geometry(true_positions, p.dx_ang, window, p.pad_px)
+    errors_ang = scan_errors_ang(p, rng)
+    true_positions = positions + errors_ang
+    # The truth lives on the canvas a reconstruction from the nominal positions builds (same pad_px),
+    # so the two compare pixel for pixel; the patterns are simulated on that canvas, grown by a
+    # margin when a probe window at its true position would leave it.
+    nominal = scan_geometry(positions, p.dx_ang, window, p.pad_px)
+    true_px = nominal.positions_px + errors_ang / p.dx_ang  # true probe centres on that canvas
+    margin, crop, shifts = 0, nominal.crop_pos, nominal.shifts_px
+    if errors_ang.any():
+        top_left = nominal.crop_pos + nominal.shifts_px + errors_ang / p.dx_ang
+        last = np.array(nominal.canvas_shape) - window
+        margin = int(np.ceil(max(0.0, 0.5 - top_left.min(), (top_left - last).max() + 0.5)))
+        crop = np.round(top_left).astype(np.int64) + margin
+        shifts = top_left + margin - crop
+    canvas = tuple(int(v) + 2 * margin for v in nominal.canvas_shape)
     if p.crystal:
-        phase = np.repeat(atom_object(geometry.canvas_shape, p.dx_ang, p, 1, rng), p.n_slices, axis=0) / math.sqrt(p.n_slices)
+        phase = np.repeat(atom_object(canvas, p.dx_ang, p, 1, rng), p.n_slices, axis=0) / math.sqrt(p.n_slices)
     else:
-        phase = atom_object(geometry.canvas_shape, p.dx_ang, p, p.n_slices, rng)
+        phase = atom_object(canvas, p.dx_ang, p, p.n_slices, rng)
     amplitude = np.exp(-0.1 * phase)  # weak absorption where the atoms are
+    on_nominal_canvas = (..., slice(margin, canvas[0] - margin), slice(margin, canvas[1] - margin))
     counts = (p.dose_e_per_ang2 or 1.0e6) * p.step_ang**2
     if p.defocus_spread_ang:
         # partial temporal coherence: probes at 7 defoci with Gaussian weights, summed incoherently
@@ -115,10 +154,10 @@ def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices:
         "obj_tilts": torch.tensor([p.tilt_mrad], dtype=torch.float64),
         "slice_thickness": torch.tensor(p.slice_thickness_ang, dtype=torch.float64),
         "probe": probe,
-        "probe_pos_shifts": torch.from_numpy(geometry.shifts_px),
+        "probe_pos_shifts": torch.from_numpy(shifts),
     }
     frozen = {name: UpdateRule(None, 0.0) for name in TENSOR_NAMES}
-    model = PtychoAD(tensors, torch.from_numpy(geometry.crop_pos), torch.ones(1, dtype=torch.float64),
+    model = PtychoAD(tensors, torch.from_numpy(crop), torch.ones(1, dtype=torch.float64),
                      p.dx_ang, wavelength_ang(p.energy_kev), frozen)
     with torch.no_grad():
         patterns = torch.cat([model(idx) for idx in torch.arange(len(positions)).split(64)]).numpy()
@@ -139,11 +178,13 @@ def simulate(preset: str | Preset, out_dir: str | Path, seed: int = 0, n_slices:
             f.create_dataset("positions_ang", data=positions)
             f["positions_ang"].attrs["layout"] = "(N, 2) probe centres (y, x) in Å, row by row"
             gt = f.create_group("ground_truth")
-            gt.create_dataset("objp", data=phase[None].astype(np.float32))
-            gt.create_dataset("obja", data=amplitude[None].astype(np.float32))
+            gt.create_dataset("objp", data=phase[None][on_nominal_canvas].astype(np.float32))
+            gt.create_dataset("obja", data=amplitude[None][on_nominal_canvas].astype(np.float32))
             gt.create_dataset("probe", data=probe.numpy().astype(np.complex64))
-            gt.create_dataset("positions_px", data=geometry.positions_px)
+            gt.create_dataset("positions_px", data=true_px)
+            gt["positions_px"].attrs["layout"] = "(N, 2) true probe centres (y, x) on the truth's canvas, px"
             gt.create_dataset("positions_ang", data=true_positions)
+            gt["positions_ang"].attrs["layout"] = "(N, 2) true probe centres (y, x) in Å; /positions_ang: nominal"
             gt.attrs.update(slice_thickness_ang=p.slice_thickness_ang, pad_px=p.pad_px, tilt_mrad=list(p.tilt_mrad),
                             note="object on the canvas a reconstruction with init.object.pad_px = pad_px uses")
             f.attrs["preset"] = yaml.safe_dump(asdict(p))

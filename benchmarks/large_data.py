@@ -18,7 +18,7 @@ The fits case: --fit-patterns 64x64 patterns tiled the same way (no binning), re
 3 iterations in device, host and disk tiers, and in disk mode with random, compact and sparse
 batching. Before every disk-mode run the preprocessed file is dropped from the page cache
 (posix_fadvise DONTNEED), so disk means disk. Seconds per iteration are medians over iterations
-2..3, through ptycho_core.rundir.run_segment (what the Prefect task calls), in a fresh process each,
+2..3, through ptycho_core.stages.segment.run_segment (what the Prefect task calls), in a fresh process each,
 and once more through `ptyflow run` (embedded Prefect server) in the device and disk tiers.
 
 Writes large_data.json and large_data.md to --out.
@@ -49,7 +49,8 @@ sys.path.insert(0, {root!r})
 args = json.loads(sys.argv[1])
 import torch
 from ptycho_core.config import load_config
-from ptycho_core.rundir import prepare, run_segment
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 def vmhwm():
     for line in open("/proc/self/status"):

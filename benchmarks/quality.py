@@ -70,7 +70,7 @@ def run_ptyflow(data: Path, slices: int, iterations: int, settings: dict, thread
 
     from ptycho_core.io.preprocess import read_preprocessed
     from ptycho_core.reconstruction import Reconstruction
-    from ptycho_core.rundir import prepare
+    from ptycho_core.stages.prepare import prepare
 
     torch.set_num_threads(threads)
     config = ptyflow_config(data, slices, iterations, settings)

@@ -22,7 +22,7 @@ is process start and exit) and samples the summed memory of the whole process tr
 its embedded server) every 50 ms: a second table in results.md.
 
 --devices N measures one reconstruction on 1, 2, 4 ... N processes instead (recon_params.devices:
-'cpu:k' on the CPU, k GPUs on CUDA), through the segment the pipeline runs (rundir.run_segment,
+'cpu:k' on the CPU, k GPUs on CUDA), through the segment the pipeline runs (stages.segment.run_segment,
 helper ranks included), and reports speed-up and efficiency per case; on the CPU the machine's
 cores are shared out among the processes, so a 2-core machine has 1 core per process at 2.
 """
@@ -328,7 +328,8 @@ def devices_child(config: str, iterations: int, device: str, processes: int, bat
     import numpy as np
 
     from ptycho_core.config import config_from_dict, resolve_paths
-    from ptycho_core.rundir import prepare, run_segment
+    from ptycho_core.stages.prepare import prepare
+    from ptycho_core.stages.segment import run_segment
 
     devices = None if processes == 1 else (f"cpu:{processes}" if device == "cpu" else processes)
     raw = equivalent_raw(config, iterations, device, modes, batch, **{"recon_params.devices": devices})

@@ -462,7 +462,7 @@ def _report(exc: Exception) -> int:
 
     from ptycho_core.checkpoint import CheckpointError, StorageError
     from ptycho_core.config import ConfigError
-    from ptycho_core.distributed import DistributedError
+    from ptycho_core.collective import DistributedError
     from ptycho_core.engine import NumericalError
     from ptycho_core.io.readers import DataError
     from ptycho_core.rundir import Preempted, RunDirError

@@ -24,7 +24,8 @@ from prefect.states import Crashed
 
 from ptycho_core.config import PtyflowConfig, check_files, config_from_dict, load_config
 from ptycho_core.io.readers import check_data_path
-from ptycho_core.rundir import newest_checkpoint, run_lock, segment_ends, start_iteration
+from ptycho_core.rundir import newest_checkpoint, segment_ends, start_iteration
+from ptycho_core.runlock import run_lock
 from tasks import stopping
 from tasks.export import export_results
 from tasks.preprocess import preprocess_data

@@ -27,7 +27,8 @@ from prefect.runtime import flow_run
 
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from ptycho_core.config import ConfigError
-from ptycho_core.rundir import Preempted, finished, run_summary
+from ptycho_core.rundir import Preempted, finished
+from ptycho_core.stages.export import run_summary
 from ptycho_core.sweep import (
     SweepSpec,
     corner_points,

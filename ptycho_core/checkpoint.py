@@ -78,6 +78,18 @@ class Checkpoint:
         return {name: tuple(t.shape) for name, t in self.tensors.items()}
 
 
+@dataclass(frozen=True)
+class ResultView:
+    """The state of a reconstruction that figures and summaries read, in memory and on the CPU
+    (Reconstruction.view). A Checkpoint has the same fields, so either can be drawn."""
+
+    tensors: dict[str, torch.Tensor]  # user-facing shapes, see PtychoAD.tensors()
+    crop_pos: torch.Tensor  # (N, 2)
+    dx_ang: float
+    iteration: int
+    history: dict[str, list[float]]
+
+
 def shape_hash(shapes: dict[str, tuple[int, ...]]) -> str:
     """Hash of the tensor shapes: two files with equal hashes hold interchangeable tensors."""
     text = json.dumps({k: list(v) for k, v in sorted(shapes.items())})

@@ -19,7 +19,7 @@ import torch
 
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints, place_held_out
-from .distributed import Collective
+from .collective import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
 from .model import PtychoAD
@@ -178,21 +178,26 @@ def held_out_indices(positions_px: np.ndarray, fraction: float, seed: int) -> np
 @dataclass
 class EngineState:
     """Where a reconstruction stands: ``iteration`` complete iterations, plus ``batch_cursor``
-    batches of the next one (non-zero only after a preemption mid-iteration)."""
+    batches of the next one (non-zero only after a preemption mid-iteration). The loop's one
+    mutable record: run_iterations updates it in place."""
 
     iteration: int = 0
     batch_cursor: int = 0
     partial_loss: dict[str, float] = field(default_factory=dict)  # sums over the cursor's batches
     history: dict[str, list[float]] = field(default_factory=dict)  # per completed iteration
+    # parts each batch's gradient is computed in: doubles when a batch does not fit in (GPU)
+    # memory, and stays so for the rest of the process's run (not saved: a resume finds it again)
+    micro_batches: int = 1
 
     def record(self, row: dict[str, float]) -> None:
         for key, value in row.items():
             self.history.setdefault(key, []).append(float(value))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
-    """What the loop needs besides the model: the data and the settings that shape the steps."""
+    """What the loop needs besides the model: the data and the settings that shape the steps.
+    Fixed for the run (what changes as it goes is in EngineState)."""
 
     measurements: MeasurementFeed  # batches (B, ky, kx) in FFT order (DC at [0, 0]) on the model's device
     loss_weights: dict[str, float]
@@ -202,13 +207,11 @@ class Problem:
     context: DataContext  # what the constraints know of the data
     batching: str = "random"
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
-    micro_batches: int = 1  # grows when a batch does not fit in (GPU) memory
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
     lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
-    collective: Optional[Collective] = None  # several processes share each batch (recon_params.devices)
+    collective: Collective = field(default_factory=Collective)  # this process, or one rank of several
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    validation_mean_intensity: Optional[torch.Tensor] = None  # their mean intensity per pixel, read at the first score
 
     def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
         """The patterns the optimizer sees, (N - held out,); None: all of them."""
@@ -219,34 +222,28 @@ class Problem:
         return np.flatnonzero(keep)
 
 
-def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
-                       meas: torch.Tensor, parts_out: dict, batch: Optional[torch.Tensor] = None
+def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, micro_batches: int,
+                       indices: torch.Tensor, meas: torch.Tensor, parts_out: dict, batch: torch.Tensor
                        ) -> Callable[[], torch.Tensor]:
-    """The gradient of one optimizer batch: forward, loss, backward, in ``problem.micro_batches``
-    parts when the whole batch does not fit in memory. Every part is scored against the whole
-    batch (losses.BatchStats), so the parts' gradients add up to exactly the whole batch's and the
-    step is the same. With several processes (``problem.collective``) ``indices``/``meas`` are this
-    process's share of the optimizer batch ``batch`` (its pattern indices), and the shares'
-    gradients are summed across the processes. Fills ``parts_out`` with the loss terms and the total."""
+    """The gradient of one optimizer batch ``batch`` (its pattern indices): forward, loss,
+    backward, in ``micro_batches`` parts when the whole batch does not fit in memory. ``indices``
+    and ``meas`` are this process's share of it (problem.collective; all of it with one process).
+    Every part is scored against the whole batch (losses.BatchStats), so the parts' gradients add
+    up to exactly the whole batch's and the step is the same; the processes' shares are summed.
+    Fills ``parts_out`` with the loss terms and the total."""
     collective = problem.collective
+    pacbed = bool(problem.loss_weights.get("pacbed"))
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        chunks = [c for c in torch.arange(len(indices), device=indices.device).tensor_split(problem.micro_batches)
-                  if len(c)]
+        chunks = [c for c in torch.arange(len(indices), device=indices.device).tensor_split(micro_batches) if len(c)]
         pred_sum = None
-        if (len(chunks) > 1 or collective is not None) and problem.loss_weights.get("pacbed"):
+        if pacbed and (len(chunks) > 1 or collective.world > 1):
             # the batch-averaged pattern needs every part's prediction before any part's gradient
             with torch.no_grad():
-                pred_sum = sum((model(indices[c], centered=False).sum(dim=0) for c in chunks),
-                               torch.zeros(meas.shape[1:], dtype=meas.dtype, device=meas.device))
-                if collective is not None:
-                    pred_sum = collective.sum(pred_sum)
-        if collective is not None:
-            stats = collective.batch_stats(meas, batch, bool(problem.loss_weights.get("pacbed")))
-            stats.pred_sum = pred_sum
-        else:
-            stats = BatchStats.of(meas, pred_sum)
+                pred_sum = collective.sum(sum((model(indices[c], centered=False).sum(dim=0) for c in chunks),
+                                              torch.zeros(meas.shape[1:], dtype=meas.dtype, device=meas.device)))
+        stats = collective.batch_stats(meas, batch, pred_sum, pacbed)
         totals: dict[str, torch.Tensor] = {}
         loss_sum = None
         for chunk in chunks:
@@ -255,14 +252,12 @@ def batch_step_closure(model: PtychoAD, optimizer: torch.optim.Optimizer, proble
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             for key, value in parts.items():
                 totals[key] = totals[key] + value if key in totals else value
-        if collective is not None:
-            if loss_sum is not None:
-                totals["total"] = loss_sum
-            totals = collective.reduce_step(model, totals, [k for k, w in problem.loss_weights.items() if w])
-            loss_sum = totals.pop("total")
+        if loss_sum is not None:
+            totals["total"] = loss_sum
+        totals = collective.reduce_step(model, totals, [k for k, w in problem.loss_weights.items() if w])
         parts_out.clear()
-        parts_out.update(totals, total=loss_sum)
-        return loss_sum
+        parts_out.update(totals)
+        return totals["total"]
 
     return closure
 
@@ -287,31 +282,34 @@ def _check_finite(model: PtychoAD, loss: torch.Tensor, iteration: int) -> None:
     )
 
 
-def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, indices: torch.Tensor,
-                    meas: torch.Tensor, iteration: int, warn: Callable[[str], None],
-                    batch: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, state: EngineState,
+                    indices: torch.Tensor, meas: torch.Tensor, iteration: int, warn: Callable[[str], None],
+                    batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch. A batch whose gradient does not fit in (GPU) memory is split
-    into more micro-batches (problem.micro_batches, kept for the rest of the run) and the step is
-    retried: nothing but gradients had changed. Running out of memory after that, inside the
-    optimizer's update or in a later evaluation of LBFGS's, which follow a change of the tensors,
-    ends the run: a retry would apply part of the step twice. Returns the loss terms."""
-    parts: dict[str, torch.Tensor] = {}
-    closure = batch_step_closure(model, optimizer, problem, indices, meas, parts, batch)
+    into more micro-batches (state.micro_batches) and the step is retried: nothing but gradients
+    had changed. Running out of memory after that, inside the optimizer's update or in a later
+    evaluation of LBFGS's, which follow a change of the tensors, ends the run: a retry would apply
+    part of the step twice. Returns the loss terms."""
     updating = False
 
-    def gradient_then_update() -> torch.Tensor:
-        nonlocal updating
-        loss = closure()
-        updating = True  # from here on the optimizer changes the tensors and its state
-        return loss
+    def gradient_then_update(closure) -> Callable[[], torch.Tensor]:
+        def evaluate() -> torch.Tensor:
+            nonlocal updating
+            loss = closure()
+            updating = True  # from here on the optimizer changes the tensors and its state
+            return loss
+        return evaluate
 
     while True:
         updating = False
+        parts: dict[str, torch.Tensor] = {}
+        evaluate = gradient_then_update(
+            batch_step_closure(model, optimizer, problem, state.micro_batches, indices, meas, parts, batch))
         try:
             if isinstance(optimizer, torch.optim.LBFGS):
-                optimizer.step(gradient_then_update)
+                optimizer.step(evaluate)
             else:
-                gradient_then_update()
+                evaluate()
                 optimizer.step()
             return parts
         except torch.cuda.OutOfMemoryError as exc:
@@ -323,49 +321,120 @@ def _optimizer_step(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: 
                     f"state needs memory the patterns leave free: lower recon_params.memory_budget_gb (the "
                     f"patterns then stay in host memory or on disk) or, for LBFGS, configs.history_size") from exc
             # with several processes a retry would repeat collectives the others have passed
-            if problem.micro_batches >= len(indices) or problem.collective is not None:
+            if state.micro_batches >= len(indices) or problem.collective.world > 1:
                 raise
             optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            problem.micro_batches *= 2
+            state.micro_batches *= 2
             warn(f"out of memory at iteration {iteration}: splitting each batch into "
-                 f"{problem.micro_batches} parts (same steps, gradients summed)")
+                 f"{state.micro_batches} parts (same steps, gradients summed)")
 
 
-def validation_loss(model: PtychoAD, problem: Problem) -> float:
-    """The weighted data terms (amplitude, poisson) of the held-out patterns, scored as one batch:
-    how well the model predicts patterns it was never fitted to, at the positions their trained
-    neighbours' corrections give them (constraints.place_held_out). Regularizers and the
-    batch-level pacbed term are left out: they do not measure a prediction. Every process of a
-    distributed run scores its share and the shares are summed."""
-    weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+def _held_out_chunks(problem: Problem) -> list[torch.Tensor]:
+    """This process's share of the held-out patterns, in batch-sized chunks."""
     held = torch.from_numpy(problem.validation_indices)
-    chunks = list(held.tensor_split(max(1, math.ceil(len(held) / problem.batch_size))))
-    collective = problem.collective
-    if collective is not None:
-        chunks = [collective.own(c) for c in chunks]
-    chunks = [c for c in chunks if len(c)]
+    chunks = held.tensor_split(max(1, math.ceil(len(held) / problem.batch_size)))
+    return [c for c in (problem.collective.own(c) for c in chunks) if len(c)]
+
+
+def held_out_mean_intensity(model: PtychoAD, problem: Problem) -> torch.Tensor:
+    """The held-out patterns' mean intensity per pixel (), which their score divides by, as a
+    batch's does: read once per run (data only), summed over the processes."""
     device = problem.measurements.device
-    with torch.no_grad():
-        if problem.validation_mean_intensity is None:
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            with problem.measurements.prefetch(chunks) as fed:
-                for meas in fed:
-                    total = total + meas.sum(dtype=torch.float64)
-            if collective is not None:
-                total = collective.sum(total)
-            pixels = len(held) * math.prod(model.window)
-            problem.validation_mean_intensity = (total / pixels).to(model.probe.dtype)
-        stats = BatchStats(size=len(held), meas_mean=problem.validation_mean_intensity, meas_pattern=None)
-        score = torch.zeros((), dtype=torch.float64, device=device)
-        with problem.measurements.prefetch(chunks) as fed:
-            for chunk, meas in zip(chunks, fed):
-                loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
-                score = score + loss.to(torch.float64)
-        if collective is not None:
-            score = collective.sum(score)
-    return float(score)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad(), problem.measurements.prefetch(_held_out_chunks(problem)) as fed:
+        for meas in fed:
+            total = total + meas.sum(dtype=torch.float64)
+    pixels = len(problem.validation_indices) * math.prod(model.window)
+    return (problem.collective.sum(total) / pixels).to(model.probe.dtype)
+
+
+def validation_loss(model: PtychoAD, problem: Problem, mean_intensity: torch.Tensor) -> float:
+    """The weighted data terms (amplitude, poisson) of the held-out patterns, scored as one batch
+    whose mean intensity is ``mean_intensity`` (held_out_mean_intensity): how well the model
+    predicts patterns it was never fitted to, at the positions their trained neighbours'
+    corrections give them (constraints.place_held_out). Regularizers and the batch-level pacbed
+    term are left out: they do not measure a prediction. Every process of a distributed run
+    scores its share and the shares are summed."""
+    weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+    chunks = _held_out_chunks(problem)
+    device = problem.measurements.device
+    stats = BatchStats(size=len(problem.validation_indices), meas_mean=mean_intensity, meas_pattern=None)
+    score = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad(), problem.measurements.prefetch(chunks) as fed:
+        for chunk, meas in zip(chunks, fed):
+            loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
+            score = score + loss.to(torch.float64)
+    return float(problem.collective.sum(score))
+
+
+def _begin_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
+    """Gradients on for the tensors whose start_iter is reached; the lr schedule's factor."""
+    model.set_iteration(iteration)
+    factor = problem.lr_factor(iteration)
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("base_lr", group["lr"]) * factor
+
+
+def iteration_batches(problem: Problem, iteration: int, trained: Optional[np.ndarray], n_positions: int
+                      ) -> list[torch.Tensor]:
+    """The pattern indices of each batch of ``iteration``: drawn over the trained patterns (all
+    of them, ``trained`` None) from (seed, iteration) alone."""
+    n_trained = n_positions if trained is None else len(trained)
+    positions = problem.positions_px
+    if trained is not None and positions is not None:
+        positions = positions[trained]
+    batches = batch_order(problem.seed, iteration, n_trained, problem.batch_size, problem.batching, positions)
+    if trained is not None:  # drawn over the trained patterns: back to pattern indices
+        batches = [torch.from_numpy(trained[b.numpy()]) for b in batches]
+    return batches
+
+
+def _run_batches(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, state: EngineState,
+                 batches: list[torch.Tensor], iteration: int, n_trained: int, stop_requested: Callable[[], bool],
+                 warn: Callable[[str], None]) -> Optional[dict[str, torch.Tensor]]:
+    """The optimizer steps of one iteration, from state.batch_cursor on; returns the loss terms
+    summed over the iteration (weighted by batch size), or None when the processes stopped
+    after a batch, the sums so far then kept in state.partial_loss."""
+    collective = problem.collective
+    device = problem.measurements.device
+    # loss sums stay on the device until the iteration ends (or stops): no host sync per batch.
+    # float64, continuing from the floats a mid-iteration checkpoint holds, so a resumed
+    # iteration adds up exactly as an uninterrupted one.
+    sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.partial_loss.items()}
+    shares = [collective.own(b) for b in batches]
+    on_device = _to_device_at_once(shares, device)
+    with problem.measurements.prefetch(shares[state.batch_cursor:]) as fed:
+        for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
+            collective.vote = stop_requested()
+            parts = _optimizer_step(model, optimizer, problem, state, on_device[b], meas, iteration, warn, batches[b])
+            weight = len(batches[b]) / n_trained
+            for key, value in parts.items():
+                weighted = value.detach().to(torch.float64) * weight
+                sums[key] = sums[key] + weighted if key in sums else weighted
+            state.batch_cursor = b + 1
+            if collective.agreed_stop(stop_requested()) and state.batch_cursor < len(batches):
+                # a non-finite state must not reach the checkpoint the caller writes next
+                _check_finite(model, sums["total"], iteration)
+                state.partial_loss = {k: float(v) for k, v in sums.items()}
+                return None
+    return sums
+
+
+def _end_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
+    """What follows an iteration's steps: the constraints, the held-out patterns' positions, the
+    probe windows, and the processes' tensors made equal."""
+    apply_constraints(model, problem.constraint_params, iteration, problem.context, optimizer)
+    # held-out patterns are scored where the refined positions around them say their probes
+    # are. Stored in the model rather than computed for the score alone: the checkpoint, the
+    # exported positions and a later run that starts from this model then hold the positions
+    # that were scored, and a resume continues from exactly them
+    place_held_out(model, problem.context)
+    # a position correction past half a pixel moves its probe window by whole pixels, so the
+    # Fourier shift inside the window stays sub-pixel and never wraps the probe's tail around
+    model.recentre_windows()
+    problem.collective.share_model(model)
 
 
 def run_iterations(
@@ -379,78 +448,34 @@ def run_iterations(
     warn: Callable[[str], None] = logging.getLogger("ptyflow").warning,
 ) -> bool:
     """Run until ``state.iteration == last_iteration`` or until ``stop_requested()`` is true after a
-    batch. Updates ``state`` in place; returns True when it stopped early."""
-    context = problem.context
+    batch (with several processes: any of them). Updates ``state`` in place; returns True when it
+    stopped early."""
     n = model.n_positions
-    collective = problem.collective
     trained = problem.training_indices(n)
     n_trained = n if trained is None else len(trained)
-    positions = problem.positions_px if trained is None or problem.positions_px is None else problem.positions_px[trained]
-
-    def stopping() -> bool:
-        return collective.stop if collective is not None else stop_requested()
-
-    if collective is not None:
-        collective.start(problem.measurements, n)
-
+    problem.collective.start(problem.measurements, n)
+    held_out_mean = held_out_mean_intensity(model, problem) if len(problem.validation_indices) else None
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
-        model.set_iteration(iteration)
-        factor = problem.lr_factor(iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = group.get("base_lr", group["lr"]) * factor
-        batches = batch_order(problem.seed, iteration, n_trained, problem.batch_size, problem.batching, positions)
-        if trained is not None:  # batches were drawn over the trained patterns: back to pattern indices
-            batches = [torch.from_numpy(trained[b.numpy()]) for b in batches]
+        _begin_iteration(model, optimizer, problem, iteration)
         started = time.perf_counter()
-        # loss sums stay on the device until the iteration ends (or stops): no host sync per batch.
-        # float64, continuing from the floats a mid-iteration checkpoint holds, so a resumed
-        # iteration adds up exactly as an uninterrupted one.
-        sums = {k: torch.tensor(v, dtype=torch.float64, device=problem.measurements.device)
-                for k, v in state.partial_loss.items()}
-        # with several processes each computes its share of every batch; they stop together, at
-        # the batch after which any of them asked to (rank 0 is the one signals reach)
-        shares = batches if collective is None else [collective.own(b) for b in batches]
-        on_device = _to_device_at_once(shares, problem.measurements.device)
-        with problem.measurements.prefetch(shares[state.batch_cursor:]) as fed:
-            for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
-                indices = on_device[b]
-                if collective is not None:
-                    collective.vote = stop_requested()
-                parts = _optimizer_step(model, optimizer, problem, indices, meas, iteration, warn, batches[b])
-                weight = len(batches[b]) / n_trained
-                for key, value in parts.items():
-                    weighted = value.detach().to(torch.float64) * weight
-                    sums[key] = sums[key] + weighted if key in sums else weighted
-                state.batch_cursor = b + 1
-                if stopping() and state.batch_cursor < len(batches):
-                    # a non-finite state must not reach the checkpoint the caller writes next
-                    _check_finite(model, sums["total"], iteration)
-                    state.partial_loss = {k: float(v) for k, v in sums.items()}
-                    return True
+        batches = iteration_batches(problem, iteration, trained, n)
+        sums = _run_batches(model, optimizer, problem, state, batches, iteration, n_trained, stop_requested, warn)
+        if sums is None:
+            return True
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
         _check_finite(model, sums["total"], iteration)
         totals = {k: float(v) for k, v in sums.items()}
-        apply_constraints(model, problem.constraint_params, iteration, context, optimizer)
-        # held-out patterns are scored where the refined positions around them say their probes
-        # are. Stored in the model rather than computed for the score alone: the checkpoint, the
-        # exported positions and a later run that starts from this model then hold the positions
-        # that were scored, and a resume continues from exactly them
-        place_held_out(model, context)
-        # a position correction past half a pixel moves its probe window by whole pixels, so the
-        # Fourier shift inside the window stays sub-pixel and never wraps the probe's tail around
-        model.recentre_windows()
-        if collective is not None:
-            collective.share_model(model)
+        _end_iteration(model, optimizer, problem, iteration)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
-        if len(problem.validation_indices):
-            row["validation_loss"] = validation_loss(model, problem)
+        if held_out_mean is not None:
+            row["validation_loss"] = validation_loss(model, problem, held_out_mean)
         row["seconds"] = time.perf_counter() - started
         state.iteration, state.batch_cursor, state.partial_loss = iteration, 0, {}
         state.record(row)
         if on_iteration is not None:
             on_iteration(state, row)
-        if stopping() and state.iteration < last_iteration:
+        if problem.collective.agreed_stop(stop_requested()) and state.iteration < last_iteration:
             return True
     return False

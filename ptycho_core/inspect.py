@@ -10,11 +10,11 @@ from .rundir import (
     RunPaths,
     checkpoint_summary,
     is_finished,
-    lock_holder,
     newest_checkpoint,
     read_run_config,
     segment_ends,
 )
+from .runlock import lock_holder
 
 
 def inspect_path(path: str | Path) -> dict:

@@ -32,7 +32,7 @@ class BatchStats:
     every data term divides by; meas_pattern: their mean pattern (ky, kx), for the pacbed term;
     pred_sum: the sum of the batch's predicted patterns (ky, kx), detached, when the pacbed term
     needs it and the batch is split (None otherwise: the part is the whole batch). A batch split
-    across micro-batches or processes (distributed.Collective) gives every part the same stats."""
+    across micro-batches or processes (collective.py) gives every part the same stats."""
 
     size: int
     meas_mean: torch.Tensor

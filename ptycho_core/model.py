@@ -87,14 +87,19 @@ class PtychoAD(torch.nn.Module):
             ky, kx = spatial_frequencies(self.window, self.dx_ang, dtype=self.obja.dtype)
             band_mask = (torch.sqrt(ky**2 + kx**2) < self.band_limit / (2 * self.dx_ang)).to(self.obja.dtype)
         self.register_buffer("band_mask", band_mask, persistent=False)
-        # Known sub-pixel positions are honoured even when the shifts are not optimized.
-        self.apply_shifts = self.update_rules["probe_pos_shifts"].optimized or bool(
-            torch.any(self.probe_pos_shifts != 0)
-        )
+        self._nonzero_shifts = bool(torch.any(self.probe_pos_shifts != 0))  # kept by load_tensors
         self._propagator_cache: tuple[tuple, torch.Tensor] | None = None
         self.iteration = 0
 
     # ------------------------------------------------------------------ shapes and access
+    @property
+    def apply_shifts(self) -> bool:
+        """Whether the forward pass shifts the probe by probe_pos_shifts: when they are optimized,
+        and when any is non-zero even if they are not (known sub-pixel positions, or the refined
+        ones of a model a run starts from). Not looked up per batch: on a GPU that would wait for
+        the device every time; the shifts change only through the optimizer or load_tensors."""
+        return self.update_rules["probe_pos_shifts"].optimized or self._nonzero_shifts
+
     @property
     def n_positions(self) -> int:
         return self.crop_pos.shape[0]
@@ -132,6 +137,7 @@ class PtychoAD(torch.nn.Module):
                 raise ValueError(f"tensor '{name}': file has shape {shape}, this model needs {own}")
             param.copy_(value.to(param.dtype))
         self._propagator_cache = None
+        self._nonzero_shifts = bool(torch.any(self.probe_pos_shifts != 0))
 
     def centres_px(self) -> np.ndarray:
         """(N, 2) probe centres on the object canvas (y, x) in px: window corner, sub-pixel shift

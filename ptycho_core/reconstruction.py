@@ -10,8 +10,6 @@ This is the core's public entry point; the Prefect tasks and the tests both driv
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +18,7 @@ import torch
 
 from .checkpoint import (
     Checkpoint,
+    ResultView,
     check_shapes,
     load_optimizer_state,
     read_checkpoint,
@@ -27,7 +26,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, PtyflowConfig
 from .constraints import DataContext, held_out_neighbours
-from .distributed import Collective
+from .collective import Collective
 from .engine import (
     EngineState,
     Problem,
@@ -125,18 +124,6 @@ def _probe_from_file(config: PtyflowConfig, prep: Preprocessed) -> torch.Tensor:
     return probe[:n_modes]
 
 
-@dataclass(frozen=True)
-class ResultView:
-    """The state of a reconstruction that figures and summaries read, in memory and on the CPU.
-    A Checkpoint has the same fields, so either can be drawn."""
-
-    tensors: dict[str, torch.Tensor]  # user-facing shapes, see PtychoAD.tensors()
-    crop_pos: torch.Tensor  # (N, 2)
-    dx_ang: float
-    iteration: int
-    history: dict[str, list[float]]
-
-
 def update_rules(config: PtyflowConfig) -> dict[str, UpdateRule]:
     params = config.model_params.update_params
     return {name: UpdateRule(getattr(params, name).start_iter, getattr(params, name).lr) for name in TENSOR_NAMES}
@@ -159,12 +146,14 @@ class Reconstruction:
                collective: Optional[Collective] = None) -> "Reconstruction":
         """Initialize from the config; honours init.model_path and optimizer_params.load_state.
         ``device``: instead of recon_params.device; ``collective``: this process is one rank of
-        several (recon_params.devices) and holds only its share of the patterns."""
+        several (recon_params.devices, a collective.RankGroup) and holds only its share of the
+        patterns; None: the only process."""
         recon = config.recon_params
         if recon.threads:
             torch.set_num_threads(recon.threads)
         device = device if device is not None else resolve_device(recon.device)
-        owned = collective.owned(prep.n_patterns) if collective is not None else None
+        collective = collective if collective is not None else Collective()
+        owned = collective.owned(prep.n_patterns)
         real = getattr(torch, recon.dtype)
         complex_dtype = torch.complex64 if real == torch.float32 else torch.complex128
         mean_pattern = prep.mean_pattern  # (ky, kx), measured while preprocessing
@@ -265,31 +254,3 @@ class Reconstruction:
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
             self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
         )
-
-
-def phase_pearson(phase: np.ndarray, truth: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Pearson correlation of two phase maps over ``mask`` (offsets do not matter to it)."""
-    a = np.asarray(phase, dtype=np.float64)
-    b = np.asarray(truth, dtype=np.float64)
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
-
-
-def scanned_field_box(positions_px: np.ndarray, canvas_shape: tuple[int, int], margin_px: int = 0
-                      ) -> tuple[slice, slice]:
-    """(rows, cols) slices covering every probe centre (N, 2) plus margin_px, within the canvas."""
-    lo = np.maximum(np.floor(positions_px.min(axis=0)).astype(int) - margin_px, 0)
-    hi = np.minimum(np.ceil(positions_px.max(axis=0)).astype(int) + 1 + margin_px, canvas_shape)
-    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
-
-
-def scanned_field_mask(positions_px: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
-    """(Ny, Nx) bool: the bounding box of the probe-centre positions on the canvas."""
-    mask = np.zeros(canvas_shape, dtype=bool)
-    lo = np.ceil(positions_px.min(axis=0)).astype(int)
-    hi = np.floor(positions_px.max(axis=0)).astype(int)
-    mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1] = True
-    return mask

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import ConfigError, PtyflowConfig, config_from_dict, set_dotted
-from .reconstruction import scanned_field_box
+from .quality import scanned_field_box
 
 
 class Range(BaseModel):

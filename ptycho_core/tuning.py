@@ -227,7 +227,7 @@ def _alive(pid) -> bool:
 
 
 def objective_value(summary: dict, objective: str) -> Optional[float]:
-    """The trial's score from a run summary (rundir.run_summary); None when the run has none."""
+    """The trial's score from a run summary (stages.export.run_summary); None when the run has none."""
     value = summary.get(objective)
     return None if value is None or not math.isfinite(value) else float(value)
 

@@ -2,7 +2,7 @@
 
 from prefect import get_run_logger, task
 
-from ptycho_core.rundir import export_run
+from ptycho_core.stages.export import export_run
 from tasks import stopping
 
 

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from prefect import get_run_logger, task
 
 from ptycho_core.config import config_from_dict
-from ptycho_core.rundir import prepare
+from ptycho_core.stages.prepare import prepare
 from tasks import stopping
 
 

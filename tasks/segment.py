@@ -8,7 +8,7 @@ the current batch, writes a checkpoint and fails the task with "preempted at ite
 from prefect import get_run_logger, task
 
 from ptycho_core.checkpoint import last_value
-from ptycho_core.rundir import run_segment
+from ptycho_core.stages.segment import run_segment
 from tasks import progress, stopping
 
 

@@ -2,7 +2,7 @@
 
 from prefect import task
 
-from ptycho_core.rundir import run_summary
+from ptycho_core.stages.export import run_summary
 from ptycho_core.tuning import report_segment
 
 

@@ -16,8 +16,8 @@ PROBE = Path(__file__).parent / "rank_probe"
 # is printed on stderr and ends it with 5 (what `ptyflow run` returns for one)
 DRIVER = """
 import sys
-from ptycho_core import distributed  # (the module's dotted name would match serverkit.rank_processes)
-from ptycho_core.rundir import run_segment
+from ptycho_core import collective  # (the ranks module by its dotted name would match serverkit.rank_processes)
+from ptycho_core.stages.segment import run_segment
 
 
 def say(state, row):
@@ -27,7 +27,7 @@ def say(state, row):
 try:
     for end in sys.argv[2:]:
         run_segment(sys.argv[1], int(end), on_iteration=say)
-except distributed.DistributedError as exc:
+except collective.DistributedError as exc:
     print(f"DistributedError: {exc}", file=sys.stderr, flush=True)
     sys.exit(5)
 """

@@ -56,7 +56,7 @@ def alive(pid):
 def rank_processes(run_dir):
     """Living helper ranks of a multi-process run in ``run_dir`` (their command line names it)."""
     return [pid for pid, (_, cmd) in processes().items()
-            if "ptycho_core.distributed" in cmd and str(run_dir) in cmd and alive(pid)]
+            if "ptycho_core.ranks" in cmd and str(run_dir) in cmd and alive(pid)]
 
 
 def descendants(root):

@@ -7,8 +7,9 @@ from scipy import ndimage
 from ptycho_core.config import config_from_dict
 from ptycho_core.io.preprocess import read_preprocessed
 from ptycho_core.physics import wavelength_ang
-from ptycho_core.reconstruction import Reconstruction, phase_pearson, scanned_field_mask
-from ptycho_core.rundir import prepare
+from ptycho_core.quality import phase_pearson, scanned_field_mask
+from ptycho_core.reconstruction import Reconstruction
+from ptycho_core.stages.prepare import prepare
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("abtem")

@@ -18,7 +18,8 @@ from ptycho_core.inspect import inspect_path
 from ptycho_core.io.readers import DataError
 from ptycho_core.model import TENSOR_NAMES
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import prepare, run_segment
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 from helpers import config_with
 

@@ -110,7 +110,7 @@ def test_every_setting_is_described():
 def test_files_a_config_names_are_checked_before_the_run_directory_is_compared(tmp_path, small_dataset):
     """A missing or wrong optimizer state for a run directory already in use used to be reported as
     'a different configuration'; every referenced file is named, with what is wrong with it."""
-    from ptycho_core.rundir import prepare
+    from ptycho_core.stages.prepare import prepare
 
     from helpers import config_with
 

@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from ptycho_core.io.preprocess import read_preprocessed
-from ptycho_core.reconstruction import Reconstruction, phase_pearson, scanned_field_mask
-from ptycho_core.rundir import newest_checkpoint, prepare, run_segment
+from ptycho_core.quality import phase_pearson, scanned_field_mask
+from ptycho_core.reconstruction import Reconstruction
+from ptycho_core.rundir import newest_checkpoint
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 from ptycho_core.simulate import read_ground_truth
 
 from helpers import config_with
@@ -133,7 +136,7 @@ def test_every_process_holds_a_cuda_context_on_its_own_gpu_only(tmp_path, small_
     written = probe_reports(reports)
     expected = {run.process.pid: devices[0] if isinstance(devices, list) else ordinal(device)}
     for pid, report in written.items():
-        if "ptycho_core.distributed" in report["command"]:
+        if "ptycho_core.ranks" in report["command"]:
             expected[pid] = ordinal(json.loads(report["command"][-1])["device"])
     assert set(written) == set(expected) and len(expected) == (2 if devices else 1), written
     for pid, gpu in expected.items():

@@ -16,7 +16,9 @@ from ptycho_core.checkpoint import read_checkpoint
 from ptycho_core.config import ConfigError, config_from_dict, resolve_paths
 from ptycho_core.io.preprocess import read_preprocessed
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import prepare, read_run_config, run_segment
+from ptycho_core.rundir import read_run_config
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 from conftest import cli
 from rankkit import Segments, probe_env

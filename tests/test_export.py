@@ -8,7 +8,9 @@ import yaml
 import zarr
 
 from ptycho_core.checkpoint import read_checkpoint
-from ptycho_core.rundir import export_run, prepare, run_segment
+from ptycho_core.stages.export import export_run
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 from helpers import config_with
 

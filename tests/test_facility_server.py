@@ -11,7 +11,9 @@ import time
 import pytest
 import yaml
 
-from ptycho_core.rundir import newest_checkpoint, run_summary
+from ptycho_core.rundir import newest_checkpoint
+
+from ptycho_core.stages.export import run_summary
 from ptycho_core.simulate import simulate
 
 from serverkit import deploy_all, descendants, final_states, prefect, wait

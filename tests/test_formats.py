@@ -11,7 +11,7 @@ from ptycho_core.config import config_from_dict, set_dotted
 from ptycho_core.io.preprocess import bf_disk, preprocess
 from ptycho_core.io.readers import DataError
 from ptycho_core.physics import wavelength_ang
-from ptycho_core.rundir import prepare
+from ptycho_core.stages.prepare import prepare
 
 SCAN = (4, 5)
 DET = 32

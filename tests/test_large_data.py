@@ -25,7 +25,9 @@ from ptycho_core.io.preprocess import read_preprocessed
 from ptycho_core.io.readers import DataError
 from ptycho_core.measurements import choose_tier
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import RunDirError, prepare, run_segment
+from ptycho_core.rundir import RunDirError
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 from conftest import cli
 from helpers import config_with

@@ -173,3 +173,28 @@ def test_a_decaying_lr_settles_where_a_constant_one_drifts(noise_free_dataset):
     constant, step = final["constant"], final["step"]
     assert constant[-1] > 1.2 * min(constant), "the constant lr should drift up from its best"
     assert step[-1] < 0.8 * constant[-1] and step[-1] <= min(step[-10:]) * 1.05, (step[-10:], constant[-1])
+
+
+def test_a_model_started_from_refined_positions_uses_them_when_they_are_frozen(tmp_path, small_dataset, small_prep):
+    """init.model_path with refined probe_pos_shifts and positions no longer optimized: the forward
+    pass must shift the probes by the loaded shifts (whether it shifts was decided when the model was
+    built, from the zero shifts of the scan grid, so the refinement was silently dropped)."""
+    import dataclasses
+
+    # a scan on the pixel grid: the model is built with zero shifts
+    on_grid = dataclasses.replace(small_prep, geometry=dataclasses.replace(
+        small_prep.geometry, shifts_px=np.zeros_like(small_prep.geometry.shifts_px)))
+    refined = config_with(small_dataset, **{f"{UP}.probe_pos_shifts": {"start_iter": 1, "lr": 0.05},
+                                            "recon_params.iterations": 3})
+    source = Reconstruction.create(refined, on_grid)
+    source.run(3)
+    assert float(source.model.probe_pos_shifts.detach().abs().max()) > 0.05  # the refinement moved them
+    path = source.save(tmp_path / "refined.h5")
+
+    frozen = config_with(small_dataset, **{f"{UP}.probe_pos_shifts": {"start_iter": None, "lr": 0.0},
+                                           "init.model_path": str(path)})
+    started = Reconstruction.create(frozen, on_grid)
+    assert started.model.apply_shifts
+    indices = torch.arange(16)
+    with torch.no_grad():
+        assert torch.allclose(started.model(indices), source.model(indices), rtol=1e-6, atol=1e-9)

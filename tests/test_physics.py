@@ -12,7 +12,8 @@ from ptycho_core.config import config_from_dict
 from ptycho_core.constraints import CONSTRAINTS, apply_constraints
 from ptycho_core.engine import batch_order
 from ptycho_core.io.preprocess import preprocess
-from ptycho_core.reconstruction import Reconstruction, phase_pearson, scanned_field_mask
+from ptycho_core.quality import phase_pearson, scanned_field_mask
+from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.simulate import read_ground_truth, simulate
 
 from helpers import config_with

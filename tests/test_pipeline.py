@@ -17,7 +17,8 @@ from ptycho_core.checkpoint import read_checkpoint
 from ptycho_core.config import load_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import RunDirError, lock_holder, run_lock
+from ptycho_core.rundir import RunDirError
+from ptycho_core.runlock import lock_holder, run_lock
 
 from conftest import cli
 from serverkit import alive, descendants, with_environment

@@ -4,7 +4,8 @@ import numpy as np
 
 from ptycho_core.engine import forward_loss
 from ptycho_core.io.preprocess import preprocess
-from ptycho_core.reconstruction import Reconstruction, phase_pearson, scanned_field_mask
+from ptycho_core.quality import phase_pearson, scanned_field_mask
+from ptycho_core.reconstruction import Reconstruction
 from ptycho_core.simulate import read_ground_truth
 
 from helpers import config_with

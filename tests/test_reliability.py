@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from ptycho_core.checkpoint import CheckpointError, StorageError, read_checkpoint
 from ptycho_core.engine import NumericalError
 from ptycho_core.reconstruction import Reconstruction
-from ptycho_core.rundir import export_run, prepare, run_segment
+from ptycho_core.stages.export import export_run
+from ptycho_core.stages.prepare import prepare
+from ptycho_core.stages.segment import run_segment
 
 from helpers import config_with
 
@@ -119,7 +121,7 @@ def test_out_of_memory_splits_batches_and_carries_on(small_dataset, small_prep, 
     monkeypatch.setattr(rec.model, "forward", small_memory)
     warnings = []
     rec.run(3, warn=warnings.append)
-    assert rec.problem.micro_batches == 4
+    assert rec.state.micro_batches == 4
     assert warnings and "splitting each batch into 2 parts" in warnings[0] and "into 4 parts" in warnings[1]
     reference = Reconstruction.create(cfg, small_prep)
     reference.run(3)
@@ -181,7 +183,7 @@ def test_lbfgs_out_of_memory_in_its_first_evaluation_splits_the_batch_and_takes_
     monkeypatch.setattr(rec.model, "forward", small_memory)
     warnings = []
     rec.run(1, warn=warnings.append)
-    assert rec.problem.micro_batches == 2 and len(warnings) == 1
+    assert rec.state.micro_batches == 2 and len(warnings) == 1
     reference = Reconstruction.create(cfg, small_prep)
     reference.run(1)
     for name, value in reference.model.tensors().items():
@@ -205,7 +207,7 @@ def test_lbfgs_out_of_memory_after_its_first_evaluation_is_not_retried(small_dat
     monkeypatch.setattr(rec.model, "forward", short_at_the_second_evaluation)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="the update was partly applied, so it is not retried"):
         rec.run(1)
-    assert rec.problem.micro_batches == 1 and len(calls) == 2
+    assert rec.state.micro_batches == 1 and len(calls) == 2
 
 
 # --------------------------------------------------------------------------- config fuzzing

@@ -78,10 +78,9 @@ def test_micro_batches_take_exactly_the_whole_batch_step(small_dataset, small_pr
     for parts in (1, 3):
         rec = copy.deepcopy(base)
         rec.model.set_iteration(3)
-        rec.problem.micro_batches = parts
         terms: dict = {}
-        closure = batch_step_closure(rec.model, rec.optimizer, rec.problem, indices,
-                                     rec.problem.measurements[indices], terms)
+        closure = batch_step_closure(rec.model, rec.optimizer, rec.problem, parts, indices,
+                                     rec.problem.measurements[indices], terms, indices)
         loss = closure()
         grads = {n: getattr(rec.model, n).grad.clone() for n in rec.model.optimized_names()}
         rec.optimizer.step()
@@ -135,8 +134,8 @@ def test_adam_state_is_mixed_as_the_probe_modes_are(small_dataset, small_prep):
     indices = batch_order(0, 1, rec.model.n_positions, 64)[0]
 
     def gradient():
-        closure = batch_step_closure(rec.model, rec.optimizer, rec.problem, indices,
-                                     rec.problem.measurements[indices], {})
+        closure = batch_step_closure(rec.model, rec.optimizer, rec.problem, 1, indices,
+                                     rec.problem.measurements[indices], {}, indices)
         closure()
         return rec.model.probe.grad.clone()
 
@@ -205,7 +204,6 @@ def test_phase_regularizer_acts_where_the_data_act(small_dataset, small_prep):
         rec.model.set_iteration(1)
         sums = {}
         for name in ("amplitude", "phase_sparsity"):
-            rec.problem.loss_weights = {name: 1.0}
             total = torch.zeros_like(rec.model.objp)
             for indices in batch_order(0, 1, rec.model.n_positions, batch_size):
                 rec.model.objp.grad = None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..reconstruction import ResultView, scanned_field_box
+from ..checkpoint import Checkpoint, ResultView
+from ..quality import scanned_field_box
 
 MAX_DRAWN_POSITIONS = 5000
 
@@ -47,14 +47,21 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    t = {k: v.numpy() for k, v in ckpt.tensors.items()}
-    written = []
+    figures = {"object_phase": _object_phase, "probe_modes": _probe_modes, "loss": _loss_curve,
+               "positions": lambda plt, ckpt: _positions(plt, ckpt, initial_positions_px)}
+    return [_save(draw(plt, ckpt), folder / f"{name}.png", plt) for name, draw in figures.items()]
 
-    phase = t["objp"][0]
-    window = np.array(t["probe"].shape[-2:])
-    centres = ckpt.crop_pos.numpy() + window // 2
+
+def _probe_centres_px(ckpt: Checkpoint | ResultView) -> np.ndarray:
+    """(N, 2) centres of the probe windows on the canvas (whole pixels)."""
+    return ckpt.crop_pos.numpy() + np.array(ckpt.tensors["probe"].shape[-2:]) // 2
+
+
+def _object_phase(plt, ckpt: Checkpoint | ResultView):
+    """The phase summed over slices and, for multislice objects, each slice (up to 8)."""
+    phase = ckpt.tensors["objp"].numpy()[0]
     # show the scanned field (plus a small margin): the rest is lit only by the probe tails
-    phase = phase[(slice(None), *scanned_field_box(centres, phase.shape[-2:], margin_px=4))]
+    phase = phase[(slice(None), *scanned_field_box(_probe_centres_px(ckpt), phase.shape[-2:], margin_px=4))]
     panels = [("sum over slices", phase.sum(0))] + ([(f"slice {z}", phase[z]) for z in range(len(phase))] if len(phase) > 1 else [])
     panels = panels[:9]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False, layout="constrained")
@@ -66,9 +73,12 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
         _scale_bar(ax, ckpt.dx_ang, image.shape[1])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("phase (rad)")
     fig.suptitle(f"iteration {ckpt.iteration}, scanned field")
-    written.append(_save(fig, folder / "object_phase.png", plt))
+    return fig
 
-    probe = t["probe"]
+
+def _probe_modes(plt, ckpt: Checkpoint | ResultView):
+    """Each probe mode's amplitude, with its share of the power, and its phase where it is lit."""
+    probe = ckpt.tensors["probe"].numpy()
     power = (np.abs(probe) ** 2).sum(axis=(-2, -1))
     fig, axes = plt.subplots(2, len(probe), figsize=(3 * len(probe), 6), squeeze=False, layout="constrained")
     for m in range(len(probe)):
@@ -82,8 +92,11 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
         for ax in axes[:, m]:
             ax.set_axis_off()
     _scale_bar(axes[0, 0], ckpt.dx_ang, probe.shape[-1])
-    written.append(_save(fig, folder / "probe_modes.png", plt))
+    return fig
 
+
+def _loss_curve(plt, ckpt: Checkpoint | ResultView):
+    """Every loss term per iteration, and the held-out patterns' score."""
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     hist = ckpt.history
     if hist.get("iteration"):
@@ -96,9 +109,12 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, folder / "loss.png", plt))
+    return fig
 
-    refined = ckpt.crop_pos.numpy() + t["probe_pos_shifts"] + window // 2
+
+def _positions(plt, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None):
+    """The scan positions and their corrections, magnified ten times."""
+    refined = _probe_centres_px(ckpt) + ckpt.tensors["probe_pos_shifts"].numpy()
     initial = refined if initial_positions_px is None else np.asarray(initial_positions_px)
     moved = refined - initial
     rms = float(np.sqrt((moved**2).sum(axis=1).mean()))
@@ -118,8 +134,7 @@ def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_pos
     ax.invert_yaxis()
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=8)
-    written.append(_save(fig, folder / "positions.png", plt))
-    return written
+    return fig
 
 
 def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str, bytes]:
@@ -130,8 +145,7 @@ def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str
 
     plt = pyplot()
     phase = ckpt.tensors["objp"][0].numpy().sum(0)
-    window = np.array(ckpt.tensors["probe"].shape[-2:])
-    phase = phase[scanned_field_box(ckpt.crop_pos.numpy() + window // 2, phase.shape, margin_px=4)]
+    phase = phase[scanned_field_box(_probe_centres_px(ckpt), phase.shape, margin_px=4)]
     step = max(1, -(-max(phase.shape) // max_px))
     phase = phase[::step, ::step]
     vmin, vmax = np.percentile(phase, [0.5, 99.5])

@@ -66,5 +66,5 @@ def _hold_connections(folder: Path) -> None:
 
 if os.environ.get("PTYFLOW_PROBE_DIR"):
     atexit.register(_report, Path(os.environ["PTYFLOW_PROBE_DIR"]))
-if os.environ.get("PTYFLOW_PROBE_HOLD") and "ptycho_core.distributed" in _command_line():
+if os.environ.get("PTYFLOW_PROBE_HOLD") and "ptycho_core.ranks" in _command_line():
     threading.Thread(target=_hold_connections, args=(Path(os.environ["PTYFLOW_PROBE_HOLD"]),), daemon=True).start()

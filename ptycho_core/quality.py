@@ -1,0 +1,40 @@
+"""How good a reconstruction is, and where to look: the scanned field, phase Pearson.
+
+Plain NumPy on arrays the caller has (positions in px on the object canvas, phase maps), so the
+figures, the export's summary and the benchmarks measure the same region the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+
+def scanned_field_box(positions_px: np.ndarray, canvas_shape: tuple[int, int], margin_px: int = 0
+                      ) -> tuple[slice, slice]:
+    """(rows, cols) slices covering every probe centre (N, 2) plus margin_px, within the canvas."""
+    lo = np.maximum(np.floor(positions_px.min(axis=0)).astype(int) - margin_px, 0)
+    hi = np.minimum(np.ceil(positions_px.max(axis=0)).astype(int) + 1 + margin_px, canvas_shape)
+    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
+
+
+def scanned_field_mask(positions_px: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
+    """(Ny, Nx) bool: the bounding box of the probe-centre positions on the canvas."""
+    mask = np.zeros(canvas_shape, dtype=bool)
+    lo = np.ceil(positions_px.min(axis=0)).astype(int)
+    hi = np.floor(positions_px.max(axis=0)).astype(int)
+    mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1] = True
+    return mask
+
+
+def phase_pearson(phase: np.ndarray, truth: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Pearson correlation of two phase maps over ``mask`` (offsets do not matter to it)."""
+    a = np.asarray(phase, dtype=np.float64)
+    b = np.asarray(truth, dtype=np.float64)
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -33,7 +33,7 @@ from .checkpoint import read_checkpoint
 from .collective import COLLECTIVE_TIMEOUT, DistributedError, RankGroup
 from .config import ConfigError
 from .io.preprocess import read_preprocessed
-from .reconstruction import Reconstruction, resolve_device
+from .reconstruction import Reconstruction
 from .rundir import RunPaths, read_run_config
 
 HELPER_START_TIMEOUT_S = 300.0
@@ -43,28 +43,6 @@ HELPER_START_TIMEOUT_S = 300.0
 # process (2: CleanUpOnly; the default, 3, would end rank 0, the run's own process, with SIGABRT
 # before it could name the rank).
 NCCL_SETTINGS = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
-
-
-# --------------------------------------------------------------------------- which devices
-def device_list(recon) -> list[torch.device]:
-    """The torch devices of ``recon`` (ReconParams).devices, one per process, checked against
-    this machine. None or 1: one process on recon.device. ``N``: GPUs 0..N-1. ``[i, j, ...]``:
-    those GPUs. ``"cpu:N"``: N processes on the CPU."""
-    devices = recon.devices
-    if devices is None or devices == 1:
-        return [resolve_device(recon.device)]
-    if isinstance(devices, str):
-        return [torch.device("cpu")] * recon.process_count
-    ids = list(range(devices)) if isinstance(devices, int) else list(devices)
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not available:
-        raise ConfigError(f"recon_params.devices: {devices} names GPUs but torch sees none on this machine; "
-                          f"use 'cpu:{len(ids)}' for {len(ids)} CPU processes")
-    missing = [i for i in ids if i >= available]
-    if missing:
-        raise ConfigError(f"recon_params.devices: GPU {missing[0]} does not exist; this machine has {available} "
-                          f"(0 to {available - 1})")
-    return [torch.device("cuda", i) for i in ids]
 
 
 def backend_for(devices: list[torch.device]) -> str:
@@ -99,16 +77,6 @@ def process_group(backend: str, rendezvous: Path, rank: int, world: int):
     return torch.distributed.ProcessGroupGloo(store, rank, world, COLLECTIVE_TIMEOUT)
 
 
-def using_device(device: torch.device):
-    """A context in which ``device`` is this thread's CUDA device (nothing on the CPU), for a
-    segment's process (rank 0, or the only one), entered before anything touches CUDA. A thread
-    starts on GPU 0: a CUDA call made there by a process meant for GPU 1 (a stream switch, a
-    check of the current stream) creates a context on GPU 0, some hundreds of MB of another
-    process's memory. (torch.cuda.device leaves without creating one on the device it restores.)"""
-    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-
-
-# --------------------------------------------------------------------------- the processes
 def _die_with_parent() -> None:
     try:
         failed = ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL) != 0  # PR_SET_PDEATHSIG

@@ -24,7 +24,8 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, PtyflowConfig
+from .config import PtyflowConfig
+from .devices import resolve_device
 from .constraints import DataContext, held_out_neighbours
 from .collective import Collective
 from .engine import (
@@ -41,14 +42,6 @@ from .measurements import TierChoice, choose_tier, open_feed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
 from .physics import aberration_coefficients, make_probe
 from .resample import read_previous, resample_object, resample_probe
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("recon_params.device: 'cuda' requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def initial_tensors(config: PtyflowConfig, prep: Preprocessed, mean_counts: float) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 from ..checkpoint import checkpoint_name, last_value, require_current_format
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
-from ..ranks import device_list, helper_ranks, using_device
+from ..devices import device_list, using_device
+from ..ranks import helper_ranks
 from ..reconstruction import Reconstruction
 from ..rundir import Preempted, RunDirError, RunPaths, link_newest, newest_checkpoint, read_run_config, segment_ends
 

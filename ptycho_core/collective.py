@@ -47,9 +47,6 @@ class Collective:
     rank = 0
     world = 1
 
-    def __init__(self):
-        self.vote = False  # this process's wish to stop after the current batch (a signal came)
-
     def owned(self, n_patterns: int) -> Optional[np.ndarray]:
         """The pattern indices this process holds (sorted); None: all of them."""
         return None
@@ -76,9 +73,13 @@ class Collective:
         """The batch's gradients and loss terms (``keys`` and 'total') summed over the processes."""
         return parts
 
-    def agreed_stop(self, asked: bool) -> bool:
-        """Whether the processes stop after this batch: here, whether this one was asked to."""
-        return asked
+    def vote(self, stop_requested: Callable[[], bool]) -> None:
+        """Before a batch: this process's wish to stop after it (a signal came). One process asks
+        after the batch instead (agreed_stop), which sees a signal that came during it."""
+
+    def agreed_stop(self, stop_requested: Callable[[], bool]) -> bool:
+        """After a batch: whether the processes stop now; here, whether this one is asked to."""
+        return stop_requested()
 
     def share_model(self, model: torch.nn.Module) -> None:
         """Make every process's tensors rank 0's (nothing to do with one)."""
@@ -91,10 +92,10 @@ class RankGroup(Collective):
     answers by polling its helpers' processes; a helper knows nothing and answers None)."""
 
     def __init__(self, rank: int, world: int, failed: Callable[[float], Optional[str]] = lambda patience_s: None):
-        super().__init__()
         self.rank = rank
         self.world = world
         self.failed = failed
+        self.wish = False  # this rank's vote for the current batch (vote())
         self.stop = False  # what the ranks agreed after the last batch
         self.pattern_sums: Optional[torch.Tensor] = None  # (N,) float64: every pattern's counts (start())
         self.group = None  # the torch.distributed ProcessGroup of the ranks
@@ -192,7 +193,7 @@ class RankGroup(Collective):
         flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device)
                 for p in params]
         has = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device)
-        vote = torch.tensor([float(self.vote)], dtype=dtype, device=device)
+        vote = torch.tensor([float(self.wish)], dtype=dtype, device=device)
         buffer = self._all_reduce(torch.cat([*flat, has, *values, vote]))
         start = 0
         for p in params:
@@ -207,7 +208,11 @@ class RankGroup(Collective):
         self.stop = bool(buffer[-1] > 0)
         return summed
 
-    def agreed_stop(self, asked: bool) -> bool:
+    def vote(self, stop_requested: Callable[[], bool]) -> None:
+        """The vote rides in the batch's all-reduce (reduce_step)."""
+        self.wish = stop_requested()
+
+    def agreed_stop(self, stop_requested: Callable[[], bool]) -> bool:
         """What the votes of the last batch said: the ranks stop together, at the batch after
         which any of them asked to (rank 0 is the one signals reach)."""
         return self.stop

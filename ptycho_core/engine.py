@@ -407,14 +407,14 @@ def _run_batches(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Pro
     on_device = _to_device_at_once(shares, device)
     with problem.measurements.prefetch(shares[state.batch_cursor:]) as fed:
         for b, meas in zip(range(state.batch_cursor, len(batches)), fed):
-            collective.vote = stop_requested()
+            collective.vote(stop_requested)
             parts = _optimizer_step(model, optimizer, problem, state, on_device[b], meas, iteration, warn, batches[b])
             weight = len(batches[b]) / n_trained
             for key, value in parts.items():
                 weighted = value.detach().to(torch.float64) * weight
                 sums[key] = sums[key] + weighted if key in sums else weighted
             state.batch_cursor = b + 1
-            if collective.agreed_stop(stop_requested()) and state.batch_cursor < len(batches):
+            if collective.agreed_stop(stop_requested) and state.batch_cursor < len(batches):
                 # a non-finite state must not reach the checkpoint the caller writes next
                 _check_finite(model, sums["total"], iteration)
                 state.partial_loss = {k: float(v) for k, v in sums.items()}
@@ -476,6 +476,6 @@ def run_iterations(
         state.record(row)
         if on_iteration is not None:
             on_iteration(state, row)
-        if problem.collective.agreed_stop(stop_requested()) and state.iteration < last_iteration:
+        if problem.collective.agreed_stop(stop_requested) and state.iteration < last_iteration:
             return True
     return False

@@ -15,7 +15,8 @@
 #                                       for the GPU and fewer iterations, to check the script
 #
 # Settings (environment): GPU_VENV (.venv-gpu), PTYRAD_VENV (.venv-ptyrad), REPEATS (3),
-# ITERATIONS (10), CASES (small,medium,multislice).
+# ITERATIONS (10), CASES (small,medium,multislice), COMPILE (1: also torch.compile), WHEELS (unset: a folder of wheels to install
+# from, for a GPU machine with no package index; the system's CUDA torch is used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -48,11 +49,24 @@ fi
 step "card: $card"
 
 # --- 1. environments (kept between sessions on the same machine; created when missing)
+# WHEELS: a folder of wheels for a machine with no package index (its CUDA torch, numpy, scipy,
+# matplotlib already installed): the venvs see the system's packages and take the rest from there
+WHEELS=${WHEELS:-}
+system_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ ! -x "$GPU_VENV/bin/python" ]; then
-  step "creating $GPU_VENV (torch from PyPI: the CUDA build on Linux x86_64)"
-  python3 -m venv "$GPU_VENV"
-  "$GPU_VENV/bin/pip" install -q "torch>=2.4"
-  "$GPU_VENV/bin/pip" install -q -e ".[test]"
+  if [ -n "$WHEELS" ]; then
+    step "creating $GPU_VENV from the system's torch and the wheels in $WHEELS"
+    # python3 may itself be a venv's (whose packages --system-site-packages would not see): a .pth
+    python3 -m venv "$GPU_VENV"
+    echo "$system_site" > "$("$GPU_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/system-site.pth"
+    "$GPU_VENV/bin/pip" install -q --no-index --no-deps --no-compile $(ls "$WHEELS"/*.whl | grep -v /ptyrad-)
+    "$GPU_VENV/bin/pip" install -q --no-index --no-deps --no-build-isolation -e .
+  else
+    step "creating $GPU_VENV (torch from PyPI: the CUDA build on Linux x86_64)"
+    python3 -m venv "$GPU_VENV"
+    "$GPU_VENV/bin/pip" install -q "torch>=2.4"
+    "$GPU_VENV/bin/pip" install -q -e ".[test]"
+  fi
 fi
 py=$GPU_VENV/bin/python
 "$py" - "$device" <<'EOF' | tee -a "$log"
@@ -64,6 +78,14 @@ name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {name}")
 EOF
 
+if [ ! -x "$PTYRAD_VENV/bin/python" ] && [ -n "$WHEELS" ]; then
+  step "creating $PTYRAD_VENV (PtyRAD 1.0.0 over the GPU venv's packages)"
+  python3 -m venv "$PTYRAD_VENV"
+  # the GPU venv's site-packages (optuna, pydantic, zarr...) without ptyflow itself, then the system's
+  "$py" -c 'import sysconfig, sys; print(sysconfig.get_paths()["purelib"]); print(sys.argv[1])' "$system_site" \
+    > "$("$PTYRAD_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu-venv.pth"
+  "$PTYRAD_VENV/bin/pip" install -q --no-index --no-deps --no-compile "$WHEELS"/ptyrad-*.whl
+fi
 if [ ! -x "$PTYRAD_VENV/bin/python" ]; then
   step "creating $PTYRAD_VENV (PtyRAD 1.0.0, same torch)"
   python3 -m venv "$PTYRAD_VENV"
@@ -98,7 +120,7 @@ step "CUDA tests exit $tests_status after $(elapsed) s"
 # --- 3. the benchmark: ptyflow (eager and compiled), PtyRAD, the FFT floor, on the same device
 step "benchmark: $CASES, $ITERATIONS iterations, $REPEATS repeats"
 "$py" benchmarks/run.py --device "$device" --cases "$CASES" --iterations "$ITERATIONS" --repeats "$REPEATS" \
-  --no-scaling --compile --out "$out" "${ptyrad_args[@]}" 2>&1 | tee -a "$log"
+  --no-scaling $([ "${COMPILE:-1}" = 1 ] && echo --compile) --out "$out" "${ptyrad_args[@]}" 2>&1 | tee -a "$log"
 step "benchmark done after $(elapsed) s"
 
 # --- 3b. where an iteration makes the host wait for the GPU (the first thing to remove)

@@ -12,10 +12,14 @@ from .config import ConfigError
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("recon_params.device: 'cuda' requested but torch sees no CUDA device")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"recon_params.device: '{name}' requested but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        # a numbered device: torch.cuda.set_device (in the feed's thread, in helper ranks) refuses a bare 'cuda'
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def device_list(recon) -> list[torch.device]:

@@ -28,7 +28,8 @@ from ..faults import pause_point
 from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
 from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore, mean_of_blocks
-from .readers import DataError, PatternSource, data_format, open_patterns, read_positions
+from .positions import read_positions
+from .readers import DataError, PatternSource, data_reader, open_patterns
 
 PREPROCESSED_FORMAT = "ptyflow-preprocessed"
 
@@ -329,7 +330,7 @@ def _scan_selection(config: PtyflowConfig, source: PatternSource) -> tuple[np.nd
 def _positions(config: PtyflowConfig, n_total: int, grid) -> np.ndarray:
     """(N_total, 2) positions in Å for every pattern in the file, before selection."""
     exp = config.experiment
-    if config.data.pos_key is not None or (data_format(config.data) == "cxi" and exp.scan is None):
+    if config.data.pos_key is not None or (exp.scan is None and data_reader(config.data).positions is not None):
         positions = read_positions(config.data, n_total)
         return positions  # converted from px below, once dx is known
     if exp.scan is None:

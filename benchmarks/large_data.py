@@ -48,7 +48,7 @@ import json, os, sys, time
 sys.path.insert(0, {root!r})
 args = json.loads(sys.argv[1])
 import torch
-from ptycho_core.config import load_config
+from ptycho_core.io.calibration import load_run_config
 from ptycho_core.stages.prepare import prepare
 from ptycho_core.stages.segment import run_segment
 
@@ -59,12 +59,12 @@ def vmhwm():
 
 started = time.perf_counter()
 if args["what"] == "prepare":
-    outcome = prepare(load_config(args["config"]), args["run_dir"])
+    outcome = prepare(load_run_config(args["config"]), args["run_dir"])
     result = {{"seconds": time.perf_counter() - started, "input_check": outcome.input_check,
               "skipped": outcome.skipped, "n_patterns": outcome.n_patterns}}
 elif args["what"] == "full_hash":
     from ptycho_core.io.preprocess import input_hash
-    input_hash(load_config(args["config"]))
+    input_hash(load_run_config(args["config"]))
     result = {{"seconds": time.perf_counter() - started}}
 else:
     before = vmhwm()

@@ -22,7 +22,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from ptycho_core.config import PtyflowConfig, check_files, config_from_dict, load_config
+from ptycho_core.config import PtyflowConfig, check_files, config_from_dict
+from ptycho_core.io.calibration import load_run_config
 from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, segment_ends, start_iteration
 from ptycho_core.runlock import run_lock
@@ -37,11 +38,12 @@ send_core_logs_to_prefect()
 
 
 def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
-    """A config file path, a dict (relative paths from the working directory) or a model."""
+    """A config file path (completed by what its data file states: a run starts here), a dict
+    (relative paths from the working directory) or a model."""
     if isinstance(config, PtyflowConfig):
         return config
     if isinstance(config, (str, Path)):
-        return load_config(config)
+        return load_run_config(config)
     from ptycho_core.config import resolve_paths
 
     return resolve_paths(config_from_dict(config), Path.cwd())

@@ -10,6 +10,8 @@ have the state's lock in time ends at once, Completed, saying so (ptycho_core.in
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,8 +20,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.states import Completed
 
-from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
+from flows.reconstruct import named_after, reconstruct, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
+from ptycho_core.config import ConfigError, PtyflowConfig, read_config_file
+from ptycho_core.io.calibration import config_for_run
 from ptycho_core.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
 from ptycho_core.rundir import Preempted
 from tasks import stopping
@@ -46,11 +50,14 @@ def _settle_submitted(outbox: str, max_attempts: int) -> None:
 def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: float = 30.0,
           marker_suffix: str = ".done", max_attempts: int = 2,
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
-    """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces.
-    Returns the state's rows, one per dataset."""
+    """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces
+    (a config file, or a dict whose relative paths are taken from the working directory); what
+    a dataset's file states fills what the template leaves out. Returns the state's rows, one
+    per dataset."""
     with stopping.owned("the watch"):
         logger = get_run_logger()
-        template = resolve_config(config)
+        template = Template.of(config)
+        template.config_for(None, logger.warning)  # a bad template fails here, before any dataset is claimed
         deployment = checked_deployment(deployment)
         try:
             rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger)
@@ -64,14 +71,42 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
     return rows
 
 
+@dataclass(frozen=True)
+class Template:
+    """The watch's config template as YAML reads it, and the folder its relative paths are taken from."""
+
+    raw: dict
+    base: Path
+    source: str
+
+    @classmethod
+    def of(cls, config: Union[dict, str]) -> "Template":
+        if isinstance(config, (str, Path)):
+            return cls(read_config_file(config), Path(config).parent, str(config))
+        return cls(config, Path.cwd(), "watch config")
+
+    def config_for(self, data_path: Optional[str], warn) -> PtyflowConfig:
+        """The run config of the dataset at ``data_path`` (None: the template's own data.path),
+        completed by what that file states."""
+        raw = copy.deepcopy(self.raw)
+        if data_path is not None and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+            raw["data"]["path"] = data_path
+        return config_for_run(raw, self.base, source=self.source if data_path is None else
+                              f"{self.source} for {Path(data_path).name}", warn=warn)
+
+
 def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger) -> list[dict]:
     if deployment:
         _settle_submitted(outbox, max_attempts)
     due = claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts)
     for index, entry in enumerate(due):
-        cfg = template.model_copy(deep=True)
-        cfg.data.path = entry["path"]
         run_dir = str(Path(outbox).resolve() / entry["name"])
+        try:
+            cfg = template.config_for(entry["path"], logger.warning)
+        except ConfigError as exc:  # the template and what this dataset states do not make a config
+            attempts = record_failure(outbox, entry["name"], entry["attempts"], max_attempts, str(exc)[:500])
+            logger.warning("dataset %s (attempt %d of %d): %s", entry["name"], attempts, max_attempts, exc)
+            continue
         try:
             if deployment:
                 _submit(deployment, cfg, run_dir, outbox, entry, logger)

@@ -7,19 +7,14 @@ not a silently ignored setting. ``load_config`` turns any validation problem int
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-log = logging.getLogger("ptyflow")
 
 
 class ConfigError(ValueError):
@@ -605,98 +600,27 @@ def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
         raise ConfigError(f"{source}: {_format_errors(exc)}") from None
 
 
-def load_config(path: str | Path, warn: Optional[Callable[[str], None]] = None) -> PtyflowConfig:
-    """Read and validate a YAML config; relative data/model paths are taken from its folder, and
-    calibration the data file states fills what the config leaves out (calibration_from_data_file)."""
+def read_config_file(path: str | Path) -> Any:
+    """The YAML of a config file as it stands (not validated), or a ConfigError naming the file
+    and, for bad YAML, the line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    config = config_from_dict(calibration_from_data_file(raw, path.parent, warn or log.warning), source=str(path))
-    return resolve_paths(config, path.parent)
 
 
-CALIBRATION_TOLERANCE = 0.01  # a stated value this far from the file's is reported
-
-
-def calibration_from_data_file(raw: Any, base: Path, warn: Callable[[str], None]) -> Any:
-    """``raw`` with what its data file states (readers.file_calibration: beam energy, dk, the
-    detector's bad pixels, the scan grid) filled in where the config says nothing. A value the config states
-    wins; one that differs from the file's by more than 1 % is reported through ``warn``, naming
-    both. Files that state nothing, or that cannot be read yet, leave ``raw`` as it is (reading
-    the data reports a bad file)."""
-    data = raw.get("data") if isinstance(raw, dict) else None
-    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
-        return raw
-    from .io.readers import DataError, file_calibration
-
-    path = Path(data["path"]).expanduser()
-    path = path if path.is_absolute() else base / path
-    try:
-        found = file_calibration(SimpleNamespace(path=str(path), format=data.get("format", "auto"),
-                                                 meas_key=data.get("meas_key")))
-    except (DataError, OSError, KeyError, ValueError):
-        return raw
-    if not found or not isinstance(raw.get("experiment", {}), dict) or not isinstance(raw.get("preprocess", {}), dict):
-        return raw
-    raw = copy.deepcopy(raw)
-    exp, pp = raw.setdefault("experiment", {}), raw.setdefault("preprocess", {})
-
-    def differs(stated, key: str, unit: str, what: str) -> None:
-        if isinstance(stated, (int, float)) and abs(stated - found[key]) > CALIBRATION_TOLERANCE * abs(found[key]):
-            warn(f"experiment.{key}: the config says {stated:g} {unit} but {path.name} states {found[key]:.6g} {unit} "
-                 f"({what}); using the config's value")
-
-    if "energy_kev" in found:
-        if exp.get("energy_kev") is None:
-            exp["energy_kev"] = found["energy_kev"]
-        else:
-            differs(exp["energy_kev"], "energy_kev", "keV", "from its wavelength")
-    energy = exp.get("energy_kev")
-    if "dk_inv_ang" in found and isinstance(energy, (int, float)) and energy > 0:
-        from .physics import dk_mrad_from_inverse_length
-
-        found["dk_mrad"] = dk_mrad_from_inverse_length(found["dk_inv_ang"], energy)
-    if found.get("transposed"):
-        # py4DSTEM's QR_flip: how a transpose composes with its rotation is not pinned down here,
-        # so neither is applied silently
-        found.get("scan", {}).pop("rotation_deg", None)
-        warn(f"{path.name} states that its patterns are transposed relative to the scan (QR_flip); ptyflow does not "
-             "apply that or the file's scan rotation: set preprocess.transpose and experiment.scan.rotation_deg")
-    if "scan" in found and data.get("pos_key") is None:
-        stated = exp.get("scan")
-        if stated is None:
-            exp["scan"] = dict(found["scan"])
-        elif isinstance(stated, dict):
-            file_step = found["scan"]["step_ang"]
-            if isinstance(stated.get("step_ang"), (int, float)) \
-                    and abs(stated["step_ang"] - file_step) > CALIBRATION_TOLERANCE * file_step:
-                warn(f"experiment.scan.step_ang: the config says {stated['step_ang']:g} Å but {path.name} states "
-                     f"{file_step:.6g} Å; using the config's value")
-            if "rotation_deg" in found["scan"]:
-                file_rotation = found["scan"]["rotation_deg"]
-                if stated.get("rotation_deg") is None:
-                    stated["rotation_deg"] = file_rotation
-                elif isinstance(stated["rotation_deg"], (int, float)) \
-                        and abs(stated["rotation_deg"] - file_rotation) > max(0.1, CALIBRATION_TOLERANCE * abs(file_rotation)):
-                    warn(f"experiment.scan.rotation_deg: the config says {stated['rotation_deg']:g}° but {path.name} "
-                         f"states {file_rotation:.6g}°; using the config's value")
-    if "dk_mrad" in found:
-        if exp.get("dk_mrad") is None and exp.get("dx_ang") is None and not pp.get("dk_from_bf_disk"):
-            exp["dk_mrad"] = found["dk_mrad"]
-        elif exp.get("dk_mrad") is not None:
-            differs(exp["dk_mrad"], "dk_mrad", "mrad/px", "its detector calibration")
-    if "scan_shape" in found and raw["data"].get("scan_shape") is None:
-        raw["data"]["scan_shape"] = list(found["scan_shape"])
-    if found.get("bad_pixels") and "bad_pixels" not in pp:
-        pp["bad_pixels"] = [list(yx) for yx in found["bad_pixels"]]
-    return raw
+def load_config(path: str | Path) -> PtyflowConfig:
+    """Read and validate a YAML config; relative data/model paths are taken from its folder. No
+    data file is opened: a run fills in the calibration its data file states through
+    io.calibration.load_run_config."""
+    path = Path(path)
+    return resolve_paths(config_from_dict(read_config_file(path), source=str(path)), path.parent)
 
 
 def resolve_paths(config: PtyflowConfig, base: Path) -> PtyflowConfig:

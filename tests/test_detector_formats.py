@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ptycho_core.config import ConfigError, load_config
+from ptycho_core.config import ConfigError
+from ptycho_core.io.calibration import load_run_config
 from ptycho_core.io.preprocess import preprocess
 from ptycho_core.io.readers import DataError, describe_data, open_patterns
 from ptycho_core.physics import wavelength_ang
@@ -76,11 +77,11 @@ def test_a_dectris_master_file_reads_like_plain_hdf5_and_fills_the_calibration(t
         f["meas"] = patterns
     monkeypatch.chdir(tmp_path)  # the links resolve next to the master file, wherever ptyflow runs
     # the config states neither energy nor dk nor bad pixels: the master file does
-    dectris = load_config(config_file(tmp_path / "detector", master, {}))
+    dectris = load_run_config(config_file(tmp_path / "detector", master, {}))
     assert dectris.data.format == "auto" and math.isclose(dectris.experiment.energy_kev, ENERGY_KEV, rel_tol=1e-9)
     assert math.isclose(dectris.experiment.dk_mrad, math.atan(PIXEL_M / DISTANCE_M) * 1e3, rel_tol=1e-12)
     assert sorted(map(tuple, dectris.preprocess.bad_pixels)) == MASKED
-    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {
+    plain = load_run_config(config_file(tmp_path, tmp_path / "plain.h5", {
         "energy_kev": ENERGY_KEV, "dk_mrad": dectris.experiment.dk_mrad}))
     plain.preprocess.bad_pixels = [list(yx) for yx in MASKED]
     a, b = preprocess(dectris), preprocess(plain)
@@ -89,10 +90,22 @@ def test_a_dectris_master_file_reads_like_plain_hdf5_and_fills_the_calibration(t
     assert math.isclose(a.dx_ang, b.dx_ang, rel_tol=1e-12) and np.array_equal(a.positions_ang, b.positions_ang)
 
 
+def test_loading_a_config_opens_no_data_file_and_a_run_start_fills_it_in(tmp_path):
+    """config.load_config reads YAML only: a config that leaves the beam energy to its data file
+    is incomplete there, naming the field; load_run_config, where a run starts, fills it in."""
+    from ptycho_core.config import load_config
+
+    master = write_dectris(tmp_path / "detector", counts())
+    path = config_file(tmp_path, master, {})
+    with pytest.raises(ConfigError, match="experiment.energy_kev: required but missing"):
+        load_config(path)
+    assert math.isclose(load_run_config(path).experiment.energy_kev, ENERGY_KEV, rel_tol=1e-9)
+
+
 def test_a_config_value_wins_over_the_file_and_a_disagreement_is_reported(tmp_path):
     master = write_dectris(tmp_path / "detector", counts())
     warnings = []
-    cfg = load_config(config_file(tmp_path, master, {"energy_kev": 200.0, "dk_mrad": 0.502}), warn=warnings.append)
+    cfg = load_run_config(config_file(tmp_path, master, {"energy_kev": 200.0, "dk_mrad": 0.502}), warn=warnings.append)
     assert cfg.experiment.energy_kev == 200.0 and cfg.experiment.dk_mrad == 0.502
     assert len(warnings) == 1, warnings  # 0.502 is within 1 % of the file's 0.5
     assert warnings[0].startswith("experiment.energy_kev: the config says 200 keV but scan_master.h5 states 300 keV")
@@ -105,15 +118,15 @@ def test_bitshuffle_lz4_hdf5_reads_and_a_missing_filter_names_the_package(tmp_pa
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["meas"] = patterns
     experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
-    compressed = preprocess(load_config(config_file(tmp_path, tmp_path / "lz4.h5", experiment)))
-    plain = preprocess(load_config(config_file(tmp_path, tmp_path / "plain.h5", experiment)))
+    compressed = preprocess(load_run_config(config_file(tmp_path, tmp_path / "lz4.h5", experiment)))
+    plain = preprocess(load_run_config(config_file(tmp_path, tmp_path / "plain.h5", experiment)))
     assert np.array_equal(compressed.measurements.load(), plain.measurements.load())
 
     # without hdf5plugin (blocked) and no HDF5 plugin directory, the read fails: one message
     script = ("import sys; sys.modules['hdf5plugin'] = None\n"
-              "from ptycho_core.config import load_config\nfrom ptycho_core.io.preprocess import preprocess\n"
+              "from ptycho_core.io.calibration import load_run_config\nfrom ptycho_core.io.preprocess import preprocess\n"
               "from ptycho_core.io.readers import DataError\n"
-              f"try:\n    preprocess(load_config({str(tmp_path / 'config.yaml')!r}))\n"
+              f"try:\n    preprocess(load_run_config({str(tmp_path / 'config.yaml')!r}))\n"
               "except DataError as exc:\n    print(exc)\n")
     config_file(tmp_path, tmp_path / "lz4.h5", experiment)
     env = {"HDF5_PLUGIN_PATH": str(tmp_path / "no-plugins"), "PATH": "/usr/bin:/bin"}
@@ -126,7 +139,7 @@ def test_bitshuffle_lz4_hdf5_reads_and_a_missing_filter_names_the_package(tmp_pa
 def test_a_missing_data_file_of_a_master_file_is_named(tmp_path):
     master = write_dectris(tmp_path / "detector", counts())
     (tmp_path / "detector" / "scan_data_000002.h5").unlink()
-    cfg = load_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    cfg = load_run_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     with pytest.raises(DataError, match=r"scan_master\.h5: /entry/data/data_000002 links to "
                                         r"scan_data_000002\.h5:/entry/data/data, which cannot be opened"):
         preprocess(cfg)
@@ -135,7 +148,7 @@ def test_a_missing_data_file_of_a_master_file_is_named(tmp_path):
 def test_reading_a_block_of_a_dectris_file_reads_only_that_block(tmp_path):
     patterns = np.tile(counts(), (20, 1, 1))  # 960 frames in 48 files of 20
     master = write_dectris(tmp_path / "detector", patterns)
-    cfg = load_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5},
+    cfg = load_run_config(config_file(tmp_path, master, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5},
                                   scan_shape=[24, 40]))
     source = open_patterns(cfg.data)
     try:
@@ -159,7 +172,7 @@ def test_inspect_data_and_init_config_on_a_dectris_file(tmp_path):
     assert report["dtype"] == "uint16" and len(report["data_files"]) == 3
     assert math.isclose(report["calibration"]["energy_kev"], ENERGY_KEV, rel_tol=1e-9)
     assert report["calibration"]["bad_pixels"] == len(MASKED)
-    assert describe_data(load_config(config_file(tmp_path, master, {})).data)["calibration"] == report["calibration"]
+    assert describe_data(load_run_config(config_file(tmp_path, master, {})).data)["calibration"] == report["calibration"]
 
     starter = subprocess.run(cli("init-config", master), capture_output=True, text=True)
     assert starter.returncode == 0, starter.stderr
@@ -167,11 +180,11 @@ def test_inspect_data_and_init_config_on_a_dectris_file(tmp_path):
     assert "energy_kev: 300  # stated by the file" in text and "conv_angle_mrad: TODO" in text
     (tmp_path / "starter.yaml").write_text(text)
     with pytest.raises(ConfigError, match="experiment.conv_angle_mrad"):
-        load_config(tmp_path / "starter.yaml")  # a TODO fails naming its field
+        load_run_config(tmp_path / "starter.yaml")  # a TODO fails naming its field
     filled = (text.replace("conv_angle_mrad: TODO", "conv_angle_mrad: 2.5").replace("defocus_ang: TODO", "defocus_ang: 0")
               .replace("shape: [TODO, TODO]", "shape: [6, 8]").replace("step_ang: TODO", "step_ang: 0.5"))
     (tmp_path / "starter.yaml").write_text(filled)
-    cfg = load_config(tmp_path / "starter.yaml")
+    cfg = load_run_config(tmp_path / "starter.yaml")
     assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-3) and preprocess(cfg).n_patterns == 48
 
 
@@ -206,9 +219,9 @@ def test_a_merlin_mib_file_reads_like_plain_hdf5(tmp_path):
         f["meas"] = patterns
     experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
     (tmp_path / "m").mkdir()
-    merlin = load_config(config_file(tmp_path / "m", mib, experiment, scan_shape=list(SCAN)))
+    merlin = load_run_config(config_file(tmp_path / "m", mib, experiment, scan_shape=list(SCAN)))
     assert merlin.data.format == "auto" and describe_data(merlin.data)["format"] == "mib"
-    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", experiment))
+    plain = load_run_config(config_file(tmp_path, tmp_path / "plain.h5", experiment))
     assert np.array_equal(preprocess(merlin).measurements.load(), preprocess(plain).measurements.load())
     source = open_patterns(merlin.data)
     try:
@@ -223,7 +236,7 @@ def test_merlin_files_that_do_not_add_up_are_refused(tmp_path):
     patterns = counts(3)
     experiment = {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}
     write_mib(tmp_path / "scan.mib", patterns, hdr_frames=len(patterns) + 5)
-    cfg = load_config(config_file(tmp_path, tmp_path / "scan.mib", experiment))
+    cfg = load_run_config(config_file(tmp_path, tmp_path / "scan.mib", experiment))
     with pytest.raises(DataError, match=rf"scan\.hdr: says {len(patterns) + 5} frames in the acquisition but "
                                         rf"scan\.mib holds {len(patterns)}"):
         preprocess(cfg)
@@ -233,7 +246,7 @@ def test_merlin_files_that_do_not_add_up_are_refused(tmp_path):
         preprocess(cfg)
     (tmp_path / "other.mib").write_bytes(b"XYZ" * 1000)
     with pytest.raises(DataError, match="not a Merlin .mib file"):
-        preprocess(load_config(config_file(tmp_path, tmp_path / "other.mib", experiment)))
+        preprocess(load_run_config(config_file(tmp_path, tmp_path / "other.mib", experiment)))
 
 
 def write_emd(path: Path, cube: np.ndarray, step_ang: float, dq_inv_nm: float) -> Path:
@@ -261,12 +274,12 @@ def test_an_emd_datacube_states_its_scan_and_detector_calibration(tmp_path):
     raw = {"data": {"path": str(emd)}, "experiment": {"energy_kev": ENERGY_KEV, "conv_angle_mrad": 2.5},
            "recon_params": {"iterations": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(tmp_path / "c.yaml")  # no scan, no dk: the file states both
+    cfg = load_run_config(tmp_path / "c.yaml")  # no scan, no dk: the file states both
     assert list(cfg.experiment.scan.shape) == list(SCAN) and cfg.experiment.scan.step_ang == pytest.approx(0.5)
     assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-9)
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["meas"] = patterns
-    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    plain = load_run_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     a, b = preprocess(cfg), preprocess(plain)
     assert np.array_equal(a.measurements.load(), b.measurements.load())
     assert np.allclose(a.positions_ang, b.positions_ang, atol=1e-9)
@@ -284,7 +297,7 @@ def test_the_emd_datacube_the_config_names_is_the_one_whose_calibration_is_read(
     raw = {"data": {"path": str(emd), "meas_key": "/data/other"},
            "experiment": {"energy_kev": ENERGY_KEV, "conv_angle_mrad": 2.5}, "recon_params": {"iterations": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(tmp_path / "c.yaml")
+    cfg = load_run_config(tmp_path / "c.yaml")
     assert cfg.experiment.scan.step_ang == pytest.approx(1.0) and cfg.experiment.dk_mrad == pytest.approx(0.5)
     assert preprocess(cfg).n_patterns == SCAN[0] * SCAN[1]
 
@@ -304,7 +317,7 @@ def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
     raw = {"data": {"path": str(PY4DSTEM_FILE)}, "experiment": {"energy_kev": energy, "conv_angle_mrad": 3.0},
            "recon_params": {"iterations": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(tmp_path / "c.yaml")
+    cfg = load_run_config(tmp_path / "c.yaml")
     assert describe_data(cfg.data)["format"] == "emd"
     scan = cfg.experiment.scan
     assert list(scan.shape) == [3, 4] and scan.step_ang == pytest.approx(0.5) and scan.rotation_deg == pytest.approx(12.5)
@@ -316,7 +329,7 @@ def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
              "experiment": {**raw["experiment"], "dk_mrad": cfg.experiment.dk_mrad,
                             "scan": {"shape": [3, 4], "step_ang": 0.5, "rotation_deg": 12.5}}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plain))
-    a, b = preprocess(cfg), preprocess(load_config(tmp_path / "p.yaml"))
+    a, b = preprocess(cfg), preprocess(load_run_config(tmp_path / "p.yaml"))
     assert np.array_equal(a.measurements.load(), b.measurements.load())
     assert np.allclose(a.positions_ang, b.positions_ang, atol=1e-9)
 
@@ -324,7 +337,7 @@ def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
     raw["experiment"]["scan"] = {"shape": [3, 4], "step_ang": 0.5, "rotation_deg": -3.0}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     warnings: list[str] = []
-    assert load_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == -3.0
+    assert load_run_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == -3.0
     assert any("rotation_deg: the config says -3° but py4dstem_datacube.h5 states 12.5°" in w for w in warnings)
 
     # QR_flip (patterns transposed relative to the scan) is reported, and no rotation is guessed
@@ -335,7 +348,7 @@ def test_a_py4dstem_file_reads_with_its_calibration_and_scan_rotation(tmp_path):
     raw = {**raw, "data": {"path": str(flipped)}, "experiment": {"energy_kev": energy, "conv_angle_mrad": 3.0}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     warnings.clear()
-    assert load_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == 0.0
+    assert load_run_config(tmp_path / "c.yaml", warn=warnings.append).experiment.scan.rotation_deg == 0.0
     assert any("transposed relative to the scan (QR_flip)" in w for w in warnings), warnings
 
 
@@ -358,14 +371,14 @@ def test_a_gatan_dm4_file_reads_like_plain_hdf5_with_its_calibration(tmp_path):
     dm4 = write_dm4(tmp_path / "scan.dm4", [haadf, four_d])
     raw = {"data": {"path": str(dm4)}, "experiment": {"conv_angle_mrad": 2.5}, "recon_params": {"iterations": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(tmp_path / "c.yaml")  # energy, dk and the scan all come from the file
+    cfg = load_run_config(tmp_path / "c.yaml")  # energy, dk and the scan all come from the file
     assert cfg.data.format == "auto" and describe_data(cfg.data)["format"] == "dm"
     assert cfg.experiment.energy_kev == pytest.approx(ENERGY_KEV)
     assert cfg.experiment.dk_mrad == pytest.approx(0.5, rel=1e-6)  # the file's 1/nm are float32
     assert list(cfg.experiment.scan.shape) == list(SCAN) and cfg.experiment.scan.step_ang == pytest.approx(0.5)
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["meas"] = patterns
-    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    plain = load_run_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     assert np.array_equal(preprocess(cfg).measurements.load(), preprocess(plain).measurements.load())
 
     # two 4D images: the file alone cannot say which, data.meas_key names one by its name
@@ -377,10 +390,10 @@ def test_a_gatan_dm4_file_reads_like_plain_hdf5_with_its_calibration(tmp_path):
                                                                           "dk_mrad": 0.5}}))
     with pytest.raises(DataError, match="two.dm4: set data.meas_key to the name of the image of patterns; 3D/4D "
                                         "images in the file: '4D STEM', 'other'"):
-        preprocess(load_config(tmp_path / "c.yaml"))
+        preprocess(load_run_config(tmp_path / "c.yaml"))
     raw["data"]["meas_key"] = "other"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    other = load_config(tmp_path / "c.yaml")
+    other = load_run_config(tmp_path / "c.yaml")
     assert other.experiment.scan.step_ang == pytest.approx(1.0)
     assert np.array_equal(open_patterns(other.data).read(np.arange(8)), cube[-1].astype(np.float32))
 
@@ -390,7 +403,7 @@ def test_reading_a_block_of_a_dm4_file_reads_only_that_block(tmp_path):
 
     big = np.tile(counts(7), (20, 1, 1)).reshape(24, 40, DET, DET)  # 960 patterns, 2 MB
     dm4 = write_dm4(tmp_path / "big.dm4", [image(big, [0.05, 0.05, 0.2, 0.2], ["nm", "nm", "1/nm", "1/nm"], "4D")])
-    cfg = load_config(config_file(tmp_path, dm4, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    cfg = load_run_config(config_file(tmp_path, dm4, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     source = open_patterns(cfg.data)
     try:
         tracemalloc.start()
@@ -448,26 +461,26 @@ def test_a_velox_file_reads_like_plain_hdf5_with_its_calibration(tmp_path):
                                                                                         "step_ang": 0.5}},
            "recon_params": {"iterations": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(tmp_path / "c.yaml")  # energy, dk and the scan shape from the file
+    cfg = load_run_config(tmp_path / "c.yaml")  # energy, dk and the scan shape from the file
     assert describe_data(cfg.data)["format"] == "velox" and describe_data(cfg.data)["scan_shape"] == list(SCAN)
     assert cfg.experiment.energy_kev == pytest.approx(ENERGY_KEV) and cfg.experiment.dk_mrad == pytest.approx(0.5)
     assert list(cfg.data.scan_shape) == list(SCAN)
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["meas"] = patterns
-    plain = load_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    plain = load_run_config(config_file(tmp_path, tmp_path / "plain.h5", {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     assert np.array_equal(preprocess(cfg).measurements.load(), preprocess(plain).measurements.load())
 
     # a scan shape that does not account for the frames is refused, naming both
     raw["data"]["scan_shape"] = [5, 8]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(DataError, match=r"scan\.emd: holds 48 frames but data\.scan_shape \[5, 8\] needs 40"):
-        preprocess(load_config(tmp_path / "c.yaml"))
+        preprocess(load_run_config(tmp_path / "c.yaml"))
 
 
 def test_reading_a_block_of_a_velox_file_reads_only_that_block(tmp_path):
     frames = np.tile(counts(9), (20, 1, 1))  # 960 frames, one chunk each
     velox = write_velox(tmp_path / "big.emd", frames, velox_metadata((24, 40)), haadf=False)
-    cfg = load_config(config_file(tmp_path, velox, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
+    cfg = load_run_config(config_file(tmp_path, velox, {"energy_kev": ENERGY_KEV, "dk_mrad": 0.5}))
     source = open_patterns(cfg.data)
     try:
         tracemalloc.start()

@@ -77,6 +77,57 @@ def test_watch_reconstructs_each_dataset_once_and_gives_up_on_bad_ones(tmp_path,
     assert (outbox / "scan_a.h5" / "result.zarr").is_dir() and (outbox / "scan_b.h5" / "result.zarr").is_dir()
 
 
+def dectris_master(data_h5, out, energy_kev: float, dk_mrad: float):
+    """The patterns and positions of a simulated data.h5 as a Dectris master file holding its
+    frames itself, stating the beam energy (as a wavelength) and dk (pixel size over distance)."""
+    import h5py
+    import numpy as np
+
+    from ptycho_core.physics import wavelength_ang
+
+    with h5py.File(data_h5, "r") as src, h5py.File(out, "w") as f:
+        meas = src["meas"][()]
+        f["entry/data/data_000001"] = meas.reshape(-1, *meas.shape[-2:])
+        f["positions_ang"] = src["positions_ang"][()]
+        distance_m = 0.2
+        f["entry/instrument/detector/detector_distance"] = distance_m
+        f["entry/instrument/detector/x_pixel_size"] = distance_m * np.tan(dk_mrad * 1e-3)
+        f["entry/instrument/beam/incident_wavelength"] = wavelength_ang(energy_kev)
+        f["entry/instrument/beam/incident_wavelength"].attrs["units"] = "angstrom"
+
+
+def test_each_watched_dataset_fills_the_template_with_what_its_own_file_states(tmp_path, small_dataset, in_prefect):
+    """A template that leaves the beam energy and dk to the data: each dataset's run takes them
+    from its own file (checked up front against the template's data.path, an example file); a
+    dataset that states nothing fails, naming the missing field."""
+    from ptycho_core.physics import dk_from_dx
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    dk_mrad = dk_from_dx(300.0, 0.25, 64)  # the simulation's 0.25 Å pixels
+    dectris_master(small_dataset.parent / "data.h5", tmp_path / "example_master.h5", 300.0, dk_mrad)
+    dectris_master(small_dataset.parent / "data.h5", inbox / "a_master.h5", 300.0, dk_mrad)
+    dectris_master(small_dataset.parent / "data.h5", inbox / "b_master.h5", 200.0, dk_mrad)
+    shutil.copy(small_dataset.parent / "data.h5", inbox / "c_plain.h5")  # states no calibration
+    for name in ("a_master.h5", "b_master.h5", "c_plain.h5"):
+        (inbox / f"{name}.done").touch()
+    template = short_config(small_dataset)
+    template["data"] = {"path": str(tmp_path / "example_master.h5"), "pos_key": "/positions_ang"}
+    for key in ("energy_kev", "dx_ang"):
+        del template["experiment"][key]
+
+    rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), template, stable_seconds=0.0, max_attempts=1,
+                                           deployment=None)}
+    assert rows["a_master.h5"]["status"] == "done" and rows["b_master.h5"]["status"] == "done", rows
+    for name, energy_kev in (("a_master.h5", 300.0), ("b_master.h5", 200.0)):
+        experiment = yaml.safe_load((outbox / name / "config.yaml").read_text())["experiment"]
+        assert experiment["energy_kev"] == pytest.approx(energy_kev, rel=1e-9), name
+        assert experiment["dk_mrad"] == pytest.approx(dk_mrad, rel=1e-9) and experiment["dx_ang"] is None, name
+    assert rows["c_plain.h5"]["status"] == "failed" and not (outbox / "c_plain.h5").exists()
+    assert "c_plain.h5: experiment.energy_kev: required but missing" in rows["c_plain.h5"]["error"]
+
+
 def test_a_copy_of_a_reconstructed_dataset_is_recorded_as_duplicate(tmp_path, small_dataset, in_prefect):
     from flows.watch import watch
 

@@ -118,6 +118,96 @@ def test_every_format_gives_identical_preprocessed_arrays(tmp_path):
         assert np.array_equal(prep.geometry.crop_pos, ref.geometry.crop_pos), name
 
 
+# ------------------------------------------------------------------ a format registered by a test
+TOY_HEADER = 64  # bytes: b"TOY1 scan_y scan_x det energy_kev", padded with spaces
+
+
+def _toy_header(path):
+    with open(path, "rb") as fh:
+        head = fh.read(TOY_HEADER)
+    if not head.startswith(b"TOY1 "):
+        raise DataError(f"{path}: not a toy file (no TOY1 header)")
+    _, scan_y, scan_x, det, energy_kev = head.split()
+    return (int(scan_y), int(scan_x), int(det)), float(energy_kev)
+
+
+def _open_toy(path, data):
+    from ptycho_core.io.formats import PatternSource
+
+    (scan_y, scan_x, det), _ = _toy_header(path)
+    frames = np.memmap(path, dtype="<u2", mode="r", offset=TOY_HEADER, shape=(scan_y, scan_x, det, det))
+    return PatternSource(path, "(toy)", frames)
+
+
+def _toy_positions(path):
+    (scan_y, scan_x, det), _ = _toy_header(path)
+    offset = TOY_HEADER + scan_y * scan_x * det * det * 2
+    return np.fromfile(path, dtype="<f8", offset=offset).reshape(-1, 2), "(toy positions)"
+
+
+@pytest.fixture
+def toy_format():
+    """A detector format ptyflow does not know, registered here and removed afterwards: a header
+    stating the scan, detector and beam energy, uint16 counts, then the positions (Å, float64)."""
+    from ptycho_core.io.formats import EXTENSIONS, READERS, DataFormat, register_format
+
+    fmt = register_format(DataFormat(
+        "toy", _open_toy, extensions=(".toy",), positions=_toy_positions,
+        calibration=lambda path, data: {"energy_kev": _toy_header(path)[1]},
+        storage=lambda source: {"header_bytes": TOY_HEADER}))
+    yield fmt
+    del READERS["toy"], EXTENSIONS[".toy"]
+
+
+def test_a_format_registered_from_outside_is_recognised_read_described_and_calibrates_a_run(tmp_path, toy_format):
+    """The registry is the one place formats are dispatched: a format registered by this test,
+    without a change to any ptyflow module, is told by its extension under data.format: auto,
+    read, described, fills the beam energy of a run's config and gives its positions, so its
+    preprocessed data equal those of the same patterns in HDF5."""
+    from ptycho_core.config import DataParams
+    from ptycho_core.io.calibration import config_for_run
+    from ptycho_core.io.readers import EXTENSIONS, data_format, describe_data, file_calibration, open_patterns
+
+    patterns, positions = synthetic()
+    header = f"TOY1 {SCAN[0]} {SCAN[1]} {DET} 200".encode().ljust(TOY_HEADER)
+    (tmp_path / "d.toy").write_bytes(header + patterns.astype("<u2").tobytes() + positions.astype("<f8").tobytes())
+    raw = base_config(tmp_path / "d.toy")
+    del raw["experiment"]["energy_kev"]  # stated by the file
+    data = DataParams(path=str(tmp_path / "d.toy"))
+    assert ".toy" in EXTENSIONS and data.format == "auto" and data_format(data) == "toy"
+
+    source = open_patterns(data)
+    try:
+        assert source.scan_shape == SCAN and np.array_equal(source.read(np.arange(3, 9)),
+                                                             patterns.reshape(-1, DET, DET)[3:9])
+    finally:
+        source.close()
+    report = describe_data(data)
+    assert report["format"] == "toy" and report["shape"] == [*SCAN, DET, DET] and report["dtype"] == "uint16"
+    assert report["header_bytes"] == TOY_HEADER and report["calibration"] == {"energy_kev": 200.0}
+    assert file_calibration(data) == {"energy_kev": 200.0}
+
+    run_config = config_for_run(raw, tmp_path)
+    assert run_config.experiment.energy_kev == 200.0
+    with h5py.File(tmp_path / "d4.h5", "w") as f:
+        f["patterns"], f["pos"] = patterns, positions
+    toy, plain = preprocess(run_config), preprocess(cfg(base_config(tmp_path / "d4.h5", meas_key="/patterns",
+                                                                    pos_key="/pos"), **{"experiment.energy_kev": 200}))
+    assert np.array_equal(toy.measurements.load(), plain.measurements.load())
+    assert np.array_equal(toy.positions_ang, plain.positions_ang) and toy.dx_ang == plain.dx_ang
+
+
+def test_formats_are_registered_once_each_and_auto_names_its_own(toy_format):
+    from ptycho_core.io.formats import DataFormat, register_format
+
+    with pytest.raises(ValueError, match="data format 'toy' is registered already"):
+        register_format(DataFormat("toy", _open_toy))
+    with pytest.raises(ValueError, match=r"extensions \['.h5'\] already tell \['hdf5'\]"):
+        register_format(DataFormat("toy2", _open_toy, extensions=(".h5",)))
+    with pytest.raises(ValueError, match="data format 'auto' is data.format's word"):
+        register_format(DataFormat("auto", _open_toy))
+
+
 def test_preprocessing_steps(tmp_path):
     patterns, positions = synthetic(1)
     raw = write_all_formats(tmp_path, patterns, positions)["hdf5_4d"]

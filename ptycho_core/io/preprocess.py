@@ -28,7 +28,8 @@ from ..faults import pause_point
 from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
 from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore, mean_of_blocks
-from .readers import DataError, PatternSource, data_format, open_patterns, read_positions
+from .positions import read_positions
+from .readers import DataError, PatternSource, data_reader, open_patterns
 
 PREPROCESSED_FORMAT = "ptyflow-preprocessed"
 
@@ -329,7 +330,7 @@ def _scan_selection(config: PtyflowConfig, source: PatternSource) -> tuple[np.nd
 def _positions(config: PtyflowConfig, n_total: int, grid) -> np.ndarray:
     """(N_total, 2) positions in Å for every pattern in the file, before selection."""
     exp = config.experiment
-    if config.data.pos_key is not None or (data_format(config.data) == "cxi" and exp.scan is None):
+    if config.data.pos_key is not None or (exp.scan is None and data_reader(config.data).positions is not None):
         positions = read_positions(config.data, n_total)
         return positions  # converted from px below, once dx is known
     if exp.scan is None:
@@ -482,74 +483,113 @@ def preprocess(config: PtyflowConfig, out_path: Optional[str | Path] = None,
         plan = _plan(config, source, block_bytes)
         notes: dict = {"raw_detector": list(plan.raw_shape), "n_patterns_in_file": int(source.n_patterns),
                        "n_patterns": int(len(plan.selected))}
-        shift, scale, radius_px = None, None, None
-        if pp.center_bf_disk or pp.dk_from_bf_disk or pp.normalize == "mean_sum":
-            mean_before = mean_of_blocks(_processed(plan, pp), len(plan.selected))  # the first pass
-            notes.update(_disk_notes(mean_before, config.data.path))
-            radius_px, centre = notes["bf_disk_radius_px"], np.array(notes["bf_disk_centre_px"])
-            if pp.center_bf_disk:
-                shift = tuple(int(v) for v in np.round(np.array([plan.size // 2] * 2) - centre))
-                notes["bf_disk_shift_px"] = list(shift)
-            if pp.normalize == "mean_sum":
-                scale = float(mean_before.sum())  # rolling keeps every pattern's sum
-                notes["normalized_by"] = scale
-        dx, dk, calibration_notes = _calibration(config, plan.size, radius_px)
-        notes.update(calibration_notes)
-        positions_all = plan.positions_all
-        if config.data.pos_key is not None and config.data.pos_unit == "px":
-            positions_all = positions_all * dx
-        positions = positions_all[plan.selected].astype(np.float64)
-        prep = Preprocessed(
-            measurements=None, mean_pattern=None, positions_ang=positions, dx_ang=dx, dk_mrad=dk,
-            geometry=scan_geometry(positions, dx, (plan.size, plan.size), config.init.object.pad_px),
-            energy_kev=config.experiment.energy_kev, wavelength_ang=wavelength_ang(config.experiment.energy_kev),
-            input_hash="", notes=notes, settings_hash=settings_hash(config),
-        )
+        whole_set = _measure_whole_set(plan, pp, notes, config.data.path)
+        prep = _without_patterns(config, plan, whole_set.radius_px, notes)
 
-        def final_blocks() -> Iterator[np.ndarray]:  # the second (or only) pass
-            for block in _processed(plan, pp):
-                if shift is not None:
-                    block = np.roll(block, shift, axis=(1, 2))
-                if scale is not None:
-                    block = block / np.float32(scale)
-                yield np.ascontiguousarray(block, dtype=np.float32)
-
-        def write_patterns(store: Callable[[int, np.ndarray], None]) -> None:
-            prep.mean_pattern = mean_of_blocks(final_blocks(), len(plan.selected), each=store)
-            if "bf_disk_radius_px" not in notes:
-                notes.update(_disk_notes(prep.mean_pattern, config.data.path))
-            prep.inputs = fingerprints.get()
-            prep.input_hash = input_hash(config, [fp["sha256"] for fp in prep.inputs])
+        def fill(store: Callable[[int, np.ndarray], None]) -> None:
+            _fill_patterns(prep, config, _final_blocks(plan, pp, whole_set), len(plan.selected), store, fingerprints)
 
         if out_path is None:
-            in_memory = np.empty(plan.shape, dtype=np.float32)
-
-            def keep(start: int, block: np.ndarray) -> None:
-                in_memory[start:start + len(block)] = block
-
-            write_patterns(keep)
-            prep.measurements = ArrayPatterns(in_memory)
-            return prep
-
-        def write(tmp: Path) -> None:
-            with h5py.File(tmp, "w") as f:
-                dataset = f.create_dataset(PATTERNS_KEY, shape=plan.shape, dtype=np.float32,
-                                           chunks=(1, plan.size, plan.size), **_compression(pp.compression))
-
-                def store(start: int, block: np.ndarray) -> None:
-                    dataset[start:start + len(block)] = block
-
-                write_patterns(store)
-                _write_metadata(f, prep)
-
-        atomic_write(Path(out_path), write)
-        prep.measurements = FilePatterns(out_path)
+            _keep_in_memory(prep, plan.shape, fill)
+        else:
+            _write_file(Path(out_path), prep, plan.shape, pp.compression, fill)
         return prep
     except BaseException:
         fingerprints.cancel()
         raise
     finally:
         source.close()
+
+
+@dataclass
+class _WholeSet:
+    """What the steps over the whole set apply, measured on the first pass's mean pattern."""
+
+    shift: Optional[tuple[int, int]] = None  # px that centre the bright-field disk (center_bf_disk)
+    scale: Optional[float] = None  # the mean pattern's sum, every pattern divided by it (normalize: mean_sum)
+    radius_px: Optional[float] = None  # the bright-field disk's radius, for dk_from_bf_disk
+
+
+def _measure_whole_set(plan: _Plan, pp, notes: dict, where) -> _WholeSet:
+    """The first streaming pass, taken only when a step needs the whole set; its findings go into ``notes``."""
+    if not (pp.center_bf_disk or pp.dk_from_bf_disk or pp.normalize == "mean_sum"):
+        return _WholeSet()
+    mean_before = mean_of_blocks(_processed(plan, pp), len(plan.selected))
+    notes.update(_disk_notes(mean_before, where))
+    whole_set = _WholeSet(radius_px=notes["bf_disk_radius_px"])
+    if pp.center_bf_disk:
+        centre = np.array(notes["bf_disk_centre_px"])
+        whole_set.shift = tuple(int(v) for v in np.round(np.array([plan.size // 2] * 2) - centre))
+        notes["bf_disk_shift_px"] = list(whole_set.shift)
+    if pp.normalize == "mean_sum":
+        whole_set.scale = float(mean_before.sum())  # rolling keeps every pattern's sum
+        notes["normalized_by"] = whole_set.scale
+    return whole_set
+
+
+def _final_blocks(plan: _Plan, pp, whole_set: _WholeSet) -> Iterator[np.ndarray]:
+    """The second (or only) pass: the preprocessed patterns, a read at a time."""
+    for block in _processed(plan, pp):
+        if whole_set.shift is not None:
+            block = np.roll(block, whole_set.shift, axis=(1, 2))
+        if whole_set.scale is not None:
+            block = block / np.float32(whole_set.scale)
+        yield np.ascontiguousarray(block, dtype=np.float32)
+
+
+def _without_patterns(config: PtyflowConfig, plan: _Plan, radius_px: Optional[float], notes: dict) -> Preprocessed:
+    """Everything but the patterns: the calibration, the kept patterns' positions in Å and the
+    scan geometry they give; the mean pattern and the inputs' hash come with the patterns."""
+    dx, dk, calibration_notes = _calibration(config, plan.size, radius_px)
+    notes.update(calibration_notes)
+    positions_all = plan.positions_all
+    if config.data.pos_key is not None and config.data.pos_unit == "px":
+        positions_all = positions_all * dx
+    positions = positions_all[plan.selected].astype(np.float64)
+    return Preprocessed(
+        measurements=None, mean_pattern=None, positions_ang=positions, dx_ang=dx, dk_mrad=dk,
+        geometry=scan_geometry(positions, dx, (plan.size, plan.size), config.init.object.pad_px),
+        energy_kev=config.experiment.energy_kev, wavelength_ang=wavelength_ang(config.experiment.energy_kev),
+        input_hash="", notes=notes, settings_hash=settings_hash(config),
+    )
+
+
+def _fill_patterns(prep: Preprocessed, config: PtyflowConfig, blocks: Iterator[np.ndarray], n_patterns: int,
+                   store: Callable[[int, np.ndarray], None], fingerprints: _Fingerprints) -> None:
+    """Hand the preprocessed ``blocks`` to ``store(start, block)``, then complete ``prep``: its mean
+    pattern, the bright-field disk when no first pass measured it, the inputs' fingerprints and hash."""
+    prep.mean_pattern = mean_of_blocks(blocks, n_patterns, each=store)
+    if "bf_disk_radius_px" not in prep.notes:
+        prep.notes.update(_disk_notes(prep.mean_pattern, config.data.path))
+    prep.inputs = fingerprints.get()
+    prep.input_hash = input_hash(config, [fp["sha256"] for fp in prep.inputs])
+
+
+def _keep_in_memory(prep: Preprocessed, shape: tuple[int, int, int], fill) -> None:
+    patterns = np.empty(shape, dtype=np.float32)
+
+    def keep(start: int, block: np.ndarray) -> None:
+        patterns[start:start + len(block)] = block
+
+    fill(keep)
+    prep.measurements = ArrayPatterns(patterns)
+
+
+def _write_file(out_path: Path, prep: Preprocessed, shape: tuple[int, int, int], compression: str, fill) -> None:
+    """preprocessed.h5 at ``out_path``, appearing only when complete; ``prep`` then reads from it."""
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            dataset = f.create_dataset(PATTERNS_KEY, shape=shape, dtype=np.float32, chunks=(1, *shape[1:]),
+                                       **_compression(compression))
+
+            def store(start: int, block: np.ndarray) -> None:
+                dataset[start:start + len(block)] = block
+
+            fill(store)
+            _write_metadata(f, prep)
+
+    atomic_write(out_path, write)
+    prep.measurements = FilePatterns(out_path)
 
 
 def _compression(name: str) -> dict:

@@ -1,0 +1,103 @@
+"""Dectris (Arina, Eiger, Quadro) master files: the data_NNNNNN entries, usually external links
+to data files compressed with bitshuffle-LZ4, read as one stack; the master file states the beam
+energy, the detector's pixel size and distance, and its pixel mask."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .axes import length_m
+from .base import DataError, DataFormat, PatternSource, check_layout, register_format
+from .hdf5 import dataset_storage, has_layout, open_hdf5
+
+DECTRIS_DATA = "/entry/data"
+DECTRIS_DETECTOR = "/entry/instrument/detector"
+DECTRIS_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
+
+
+def _links(f: h5py.File) -> list[str]:
+    """The data_NNNNNN entries of a Dectris master file, in order; [] when ``f`` is not one."""
+    if DECTRIS_DETECTOR not in f or not isinstance(f.get(DECTRIS_DATA), h5py.Group):
+        return []
+    return sorted(k for k in f[DECTRIS_DATA].keys() if re.fullmatch(r"data_\d{6}", k))
+
+
+class _Frames:
+    """The data_NNNNNN datasets of a Dectris master file (each (n_i, ky, kx), usually in its own
+    linked file) seen as one (N, ky, kx) array, read in slices of the first axis."""
+
+    def __init__(self, datasets: list):
+        self.datasets = datasets
+        self.starts = np.cumsum([0] + [len(d) for d in datasets])
+        self.shape = (int(self.starts[-1]), *datasets[0].shape[1:])
+
+    def __getitem__(self, item):
+        if not isinstance(item, slice):
+            raise TypeError("Dectris frames are read in blocks of the first axis")
+        start, stop, _ = item.indices(self.shape[0])
+        pieces = [d[max(start, s0) - s0:min(stop, s0 + len(d)) - s0]
+                  for d, s0 in zip(self.datasets, self.starts[:-1]) if max(start, s0) < min(stop, s0 + len(d))]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _open_dectris(path: Path, data) -> PatternSource:
+    f = open_hdf5(path)
+    try:
+        names = _links(f)
+        if not names:
+            raise DataError(f"{path}: not a Dectris master file (no {DECTRIS_DATA}/data_NNNNNN entries under an "
+                            f"{DECTRIS_DETECTOR} group)")
+        datasets = []
+        for name in names:
+            link = f[DECTRIS_DATA].get(name, getlink=True)
+            try:
+                datasets.append(f[DECTRIS_DATA][name])
+            except KeyError:
+                target = f"{link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else name
+                raise DataError(f"{path}: {DECTRIS_DATA}/{name} links to {target}, which cannot be opened (keep the "
+                                "data files next to the master file)") from None
+        shapes = {tuple(d.shape[1:]) for d in datasets}
+        if any(d.ndim != 3 for d in datasets) or len(shapes) != 1:
+            raise DataError(f"{path}: the data_NNNNNN datasets should all be (frames, ky, kx) of one detector size; "
+                            f"found {[tuple(d.shape) for d in datasets]}")
+        frames = _Frames(datasets)
+        check_layout(path, DECTRIS_DATA, frames.shape)
+    except DataError:
+        f.close()
+        raise
+    return PatternSource(path, DECTRIS_DATA, frames, f.close)
+
+
+def _calibration(path: Path, data) -> dict:
+    """``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size over the camera length),
+    ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and ``detector_shape``."""
+    from ...physics import energy_kev_from_wavelength
+
+    found: dict = {}
+    with open_hdf5(path) as f:
+        det = f[DECTRIS_DETECTOR]
+        if DECTRIS_WAVELENGTH in f:
+            found["energy_kev"] = energy_kev_from_wavelength(length_m(f[DECTRIS_WAVELENGTH], "angstrom") * 1e10)
+        if "x_pixel_size" in det and "detector_distance" in det:
+            pixel_m, distance_m = length_m(det["x_pixel_size"], "m"), length_m(det["detector_distance"], "m")
+            if distance_m > 0:
+                found["dk_mrad"] = float(np.arctan(pixel_m / distance_m) * 1e3)
+        mask_key = "detectorSpecific/pixel_mask"
+        if mask_key in det:
+            mask = np.asarray(det[mask_key][()])
+            found["bad_pixels"] = [tuple(int(v) for v in yx) for yx in np.argwhere(mask != 0)]
+            found["detector_shape"] = [int(v) for v in mask.shape]
+    return found
+
+
+def _storage(source: PatternSource) -> dict:
+    datasets = source.array.datasets
+    return {**dataset_storage(datasets), "data_files": [d.file.filename for d in datasets]}
+
+
+register_format(DataFormat("dectris", _open_dectris, among="hdf5", recognise=lambda path: has_layout(path, _links),
+                           calibration=_calibration, storage=_storage))

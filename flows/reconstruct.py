@@ -32,8 +32,6 @@ from tasks.segment import reconstruct_segment
 from tasks.tuning import report_to_trial
 from flows import send_core_logs_to_prefect
 
-send_core_logs_to_prefect()
-
 
 def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
     """A config file path, a dict (relative paths from the working directory) or a model."""
@@ -119,6 +117,7 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
     every run all of the node's GPUs). ``trial``: this run is a trial of an optuna sweep
     (ptycho_core.tuning.TrialLink); it reports its objective after every segment and ends early,
     exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
+    send_core_logs_to_prefect()
     with stopping.owned("Prefect's calls"):
         logger = get_run_logger()
         cfg = with_devices(resolve_config(config), devices)

@@ -25,6 +25,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from flows import send_core_logs_to_prefect
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from ptycho_core.config import ConfigError
 from ptycho_core.rundir import Preempted, finished, run_summary
@@ -118,6 +119,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     submitted instead of submitting them again (a new sweep run, started by hand, resubmits what is
     unfinished). A point preempted in this process stops the sweep (rundir.Preempted); the rerun
     resumes that point."""
+    send_core_logs_to_prefect()
     with stopping.owned("the sweep"):
         base = resolve_config(base_config)
         sweep_spec = load_sweep_spec(spec)

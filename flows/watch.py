@@ -18,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.states import Completed
 
+from flows import send_core_logs_to_prefect
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
 from ptycho_core.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
@@ -48,6 +49,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
           deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
     """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces.
     Returns the state's rows, one per dataset."""
+    send_core_logs_to_prefect()
     with stopping.owned("the watch"):
         logger = get_run_logger()
         template = resolve_config(config)

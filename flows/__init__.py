@@ -1,4 +1,5 @@
-"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line.
+"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line; bookkeeping/ holds what
+the flows keep between runs (sweep tables, the Optuna study, the inbox's state).
 
 Importing the package does not import Prefect (1.3 s): the CLI starts the embedded server first
 and commands that run no flow never pay for it. Importing a flow module changes no logging: every

@@ -271,7 +271,7 @@ def sweep(
     with _stopped_on_error(server):
         from flows.embedded import prefect_backend
         from flows.sweep import RECONSTRUCT_DEPLOYMENT, sweep as sweep_flow
-        from ptycho_core.sweep import load_sweep_spec
+        from flows.bookkeeping.sweeps import load_sweep_spec
 
         if not verbose:
             _show_run_warnings()

@@ -7,7 +7,7 @@ at once); a server without that deployment is an error, never a silent fallback.
 mode, `ptyflow sweep --inline`). Finished points are skipped, so rerunning a sweep completes only
 what is missing.
 
-Mode optuna asks an Optuna study for the points instead (ptycho_core.tuning): each trial is a
+Mode optuna asks an Optuna study for the points instead (flows.bookkeeping.tuning): each trial is a
 reconstruct run that reports its objective at its segment ends, where the study's pruner may stop
 it; a rerun continues the study in its database.
 """
@@ -26,10 +26,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from flows import send_core_logs_to_prefect
-from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
-from ptycho_core.config import ConfigError
-from ptycho_core.rundir import Preempted, finished, run_summary
-from ptycho_core.sweep import (
+from flows.bookkeeping.sweeps import (
     SweepSpec,
     corner_points,
     load_sweep_spec,
@@ -38,6 +35,9 @@ from ptycho_core.sweep import (
     sweep_points,
     write_summary,
 )
+from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
+from ptycho_core.config import ConfigError
+from ptycho_core.rundir import Preempted, finished, run_summary
 from tasks import stopping
 
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
@@ -208,7 +208,7 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     without one, one after the other in this process."""
     import optuna
 
-    from ptycho_core import tuning
+    from flows.bookkeeping import tuning
     from ptycho_core.simulate import read_ground_truth
 
     logger = get_run_logger()

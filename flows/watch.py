@@ -5,7 +5,7 @@ that held still) is reconstructed into ``<outbox>/<dataset name>/``: as a child 
 ``deployment`` (the `reconstruct` deployment unless told otherwise; a server without it is an
 error), or in this process when ``deployment`` is None. A dataset whose reconstruction fails is
 retried up to ``max_attempts`` times in later polls, then reported as failed. A poll that cannot
-have the state's lock in time ends at once, Completed, saying so (ptycho_core.inbox.StateBusy).
+have the state's lock in time ends at once, Completed, saying so (flows.bookkeeping.inbox.StateBusy).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from prefect.client.orchestration import get_client
 from prefect.states import Completed
 
 from flows import send_core_logs_to_prefect
+from flows.bookkeeping.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
-from ptycho_core.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
 from ptycho_core.rundir import Preempted
 from tasks import stopping
 

@@ -232,7 +232,7 @@ def test_a_poll_that_cannot_have_the_state_lock_ends_at_once_saying_so(tmp_path,
     import subprocess
     import sys
 
-    from ptycho_core import inbox as inbox_state
+    from flows.bookkeeping import inbox as inbox_state
     from flows.watch import watch
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"

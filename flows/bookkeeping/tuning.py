@@ -3,9 +3,10 @@ draws, and what a running trial reports at its segment ends so that a pruner can
 
 A trial is one reconstruct run in its own run directory. The sweep process asks the study for a
 trial and runs it (in process, or as a child flow run on a worker); the run itself reports its
-objective to the study after every segment (``report_segment``) and ends early, checkpoint kept,
-when the pruner says so. The study lives in an RDB storage (a SQLite file next to the sweep, or
-any SQLAlchemy URL), so several sweeps and workers can share it and a rerun continues it.
+objective to the study after every segment (``report_to_trial``, a plain call of the reconstruct
+flow) and ends early, checkpoint kept, when the pruner says so. The study lives in an RDB storage
+(a SQLite file next to the sweep, or any SQLAlchemy URL), so several sweeps and workers can share
+it and a rerun continues it.
 
 A trial whose sweep process died stays "running" in the database. Two things give it back:
 Optuna's heartbeat (the sweep process beats while a trial runs; a trial silent for
@@ -24,8 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, PtyflowConfig
-from .sweep import OBJECTIVES, Range, SweepSpec, point_config
+from flows.bookkeeping.sweeps import OBJECTIVES, Range, SweepSpec, point_config
+from ptycho_core.config import ConfigError, PtyflowConfig
+from ptycho_core.rundir import run_summary
 
 log = logging.getLogger("ptyflow")
 
@@ -206,11 +208,13 @@ def release_abandoned(study) -> list[int]:
         if attrs.get("sweep_host") != socket.gethostname() or _alive(attrs.get("sweep_pid")):
             continue
         try:
-            if study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
-                retry_callback()(study, study._storage.get_trial(trial._trial_id))
-                released.append(trial.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another sweep released it first
+            failed = study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # another sweep released it first: tell refuses a trial it finds finished (ValueError),
+            # the storage one that was finished while it was told
+            continue
+        retry_callback()(study, failed)
+        released.append(trial.number)
     return released
 
 
@@ -246,6 +250,8 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
                               pruner=make_pruner(link.pruner, link.pruner_options))
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(link.study_name),
                                                                link.trial_number)
+    # a running trial by its number: optuna has no call that hands one back, but its public Trial
+    # class takes the storage's id of it (read through the storage's public methods above)
     trial = optuna.trial.Trial(study, trial_id)
     try:
         trial.report(value, iteration)
@@ -262,6 +268,14 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     return True
 
 
+def report_to_trial(link: dict, run_dir: str, segment: dict) -> bool:
+    """Report the run's objective after ``segment`` (tasks.segment.reconstruct_segment's result) to
+    its trial; True: the pruner stops the run. The segment's own numbers hold the validation loss;
+    another objective (phase Pearson) reads the checkpoint the segment wrote and the ground truth."""
+    summary = segment if segment.get(link["objective"]) is not None else run_summary(run_dir)
+    return report_segment(link, summary, segment["iteration"])
+
+
 def write_study_report(study, out_dir: Path, base, spec: SweepSpec) -> dict[str, Path]:
     """best_config.yaml (the best finished trial's whole config), study_history.png and, with two
     or more finished trials, study_importance.png (Optuna's own plots)."""
@@ -270,7 +284,7 @@ def write_study_report(study, out_dir: Path, base, spec: SweepSpec) -> dict[str,
     import optuna
     import yaml
 
-    from .io.figures import pyplot
+    from ptycho_core.io.figures import pyplot
 
     files: dict[str, Path] = {}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

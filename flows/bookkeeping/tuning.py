@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from flows.bookkeeping.sweeps import OBJECTIVES, Range, SweepSpec, point_config
+from flows.bookkeeping.sweeps import OBJECTIVES, Range, SweepSpec, corner_points, point_config
 from ptycho_core.config import ConfigError, PtyflowConfig
 from ptycho_core.rundir import run_summary
+from ptycho_core.simulate import read_ground_truth
 
 log = logging.getLogger("ptyflow")
 
@@ -165,6 +166,19 @@ def trial_config(base: PtyflowConfig, spec: SweepSpec, point: dict[str, Any]) ->
     return cfg
 
 
+def check_before_trials(base: PtyflowConfig, spec: SweepSpec) -> None:
+    """ConfigError, before any trial runs, for a key or a range's end the config refuses (every
+    corner point's config is built) and for objective phase_pearson without ground truth."""
+    for point in corner_points(spec):
+        trial_config(base, spec, point)
+    if spec.objective == "phase_pearson":
+        try:
+            read_ground_truth(base.data.path)
+        except (OSError, KeyError):
+            raise ConfigError(f"sweep spec objective phase_pearson: {base.data.path} holds no ground truth; "
+                              "use objective validation_loss") from None
+
+
 def suggest(trial, ranges: dict[str, Range]) -> dict[str, Any]:
     """The trial's value of every dotted key."""
     point = {}
@@ -195,6 +209,15 @@ def claim(trial) -> None:
     """Record which process runs the trial (release_abandoned reads it)."""
     trial.set_user_attr("sweep_host", socket.gethostname())
     trial.set_user_attr("sweep_pid", os.getpid())
+
+
+def queue_again(study, trial, run_dir: Path) -> None:
+    """End ``trial``, stopped by a signal in this process, as FAIL, and queue a copy with its
+    values and run directory: the rerun of the sweep continues it from its checkpoint."""
+    import optuna
+
+    study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def release_abandoned(study) -> list[int]:

@@ -1,8 +1,9 @@
-"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line.
+"""Prefect flows (reconstruct, sweep, watch) and the ptyflow command line; bookkeeping/ holds what
+the flows keep between runs (sweep tables, the Optuna study, the inbox's state).
 
 Importing the package does not import Prefect (1.3 s): the CLI starts the embedded server first
-and commands that run no flow never pay for it. flows.reconstruct, which every flow module
-imports, hands the core's logs to Prefect."""
+and commands that run no flow never pay for it. Importing a flow module changes no logging: every
+flow body's first call, send_core_logs_to_prefect, hands the core's logs to Prefect."""
 
 import logging
 

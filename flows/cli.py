@@ -175,18 +175,15 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
             console.print(f"Prefect API: {url or 'Prefect default'}")
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             reporter = BarReporter(bar, first + cfg.recon_params.iterations, done)
-            progress_hooks.set_reporter(reporter)
             try:
                 flow_started = time.perf_counter()
-                with stopping.stage("Prefect's calls"):
+                with stopping.stage("Prefect's calls"), progress_hooks.reporting_to(reporter):
                     summary = reconstruct(cfg.to_dict(), str(run_dir))
                 flow_seconds = time.perf_counter() - flow_started
             except BaseException:
                 if stopping.requested():
                     stopping.note_saved(_what_is_saved(run_dir))
                 raise
-            finally:
-                progress_hooks.set_reporter(None)
         server_stop = time.perf_counter()
     stop_seconds = time.perf_counter() - server_stop
     stages = summary.pop("stage_seconds")
@@ -274,7 +271,7 @@ def sweep(
     with _stopped_on_error(server):
         from flows.embedded import prefect_backend
         from flows.sweep import RECONSTRUCT_DEPLOYMENT, sweep as sweep_flow
-        from ptycho_core.sweep import load_sweep_spec
+        from flows.bookkeeping.sweeps import load_sweep_spec
 
         if not verbose:
             _show_run_warnings()

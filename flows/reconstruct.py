@@ -22,6 +22,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
+from flows import send_core_logs_to_prefect
+from flows.bookkeeping.tuning import report_to_trial
 from ptycho_core.config import PtyflowConfig, check_files, config_from_dict
 from ptycho_core.io.calibration import load_run_config
 from ptycho_core.io.readers import check_data_path
@@ -31,10 +33,6 @@ from tasks import stopping
 from tasks.export import export_results
 from tasks.preprocess import preprocess_data
 from tasks.segment import reconstruct_segment
-from tasks.tuning import report_to_trial
-from flows import send_core_logs_to_prefect
-
-send_core_logs_to_prefect()
 
 
 def resolve_config(config: Union[dict, str, PtyflowConfig]) -> PtyflowConfig:
@@ -120,8 +118,9 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
     """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README).
     ``devices``: instead of the config's recon_params.devices (the whole-node deployment gives
     every run all of the node's GPUs). ``trial``: this run is a trial of an optuna sweep
-    (ptycho_core.tuning.TrialLink); it reports its objective after every segment and ends early,
-    exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
+    (flows.bookkeeping.tuning.TrialLink); it reports its objective after every segment and ends
+    early, exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
+    send_core_logs_to_prefect()
     with stopping.owned("Prefect's calls"):
         logger = get_run_logger()
         cfg = with_devices(resolve_config(config), devices)

@@ -7,7 +7,7 @@ at once); a server without that deployment is an error, never a silent fallback.
 mode, `ptyflow sweep --inline`). Finished points are skipped, so rerunning a sweep completes only
 what is missing.
 
-Mode optuna asks an Optuna study for the points instead (ptycho_core.tuning): each trial is a
+Mode optuna asks an Optuna study for the points instead (flows.bookkeeping.tuning): each trial is a
 reconstruct run that reports its objective at its segment ends, where the study's pruner may stop
 it; a rerun continues the study in its database.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextvars
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -25,20 +26,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from flows import send_core_logs_to_prefect
+from flows.bookkeeping import tuning
+from flows.bookkeeping.sweeps import SweepSpec, load_sweep_spec, point_config, point_name, sweep_points, write_summary
 from flows.reconstruct import named_after, reconstruct, resolve_config, submit_reconstruct
-from ptycho_core.config import ConfigError
+from ptycho_core.config import ConfigError, PtyflowConfig
 from ptycho_core.rundir import Preempted, finished
 from ptycho_core.stages.export import run_summary
-from ptycho_core.sweep import (
-    SweepSpec,
-    corner_points,
-    load_sweep_spec,
-    point_config,
-    point_name,
-    sweep_points,
-    write_summary,
-)
 from tasks import stopping
+
+if TYPE_CHECKING:
+    import optuna
 
 RECONSTRUCT_DEPLOYMENT = "reconstruct/reconstruct"
 
@@ -119,6 +117,7 @@ def sweep(base_config: Union[dict, str], spec: Union[dict, str], out_dir: str,
     submitted instead of submitting them again (a new sweep run, started by hand, resubmits what is
     unfinished). A point preempted in this process stops the sweep (rundir.Preempted); the rerun
     resumes that point."""
+    send_core_logs_to_prefect()
     with stopping.owned("the sweep"):
         base = resolve_config(base_config)
         sweep_spec = load_sweep_spec(spec)
@@ -205,21 +204,8 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     """Mode optuna: run trials until the study holds spec.n_trials finished (complete or pruned)
     ones. Trials run as child runs of ``deployment`` on the workers (spec.parallel at a time) or,
     without one, one after the other in this process."""
-    import optuna
-
-    from ptycho_core import tuning
-    from ptycho_core.simulate import read_ground_truth
-
     logger = get_run_logger()
-    ranges = spec.ranges()
-    for point in corner_points(spec):  # every key and the ends of every range, before any trial
-        tuning.trial_config(base, spec, point)
-    if spec.objective == "phase_pearson":
-        try:
-            read_ground_truth(base.data.path)
-        except (OSError, KeyError):
-            raise ConfigError(f"sweep spec objective phase_pearson: {base.data.path} holds no ground truth; "
-                              "use objective validation_loss") from None
+    tuning.check_before_trials(base, spec)
     pruning = tuning.pruner_settings(spec, base.recon_params.segment_iterations, base.recon_params.iterations)
     study = tuning.open_study(spec, out, pruning)
     released = tuning.release_abandoned(study)
@@ -228,65 +214,110 @@ def tune(base, spec: SweepSpec, out: Path, deployment: Optional[str]) -> list[di
     remaining = spec.n_trials - len(tuning.finished_trials(study))
     logger.info("study %s in %s: %d of %d trials to go (%s)", study.study_name, tuning.storage_url(spec, out),
                 max(remaining, 0), spec.n_trials, f"child runs of {deployment}" if deployment else "in this process")
-    context = contextvars.copy_context()  # the flow run context, for trials in optuna's threads
+    if remaining > 0:
+        run_trials(study, remaining, TrialRun(base, spec, out, deployment, study, pruning))
+    return report_study(study, base, spec, out)
 
-    def objective(trial) -> float:
+
+def run_trials(study, count: int, trial_run: "TrialRun") -> None:
+    """Let the study run up to ``count`` more trials through ``trial_run``, ending once it holds
+    spec.n_trials finished ones; a trial stopped by a signal stops them all with its stop."""
+    import optuna
+
+    spec = trial_run.spec
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    stop_when_done = optuna.study.MaxTrialsCallback(spec.n_trials, states=finished)
+    context = contextvars.copy_context()  # the flow run context, for trials in optuna's threads
+    try:
+        study.optimize(lambda trial: context.copy().run(trial_run, trial), n_trials=count,
+                       n_jobs=spec.parallel if trial_run.deployment else 1, catch=(TrialFailed,),
+                       callbacks=[stop_when_done])
+    except _TrialStopped as stopped:
+        raise stopped.stop from None
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One trial as a reconstruct run (optuna's objective): its values drawn, its config and run
+    directory, the run as a child run of ``deployment`` or here, and its score read back."""
+
+    base: PtyflowConfig
+    spec: SweepSpec
+    out: Path
+    deployment: Optional[str]
+    study: optuna.Study
+    pruning: dict  # the pruner's settings, which the run needs to judge its reports
+
+    def __call__(self, trial) -> float:
         tuning.claim(trial)
-        point = tuning.suggest(trial, ranges)
-        cfg = tuning.trial_config(base, spec, point)
-        run_dir = Path(trial.user_attrs.get("run_dir") or out / point_name(trial.number, point).replace("point", "trial"))
+        point = tuning.suggest(trial, self.spec.ranges())
+        cfg = tuning.trial_config(self.base, self.spec, point)
+        fresh = self.out / point_name(trial.number, point).replace("point", "trial")
+        run_dir = Path(trial.user_attrs.get("run_dir") or fresh)  # a retried trial keeps the one it retries
         trial.set_user_attr("run_dir", str(run_dir))
-        link = tuning.TrialLink(tuning.storage_url(spec, out), study.study_name, trial.number, spec.objective,
-                                spec.pruner, pruning).to_dict()
-        if deployment:
-            earlier = trial.user_attrs.get("flow_run_id")
-            if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
-                _wait_final([UUID(earlier)], spec.wait_hours * 3600)
-            # a retry is a new trial (new number), so a new run; the start time tells this study's
-            # trial from one of a study deleted and created again in the same folder
-            run = submit_reconstruct(deployment, cfg, run_dir, f"trial {trial.number} of study {study.study_name} "
-                                     f"started {trial.datetime_start.isoformat()}", trial=link)
-            trial.set_user_attr("flow_run_id", str(run.id))
-            run = _wait_final([run.id], spec.wait_hours * 3600)[run.id]
-            if not run.state.is_completed():
-                raise TrialFailed(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
+        link = tuning.TrialLink(tuning.storage_url(self.spec, self.out), self.study.study_name, trial.number,
+                                self.spec.objective, self.spec.pruner, self.pruning).to_dict()
+        if self.deployment:
+            self.on_a_worker(trial, cfg, run_dir, link)
         else:
-            try:
-                state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
-                error = None if state.is_completed() else state.result(raise_on_failure=False)
-            except stopping.Stopped as stop:
-                error = stop
-            if isinstance(error, (Preempted, stopping.Stopped)):
-                # this attempt ends; a copy, queued, continues from its checkpoint when the sweep is rerun
-                study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise _TrialStopped(error)
-            if error is not None:
-                raise TrialFailed(f"trial {trial.number}: {error}")
-        pruned_at = tuning.stored_user_attrs(study, trial.number).get("pruned_at_iteration")
+            self.in_this_process(trial, cfg, run_dir, link)
+        return self.score(trial, run_dir)
+
+    def on_a_worker(self, trial, cfg: PtyflowConfig, run_dir: Path, link: dict) -> None:
+        """The run as a child run of the deployment, waited for; TrialFailed unless it completes."""
+        earlier = trial.user_attrs.get("flow_run_id")
+        if earlier:  # a retried trial: the child run of its lost sweep may still work in run_dir
+            _wait_final([UUID(earlier)], self.spec.wait_hours * 3600)
+        # a retry is a new trial (new number), so a new run; the start time tells this study's
+        # trial from one of a study deleted and created again in the same folder
+        run = submit_reconstruct(self.deployment, cfg, run_dir, f"trial {trial.number} of study "
+                                 f"{self.study.study_name} started {trial.datetime_start.isoformat()}", trial=link)
+        trial.set_user_attr("flow_run_id", str(run.id))
+        run = _wait_final([run.id], self.spec.wait_hours * 3600)[run.id]
+        if not run.state.is_completed():
+            raise TrialFailed(f"trial {trial.number}: flow run {run.name} ended {run.state.name}: {run.state.message}")
+
+    def in_this_process(self, trial, cfg: PtyflowConfig, run_dir: Path, link: dict) -> None:
+        """The run as a subflow here; TrialFailed when it fails. A stop by a signal ends this
+        attempt and the study (_TrialStopped); a copy of the trial, queued, continues from the
+        checkpoint when the sweep is rerun."""
+        try:
+            state = reconstruct(cfg.to_dict(), str(run_dir), trial=link, return_state=True)
+            error = None if state.is_completed() else state.result(raise_on_failure=False)
+        except stopping.Stopped as stop:
+            error = stop
+        if isinstance(error, (Preempted, stopping.Stopped)):
+            tuning.queue_again(self.study, trial, run_dir)
+            raise _TrialStopped(error)
+        if error is not None:
+            raise TrialFailed(f"trial {trial.number}: {error}")
+
+    def score(self, trial, run_dir: Path) -> float:
+        """The objective of the trial's finished run; optuna's TrialPruned when the run was pruned
+        (the run records where in the study's database, from wherever it ran)."""
+        import optuna
+
+        pruned_at = tuning.stored_user_attrs(self.study, trial.number).get("pruned_at_iteration")
         if pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at iteration {pruned_at}")
-        value = tuning.objective_value(run_summary(run_dir), spec.objective)
+        value = tuning.objective_value(run_summary(run_dir), self.spec.objective)
         if value is None:
-            raise TrialFailed(f"trial {trial.number}: {run_dir} has no {spec.objective}")
+            raise TrialFailed(f"trial {trial.number}: {run_dir} has no {self.spec.objective}")
         return value
 
-    if remaining > 0:
-        stop_when_done = optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                               optuna.trial.TrialState.PRUNED))
-        try:
-            study.optimize(lambda trial: context.copy().run(objective, trial), n_trials=remaining,
-                           n_jobs=spec.parallel if deployment else 1, catch=(TrialFailed,), callbacks=[stop_when_done])
-        except _TrialStopped as stopped:
-            raise stopped.stop from None
-    rows = study_rows(study, list(ranges))
-    files = write_summary(out, rows, list(ranges))
+
+def report_study(study, base, spec: SweepSpec, out: Path) -> list[dict]:
+    """The study's table (sweep.csv, sweep_phases.png), best_config.yaml and Optuna's plots, and
+    its table artifact; returns the rows."""
+    keys = list(spec.parameters)
+    rows = study_rows(study, keys)
+    files = write_summary(out, rows, keys)
     files.update(tuning.write_study_report(study, out, base, spec))
     best = study.best_trial if "best_config" in files else None  # written when a trial is complete
     verdict = (f"best trial_{best.number:03d}, {spec.objective} {best.value:.5g}, {best.params}, "
                f"config {files['best_config']}" if best else "no complete trial")
     create_table_artifact(artifact_table(rows), description=f"optuna study {study.study_name} ({out}): {verdict}")
-    logger.info("study table %s, best trial's config %s", files["csv"], files.get("best_config"))
+    get_run_logger().info("study table %s, best trial's config %s", files["csv"], files.get("best_config"))
     return rows
 
 

@@ -5,7 +5,7 @@ that held still) is reconstructed into ``<outbox>/<dataset name>/``: as a child 
 ``deployment`` (the `reconstruct` deployment unless told otherwise; a server without it is an
 error), or in this process when ``deployment`` is None. A dataset whose reconstruction fails is
 retried up to ``max_attempts`` times in later polls, then reported as failed. A poll that cannot
-have the state's lock in time ends at once, Completed, saying so (ptycho_core.inbox.StateBusy).
+have the state's lock in time ends at once, Completed, saying so (flows.bookkeeping.inbox.StateBusy).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.states import Completed
 
+from flows import send_core_logs_to_prefect
+from flows.bookkeeping.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
 from flows.reconstruct import named_after, reconstruct, submit_reconstruct
 from flows.sweep import RECONSTRUCT_DEPLOYMENT, checked_deployment
 from ptycho_core.config import ConfigError, PtyflowConfig, read_config_file
 from ptycho_core.io.calibration import config_for_run
-from ptycho_core.inbox import StateBusy, claim_due_datasets, hand_back, peek, record, record_failure, report
 from ptycho_core.rundir import Preempted
 from tasks import stopping
 
@@ -54,6 +55,7 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
     (a config file, or a dict whose relative paths are taken from the working directory); what
     a dataset's file states fills what the template leaves out. Returns the state's rows, one
     per dataset."""
+    send_core_logs_to_prefect()
     with stopping.owned("the watch"):
         logger = get_run_logger()
         template = Template.of(config)

@@ -1,12 +1,17 @@
-"""Where iteration and segment progress goes: a reporter the CLI sets (progress bar), if any.
+"""Where iteration and segment progress goes: the reporter of whoever called the flow (the CLI's
+progress bar), if any.
 
-Tasks call these functions whatever runs them; under a worker no reporter is set and they do
-nothing, so the tasks stay free of terminal code.
+The caller names it for the length of its flow call (``with reporting_to(bar): reconstruct(...)``):
+a context variable, so the tasks of that call see it, and a flow run in another thread, under a
+worker or after the call sees none. Tasks call these functions whatever runs them; without a
+reporter they do nothing, so the tasks stay free of terminal code.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional, Protocol
 
 
 class Reporter(Protocol):
@@ -14,19 +19,27 @@ class Reporter(Protocol):
     def segment_done(self, outcome) -> None: ...
 
 
-_reporter: Optional[Reporter] = None
+_reporter: ContextVar[Optional[Reporter]] = ContextVar("ptyflow_progress_reporter", default=None)
 
 
-def set_reporter(reporter: Optional[Reporter]) -> None:
-    global _reporter
-    _reporter = reporter
+@contextmanager
+def reporting_to(reporter: Reporter) -> Iterator[None]:
+    """Send the progress of the flows called inside this block (in this thread, or in threads that
+    copy its context, like a sweep's trials) to ``reporter``."""
+    token = _reporter.set(reporter)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
 
 
 def iteration_done(state, row: dict) -> None:
-    if _reporter is not None:
-        _reporter.iteration_done(state, row)
+    reporter = _reporter.get()
+    if reporter is not None:
+        reporter.iteration_done(state, row)
 
 
 def segment_done(outcome) -> None:
-    if _reporter is not None:
-        _reporter.segment_done(outcome)
+    reporter = _reporter.get()
+    if reporter is not None:
+        reporter.segment_done(outcome)

@@ -204,12 +204,8 @@ def test_a_preempted_point_stops_the_sweep_and_the_rerun_resumes_it(tmp_path, sm
     config["recon_params"]["segment_iterations"] = 2
     spec = {"mode": "list", "parameters": {"model_params.update_params.objp.lr": [2e-3, 5e-3]}}
     out = tmp_path / "sweep"
-    progress.set_reporter(SigtermAtFirstIteration())
-    try:
-        with pytest.raises(Preempted, match="preempted at iteration 1"):
-            sweep(config, spec, str(out), deployment=None)
-    finally:
-        progress.set_reporter(None)
+    with progress.reporting_to(SigtermAtFirstIteration()), pytest.raises(Preempted, match="preempted at iteration 1"):
+        sweep(config, spec, str(out), deployment=None)
     first, = out.glob("point_000_*")
     assert not list(out.glob("point_001_*"))  # the next point never started
     stopped = newest_checkpoint(first)
@@ -287,7 +283,7 @@ def test_a_poll_that_cannot_have_the_state_lock_ends_at_once_saying_so(tmp_path,
     import subprocess
     import sys
 
-    from ptycho_core import inbox as inbox_state
+    from flows.bookkeeping import inbox as inbox_state
     from flows.watch import watch
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"

@@ -1,4 +1,4 @@
-"""The watched inbox's state (ptycho_core.inbox) with several watchers and a stuck lock: datasets
+"""The watched inbox's state (flows.bookkeeping.inbox) with several watchers and a stuck lock: datasets
 are hashed outside the lock, a claim is checked again after hashing, a lock that is not had
 ends the claim with a message naming its holder. (The flow-level tests are in test_facility.py.)"""
 
@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from ptycho_core import inbox as inbox_state
-from ptycho_core.inbox import StateBusy, claim_due_datasets
+from flows.bookkeeping import inbox as inbox_state
+from flows.bookkeeping.inbox import StateBusy, claim_due_datasets
 
 
 def drop(inbox, name, data: bytes):
@@ -84,7 +84,7 @@ def test_a_file_that_changes_while_it_is_hashed_is_not_claimed_until_it_holds_st
 
 HOLD_THE_STATE = (
     "import sys, time\n"
-    "from ptycho_core.inbox import locked_state\n"
+    "from flows.bookkeeping.inbox import locked_state\n"
     "with locked_state(sys.argv[1]):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(60)\n"

@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ptycho_core.rundir import RunDirError
 from ptycho_core.runlock import lock_holder, run_lock
 
 from conftest import cli
-from serverkit import alive, descendants, with_environment
+from serverkit import alive, descendants, wait, with_environment
 
 ITERATIONS = 24
 SEGMENT = 4
@@ -269,3 +270,83 @@ def test_the_server_shows_the_cores_warnings_and_the_result_images(tmp_path, pip
     phase = matplotlib.image.imread(io.BytesIO(base64.b64decode(images["phase"])), format="png")
     assert 16 <= max(phase.shape[:2]) <= 192 and phase[..., 0].std() > 0.05  # an image, not a blank
     assert matplotlib.image.imread(io.BytesIO(base64.b64decode(images["loss"])), format="png").shape[1] == 256
+
+
+POLL_A_DAMAGED_WATCH_STATE = """
+import logging, sys
+import flows.reconstruct, flows.sweep, flows.watch
+print("handlers after import:", [type(h).__name__ for h in logging.getLogger("ptyflow").handlers], flush=True)
+from flows.watch import watch
+watch(sys.argv[1], sys.argv[2], sys.argv[3], stable_seconds=0.0, deployment=None)
+"""
+
+
+def test_importing_the_flows_changes_no_logging_and_a_watch_ships_the_cores_warnings(tmp_path, pipeline_config,
+                                                                                    prefect_api):
+    """Importing a flow module adds no handler (a library importing ptyflow keeps its logging as it
+    was); a flow adds Prefect's handler itself, first thing: the warning of a watch whose state file
+    was cut to nothing is in that watch run's logs on the server, in a process where no reconstruct
+    flow ran before it."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    (outbox / ".watch-state.json").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-c", POLL_A_DAMAGED_WATCH_STATE, inbox, outbox, pipeline_config],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert done.returncode == 0, done.stderr
+    assert "handlers after import: []" in done.stdout
+
+    def shipped():
+        logs = httpx.post(f"{prefect_api}/logs/filter", json={"limit": 200, "sort": "TIMESTAMP_DESC"},
+                          timeout=30).json()
+        return [entry for entry in logs
+                if f"{outbox / '.watch-state.json'} could not be read; set aside" in entry["message"]]
+
+    ours = wait(shipped, 30, "the watch's warning in the server's logs")
+    assert ours[0]["name"] == "ptyflow" and ours[0]["level"] == 30
+    run = httpx.get(f"{prefect_api}/flow_runs/{ours[0]['flow_run_id']}", timeout=30).json()
+    assert run["name"] == f"watch {tmp_path.name}/inbox"
+
+
+def test_a_progress_reporter_serves_only_the_flow_call_it_was_given_to(tmp_path, small_dataset, in_prefect):
+    """The CLI's progress bar is given to its own flow call: a flow run in another thread of the
+    same process meanwhile (flows run side by side in a notebook or a service) reports nothing to
+    it, and after the call nothing does."""
+    import threading
+
+    from flows.reconstruct import reconstruct
+    from tasks import progress
+
+    class Seen:
+        def __init__(self):
+            self.iterations, self.segments = [], []
+
+        def iteration_done(self, state, row):
+            self.iterations.append(state.iteration)
+
+        def segment_done(self, outcome):
+            self.segments.append(outcome.iteration)
+
+    raw = yaml.safe_load(Path(small_dataset).read_text())
+    raw["data"]["path"] = str(Path(small_dataset).parent / raw["data"]["path"])
+    raw["recon_params"].update(iterations=2, segment_iterations=2, segment_figures=False)
+    bar, failures = Seen(), []
+
+    def other_run():
+        try:
+            reconstruct(raw, str(tmp_path / "other"))
+        except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
+            failures.append(exc)
+
+    with progress.reporting_to(bar):
+        other = threading.Thread(target=other_run)
+        other.start()
+        other.join()
+        assert not failures and (tmp_path / "other" / "model.hdf5").is_file()
+        assert bar.iterations == [] and bar.segments == []  # the other thread's run is not this call's
+        reconstruct(raw, str(tmp_path / "mine"))
+    assert bar.iterations == [1, 2] and bar.segments == [2]
+    progress.iteration_done(None, {})
+    progress.segment_done(None)
+    assert bar.iterations == [1, 2] and bar.segments == [2]

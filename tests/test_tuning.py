@@ -110,18 +110,49 @@ def test_a_released_trial_s_run_goes_on_without_reporting(tmp_path, caplog):
     """A worker's run whose trial was released meanwhile (its sweep process was lost; a rerun
     failed the trial and retries it in the same run directory): its next segment report is no
     error and does not stop it, so the retry, which waits for it, takes its score."""
-    from ptycho_core import tuning
+    from flows.bookkeeping import tuning
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=storage, study_name="released")
     trial = study.ask()
     link = tuning.TrialLink(storage, "released", trial.number, "validation_loss", "median", {}).to_dict()
     assert tuning.report_segment(link, {"validation_loss": 1.0}, 3) is False
-    study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what a rerun of its sweep does to it
     with caplog.at_level("WARNING", logger="ptyflow"):
         assert tuning.report_segment(link, {"validation_loss": 0.9}, 6) is False
     assert "was released by a rerun of its sweep" in caplog.text
-    assert study._storage.get_trial(trial._trial_id).intermediate_values == {3: 1.0}
+    assert study.trials[0].intermediate_values == {3: 1.0}
+
+
+def test_an_abandoned_trial_is_released_once_with_its_values_and_run_directory(tmp_path):
+    """A running trial whose sweep process on this host is gone is failed and queued again (same
+    values, same run directory) by the next sweep, once: a second sweep that saw it running at the
+    same moment but comes second leaves it alone, and a trial whose process lives is not touched."""
+    import socket
+
+    from flows.bookkeeping import tuning
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    earlier_sweeps = optuna.create_study(storage=url, study_name="abandoned")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getpid()):
+        trial = earlier_sweeps.ask()
+        trial.suggest_float("model_params.update_params.objp.lr", 1.0e-3, 0.3, log=True)
+        trial.set_user_attr("run_dir", str(tmp_path / f"trial_{trial.number:03d}"))
+        trial.set_user_attr("sweep_host", socket.gethostname())
+        trial.set_user_attr("sweep_pid", pid)
+    study, other = (optuna.load_study(study_name="abandoned", storage=tuning.open_storage(url)) for _ in range(2))
+    seen_running = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    assert tuning.release_abandoned(study) == [0]
+    other.get_trials = lambda deepcopy=True, states=None: seen_running  # what it saw before the first released
+    assert tuning.release_abandoned(other) == []
+    assert tuning.release_abandoned(study) == []
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].params == trials[0].params and trials[2].user_attrs["run_dir"] == str(tmp_path / "trial_000")
+    assert trials[2].system_attrs["failed_trial"] == 0
 
 
 def test_a_killed_sweep_reruns_into_the_same_study(tmp_path, noisy_base, prefect_api):

@@ -3,9 +3,10 @@ draws, and what a running trial reports at its segment ends so that a pruner can
 
 A trial is one reconstruct run in its own run directory. The sweep process asks the study for a
 trial and runs it (in process, or as a child flow run on a worker); the run itself reports its
-objective to the study after every segment (``report_segment``) and ends early, checkpoint kept,
-when the pruner says so. The study lives in an RDB storage (a SQLite file next to the sweep, or
-any SQLAlchemy URL), so several sweeps and workers can share it and a rerun continues it.
+objective to the study after every segment (``report_to_trial``, a plain call of the reconstruct
+flow) and ends early, checkpoint kept, when the pruner says so. The study lives in an RDB storage
+(a SQLite file next to the sweep, or any SQLAlchemy URL), so several sweeps and workers can share
+it and a rerun continues it.
 
 A trial whose sweep process died stays "running" in the database. Two things give it back:
 Optuna's heartbeat (the sweep process beats while a trial runs; a trial silent for
@@ -24,8 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, PtyflowConfig
-from .sweep import OBJECTIVES, Range, SweepSpec, point_config
+from flows.bookkeeping.sweeps import OBJECTIVES, Range, SweepSpec, corner_points, point_config
+from ptycho_core.config import ConfigError, PtyflowConfig
+from ptycho_core.stages.export import run_summary
+from ptycho_core.simulate import read_ground_truth
 
 log = logging.getLogger("ptyflow")
 
@@ -163,6 +166,19 @@ def trial_config(base: PtyflowConfig, spec: SweepSpec, point: dict[str, Any]) ->
     return cfg
 
 
+def check_before_trials(base: PtyflowConfig, spec: SweepSpec) -> None:
+    """ConfigError, before any trial runs, for a key or a range's end the config refuses (every
+    corner point's config is built) and for objective phase_pearson without ground truth."""
+    for point in corner_points(spec):
+        trial_config(base, spec, point)
+    if spec.objective == "phase_pearson":
+        try:
+            read_ground_truth(base.data.path)
+        except (OSError, KeyError):
+            raise ConfigError(f"sweep spec objective phase_pearson: {base.data.path} holds no ground truth; "
+                              "use objective validation_loss") from None
+
+
 def suggest(trial, ranges: dict[str, Range]) -> dict[str, Any]:
     """The trial's value of every dotted key."""
     point = {}
@@ -195,6 +211,15 @@ def claim(trial) -> None:
     trial.set_user_attr("sweep_pid", os.getpid())
 
 
+def queue_again(study, trial, run_dir: Path) -> None:
+    """End ``trial``, stopped by a signal in this process, as FAIL, and queue a copy with its
+    values and run directory: the rerun of the sweep continues it from its checkpoint."""
+    import optuna
+
+    study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
 def release_abandoned(study) -> list[int]:
     """Fail and retry (same values, same run directory) the running trials whose sweep process
     on this host is gone (SIGKILL, a crash, a reboot); returns their numbers."""
@@ -206,11 +231,13 @@ def release_abandoned(study) -> list[int]:
         if attrs.get("sweep_host") != socket.gethostname() or _alive(attrs.get("sweep_pid")):
             continue
         try:
-            if study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
-                retry_callback()(study, study._storage.get_trial(trial._trial_id))
-                released.append(trial.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another sweep released it first
+            failed = study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # another sweep released it first: tell refuses a trial it finds finished (ValueError),
+            # the storage one that was finished while it was told
+            continue
+        retry_callback()(study, failed)
+        released.append(trial.number)
     return released
 
 
@@ -246,6 +273,8 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
                               pruner=make_pruner(link.pruner, link.pruner_options))
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(link.study_name),
                                                                link.trial_number)
+    # a running trial by its number: optuna has no call that hands one back, but its public Trial
+    # class takes the storage's id of it (read through the storage's public methods above)
     trial = optuna.trial.Trial(study, trial_id)
     try:
         trial.report(value, iteration)
@@ -262,6 +291,14 @@ def report_segment(link: dict, summary: dict, iteration: int) -> bool:
     return True
 
 
+def report_to_trial(link: dict, run_dir: str, segment: dict) -> bool:
+    """Report the run's objective after ``segment`` (tasks.segment.reconstruct_segment's result) to
+    its trial; True: the pruner stops the run. The segment's own numbers hold the validation loss;
+    another objective (phase Pearson) reads the checkpoint the segment wrote and the ground truth."""
+    summary = segment if segment.get(link["objective"]) is not None else run_summary(run_dir)
+    return report_segment(link, summary, segment["iteration"])
+
+
 def write_study_report(study, out_dir: Path, base, spec: SweepSpec) -> dict[str, Path]:
     """best_config.yaml (the best finished trial's whole config), study_history.png and, with two
     or more finished trials, study_importance.png (Optuna's own plots)."""
@@ -270,7 +307,7 @@ def write_study_report(study, out_dir: Path, base, spec: SweepSpec) -> dict[str,
     import optuna
     import yaml
 
-    from .io.figures import pyplot
+    from ptycho_core.io.figures import pyplot
 
     files: dict[str, Path] = {}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

@@ -1,10 +1,11 @@
-"""Parameter sweeps: points over dotted config keys, their run directories, the summary.
+"""Parameter sweeps: the spec, its points over dotted config keys, their run directories, the
+summary table and figure.
 
 A sweep spec (YAML)::
 
     mode: grid            # grid: every combination; list: the i-th value of every key together;
                           # random: n draws, each key's value picked from its list;
-                          # optuna: an adaptive study (see ptycho_core.tuning)
+                          # optuna: an adaptive study (see tuning.py beside this)
     n: 4                  # for random
     seed: 0               # for random, and optuna's sampler
     wait_hours: 48        # how long to wait for points running on workers
@@ -29,8 +30,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ConfigError, PtyflowConfig, config_from_dict, set_dotted
-from .quality import scanned_field_box
+from ptycho_core.config import ConfigError, PtyflowConfig, config_from_dict, set_dotted
+from ptycho_core.quality import scanned_field_box
 
 
 class Range(BaseModel):
@@ -198,7 +199,7 @@ def _short(value: Any) -> Any:
 def _phase_montage(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
     import zarr
 
-    from .io.figures import pyplot
+    from ptycho_core.io.figures import pyplot
 
     plt = pyplot()
 

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .checkpoint import atomic_write
-from .io.preprocess import content_digest, recorded_inputs
-from .io.readers import EXTENSIONS
+from ptycho_core.checkpoint import atomic_write
+from ptycho_core.io.preprocess import content_digest, recorded_inputs
+from ptycho_core.io.readers import EXTENSIONS
 
 log = logging.getLogger("ptyflow")
 
@@ -151,8 +151,8 @@ def rebuilt_state(outbox: Path) -> dict:
     for the dataset it reconstructed (its config.yaml's data.path), keyed by that file's sha256 as
     its preprocessing recorded it. Unfinished or unreadable run directories are left out: their
     datasets are claimed again, and the rerun continues from their checkpoints."""
-    from .config import ConfigError
-    from .rundir import RunDirError, RunPaths, finished, read_run_config
+    from ptycho_core.config import ConfigError
+    from ptycho_core.rundir import RunDirError, RunPaths, finished, read_run_config
 
     datasets = {}
     for run_dir in sorted(p for p in outbox.iterdir() if p.is_dir() and (p / "config.yaml").is_file()):

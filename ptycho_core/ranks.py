@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import json
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -135,6 +137,37 @@ class HelperRanks:
     connect: Callable[[], None]  # wait for the helpers to load, then join them in the process group
 
 
+def _start_helpers(run_dir, to_iteration: int, checkpoint: Optional[Path], devices: list[torch.device],
+                   threads: Optional[int], backend: str, scratch: Path) -> list:
+    """Ranks 1..N-1 as ``python -m ptycho_core.ranks`` processes rather than multiprocessing
+    children, so nothing depends on how the caller's main module can be re-imported."""
+    helpers = []
+    for rank in range(1, len(devices)):
+        args = {"rank": rank, "world": len(devices), "scratch": str(scratch), "backend": backend,
+                "run_dir": str(run_dir), "to_iteration": to_iteration,
+                "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                "device": str(devices[rank]), "threads": threads, "parent": os.getpid()}
+        helpers.append(subprocess.Popen([sys.executable, "-m", "ptycho_core.ranks", json.dumps(args)]))
+    return helpers
+
+
+def _first_failure(helpers: list, devices: list[torch.device], scratch: Path, patience_s: float) -> Optional[str]:
+    """The first helper that died, with its exit status and error; waits up to ``patience_s``
+    for one to (a peer's broken connection can be seen before its exit status is)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        for rank, process in enumerate(helpers, start=1):
+            code = process.poll()
+            if code:  # None: running; 0: its segment is done
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                error = scratch / f"error.{rank}"
+                detail = ": " + error.read_text().strip().splitlines()[-1] if error.is_file() else ""
+                return f"rank {rank} (pid {process.pid}, {devices[rank]}) {how}{detail}"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
 @contextmanager
 def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Path], devices: list[torch.device],
                  threads: Optional[int], info: Callable[[str], None]) -> Iterator[HelperRanks]:
@@ -144,41 +177,17 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
     its own reconstruction; ``connect()`` then waits for them. On exit the process group is
     dropped and the helpers are joined: after a segment that ended well they finish their last
     batch and exit; after a failure (a dead rank, an error here) they are killed at once, since
-    nothing of theirs is kept and under NCCL they would wait for the dead rank until the timeout.
-
-    Helpers are ``python -m ptycho_core.ranks`` processes rather than multiprocessing
-    children, so nothing depends on how the caller's main module can be re-imported."""
-    import json
-    import subprocess
-
+    nothing of theirs is kept and under NCCL they would wait for the dead rank until the timeout."""
     backend = backend_for(devices)
     world = len(devices)
     threads = _threads_per_process(devices, threads)
     if threads:
         torch.set_num_threads(threads)
     scratch = Path(tempfile.mkdtemp(prefix="ptyflow-ranks-"))
-    helpers: list[subprocess.Popen] = []
-    for rank in range(1, world):
-        args = {"rank": rank, "world": world, "scratch": str(scratch), "backend": backend, "run_dir": str(run_dir),
-                "to_iteration": to_iteration, "checkpoint": str(checkpoint) if checkpoint is not None else None,
-                "device": str(devices[rank]), "threads": threads, "parent": os.getpid()}
-        helpers.append(subprocess.Popen([sys.executable, "-m", "ptycho_core.ranks", json.dumps(args)]))
+    helpers = _start_helpers(run_dir, to_iteration, checkpoint, devices, threads, backend, scratch)
 
     def failed(patience_s: float) -> Optional[str]:
-        """The first helper that died, with its exit status and error; waits up to ``patience_s``
-        for one to (a peer's broken connection can be seen before its exit status is)."""
-        deadline = time.monotonic() + patience_s
-        while True:
-            for rank, process in enumerate(helpers, start=1):
-                code = process.poll()
-                if code:  # None: running; 0: its segment is done
-                    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                    error = scratch / f"error.{rank}"
-                    detail = ": " + error.read_text().strip().splitlines()[-1] if error.is_file() else ""
-                    return f"rank {rank} (pid {process.pid}, {devices[rank]}) {how}{detail}"
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
+        return _first_failure(helpers, devices, scratch, patience_s)
 
     connected: list[bool] = []
     collective = RankGroup(0, world, failed=failed)
@@ -224,6 +233,4 @@ def helper_ranks(run_dir: str | Path, to_iteration: int, checkpoint: Optional[Pa
 
 
 if __name__ == "__main__":
-    import json
-
     _helper_main(json.loads(sys.argv[1]))

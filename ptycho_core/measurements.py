@@ -210,9 +210,17 @@ class DeviceFeed(MeasurementFeed):
         super().__init__(store, device, dtype, owned)
         self.all = torch.empty(self._held(), dtype=dtype, device=self.device)
         self._fill(self.all)
+        self.rows_on_device = None if self.rows is None else self.rows.to(self.device)
 
     def _load(self, indices):
-        return self.all[self._row(indices).to(self.device)]
+        return self.batch(indices)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Gathered where the patterns are: the engine moves an iteration's batch indices to the
+        device once, so no batch makes the host wait for the GPU (a round trip through the host
+        here cost one wait per batch)."""
+        indices = indices.to(self.device)
+        return self.all[indices if self.rows_on_device is None else self.rows_on_device[indices]]
 
 
 class _CopiedFeed(MeasurementFeed):

@@ -244,7 +244,7 @@ def test_an_optuna_study_over_the_position_learning_rate_picks_the_refining_tria
     spec = {"mode": "optuna", "n_trials": 2, "seed": 0, "sampler": "random", "pruner": "none",
             "parameters": {key: [0.0, REFINING["lr"]]}}  # lr 0: positions frozen
     out = tmp_path / "study"
-    rows = sweep(str(base), spec, str(out))
+    rows = sweep(str(base), spec, str(out), deployment=None)
     trials = {row[key]: row for row in rows}
     assert set(trials) == {0.0, REFINING["lr"]}, rows  # the sampler's seed 0 draws both values
     frozen, refining = trials[0.0], trials[REFINING["lr"]]

@@ -88,21 +88,21 @@ def run_ptyflow(data: Path, slices: int, iterations: int, settings: dict, thread
 
     torch.set_num_threads(threads)
     config = ptyflow_config(data, slices, iterations, settings)
+    results, seconds = [], 0.0
+    # the reconstruction reads its patterns from preprocessed.h5: the folder lives as long as it runs
     with tempfile.TemporaryDirectory() as tmp:
         prepare(config, Path(tmp) / "run")
-        prep = read_preprocessed(Path(tmp) / "run" / "preprocessed.h5")
-    rec = Reconstruction.create(config, prep)
-    results, seconds = [], 0.0
-    for stop in sorted({i for i in score_at if i < iterations} | {iterations}):
-        started = time.perf_counter()
-        rec.run(stop)
-        seconds += time.perf_counter() - started
-        model = rec.model
-        per_iteration = rec.state.history.get("seconds", [])[1:]  # the first includes start-up
-        results.append({"iterations": stop, "phase_sum": model.objp.detach().cpu().numpy()[0].sum(axis=0),
-                        "positions_px": model.centres_px(), "loss": list(rec.state.history.get("loss", [])),
-                        "seconds": seconds,
-                        "s_per_it": float(np.median(per_iteration)) if per_iteration else None})
+        rec = Reconstruction.create(config, read_preprocessed(Path(tmp) / "run" / "preprocessed.h5"))
+        for stop in sorted({i for i in score_at if i < iterations} | {iterations}):
+            started = time.perf_counter()
+            rec.run(stop)
+            seconds += time.perf_counter() - started
+            model = rec.model
+            per_iteration = rec.state.history.get("seconds", [])[1:]  # the first includes start-up
+            results.append({"iterations": stop, "phase_sum": model.objp.detach().cpu().numpy()[0].sum(axis=0),
+                            "positions_px": model.centres_px(), "loss": list(rec.state.history.get("loss", [])),
+                            "seconds": seconds,
+                            "s_per_it": float(np.median(per_iteration)) if per_iteration else None})
     return results
 
 

@@ -208,17 +208,30 @@ def drift_px(t: np.ndarray, settle_px=DRIFT_SETTLE_PX, tau=DRIFT_SETTLE_TAU, ste
     return np.asarray(settle_px) * -np.expm1(-t / tau) + np.asarray(steady_px) * t
 
 
-def identifiable_scan_error(nominal_yx: np.ndarray, smooth_yx: np.ndarray, t: np.ndarray) -> dict:
-    """Split a smooth scan error into what data can tell apart. On a raster the scan time is linear in
-    the scan indices (t = (row * n_cols + col) / (N - 1)), so a steady drift is exactly an affine map
-    plus an offset: only the affine that includes it, and the drift left after removing its best
-    linear-in-t part, are determined. Least squares of smooth = offset + M nominal + remainder, then
-    the remainder is the nonlinear drift. All arrays in the same unit; returns M (2, 2) and the
-    nonlinear drift (N, 2) with zero mean and no linear trend in t."""
-    design = np.column_stack([np.ones(len(t)), nominal_yx])  # (N, 3)
-    coeffs, *_ = np.linalg.lstsq(design, smooth_yx, rcond=None)
-    remainder = smooth_yx - design @ coeffs
-    return {"affine": coeffs[1:].T, "drift_nonlinear": remainder}
+def identifiable_scan_error(nominal_yx: np.ndarray, smooth_yx: np.ndarray, drift: np.ndarray) -> dict:
+    """Split a smooth scan error into what data can tell apart. On a raster the scan time t is linear
+    in the scan indices (t = (row * n_cols + col) / (N - 1)), so a steady drift is exactly an affine
+    map plus an offset: no fit can tell it from a wrong step or shear. What is determined: the drift's
+    departure from steady, the drift minus the straight line from its first to its last value (zero at
+    the start and at the end of the scan), and the affine map that holds everything linear in the
+    nominal positions, the straight line included. nominal_yx, smooth_yx (N, 2) in one unit, drift
+    (N, 2) in that unit at the same N positions in acquisition order; returns the affine M (2, 2)
+    (about any centre: an offset absorbs the rest) and the departure (N, 2)."""
+    t = np.linspace(0.0, 1.0, len(drift))[:, None]
+    departure = drift - drift[:1] - t * (drift[-1:] - drift[:1])
+    design = np.column_stack([np.ones(len(nominal_yx)), nominal_yx])  # (N, 3)
+    coeffs, *_ = np.linalg.lstsq(design, smooth_yx - departure, rcond=None)  # exact: no residual
+    return {"affine": coeffs[1:].T, "drift_beyond_steady": departure}
+
+
+def describe_affine_yx(matrix: np.ndarray) -> dict:
+    """M = R(rotation) [[1 + scale_y, shear], [0, 1 + scale_x]] (scan_affine_matrix's form) read back:
+    scale_pct [y, x], rotation_deg and shear, by the QR decomposition with a positive diagonal."""
+    q, r = np.linalg.qr(np.asarray(matrix, dtype=np.float64))
+    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
+    q, r = q * signs[None, :], r * signs[:, None]
+    return {"scale_pct": [100 * (r[0, 0] - 1), 100 * (r[1, 1] - 1)],
+            "rotation_deg": float(np.degrees(np.arctan2(q[0, 1], q[0, 0]))), "shear": float(r[0, 1])}
 
 
 def realistic_scan(scan_shape: tuple[int, int], step_ang: float, dx_ang: float, seed: int) -> dict:
@@ -312,29 +325,11 @@ def simulate_realistic(path: Path, dose_e_per_ang2: float = REALISTIC_DOSE_E_PER
     patterns = patterns / patterns.sum(axis=(-2, -1)).mean() * dose_e_per_ang2 * step_ang**2
     patterns = np.random.default_rng(seed).poisson(patterns).astype(np.float32)
     wavelength = 12.398419843320026 / np.sqrt(ENERGY_KEV * (ENERGY_KEV + 2 * 510.99895))
-    split = identifiable_scan_error(scan["nominal"], scan["smooth"], scan["t"])
-    drift = drift_px(scan["t"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f["meas"] = patterns.reshape(SCAN_PX, SCAN_PX, DETECTOR_PX, DETECTOR_PX)
         f["truth_phase"] = phase_yx / SOURCE_POINTS
-        f["truth/positions_yx_ang"] = scan["true"]
-        f["truth/smooth_positions_yx_ang"] = scan["smooth"]
-        f["truth/nominal_positions_yx_ang"] = scan["nominal"]
-        f["truth/drift_px"] = drift
-        f["truth/drift_nonlinear_px"] = split["drift_nonlinear"] / dx_ang
-        f["truth/scan_time"] = scan["t"]
-        f["truth/source_offsets_yx_ang"] = _source_offsets_ang()
-        f["truth"].attrs.update({
-            "affine_yx": scan["affine"], "affine_centre_yx_ang": scan["centre"],
-            "scale_yx": SCAN_SCALE_YX, "rotation_deg": SCAN_ROTATION_DEG, "shear": SCAN_SHEAR,
-            "drift_settle_px": DRIFT_SETTLE_PX, "drift_settle_tau": DRIFT_SETTLE_TAU,
-            "drift_steady_px": DRIFT_STEADY_PX, "drift_end_px": drift[-1], "jitter_px": JITTER_PX,
-            "affine_with_steady_drift_yx": split["affine"],
-            "phonon_sigma_ang": PHONON_SIGMA_ANG, "phonon_configurations": SOURCE_POINTS,
-            "source_sigma_ang": SOURCE_SIGMA_ANG, "psf_core_px": PSF_CORE_PX, "psf_tail_px": PSF_TAIL_PX,
-            "psf_tail_fraction": PSF_TAIL_FRACTION, "seed": seed,
-        })
+        write_scan_truth(f, scan, dx_ang, seed)
         f.attrs.update({
             "energy_kev": ENERGY_KEV, "conv_angle_mrad": QUALITY_CONV_MRAD, "defocus_ang": DEFOCUS_ANG,
             "dk_mrad": dk_inv_ang * wavelength * 1e3, "dx_ang": dx_ang,
@@ -342,6 +337,40 @@ def simulate_realistic(path: Path, dose_e_per_ang2: float = REALISTIC_DOSE_E_PER
             "dose_e_per_ang2": dose_e_per_ang2, "truth_sampling_ang": period_ang / REALISTIC_GPTS,
         })
     return path
+
+
+def write_scan_truth(f: h5py.File, scan: dict, dx_ang: float, seed: int) -> None:
+    """The truth/ group of a realistic dataset: positions, drift, the scan-error parameters and their
+    identifiable split (identifiable_scan_error, in object pixels), replacing any there."""
+    if "truth" in f:
+        del f["truth"]
+    drift = drift_px(scan["t"])
+    split = identifiable_scan_error(scan["nominal"] / dx_ang, scan["smooth"] / dx_ang, drift)
+    departure = split["drift_beyond_steady"]
+    largest = [float(departure[np.argmax(np.abs(departure[:, axis])), axis]) for axis in (0, 1)]
+    effective = describe_affine_yx(split["affine"])
+    truth = f.create_group("truth")
+    truth["positions_yx_ang"] = scan["true"]
+    truth["smooth_positions_yx_ang"] = scan["smooth"]
+    truth["nominal_positions_yx_ang"] = scan["nominal"]
+    truth["drift_px"] = drift
+    truth["drift_beyond_steady_px"] = departure
+    truth["scan_time"] = scan["t"]
+    truth["source_offsets_yx_ang"] = _source_offsets_ang()
+    truth.attrs.update({
+        "affine_yx": scan["affine"], "affine_centre_yx_ang": scan["centre"],
+        "scale_yx": SCAN_SCALE_YX, "rotation_deg": SCAN_ROTATION_DEG, "shear": SCAN_SHEAR,
+        "drift_settle_px": DRIFT_SETTLE_PX, "drift_settle_tau": DRIFT_SETTLE_TAU,
+        "drift_steady_px": DRIFT_STEADY_PX, "drift_end_px": drift[-1], "jitter_px": JITTER_PX,
+        "affine_with_steady_drift_yx": split["affine"],
+        "affine_with_steady_drift_scale_pct": effective["scale_pct"],
+        "affine_with_steady_drift_rotation_deg": effective["rotation_deg"],
+        "affine_with_steady_drift_shear": effective["shear"],
+        "drift_beyond_steady_largest_px": largest,
+        "phonon_sigma_ang": PHONON_SIGMA_ANG, "phonon_configurations": SOURCE_POINTS,
+        "source_sigma_ang": SOURCE_SIGMA_ANG, "psf_core_px": PSF_CORE_PX, "psf_tail_px": PSF_TAIL_PX,
+        "psf_tail_fraction": PSF_TAIL_FRACTION, "seed": seed,
+    })
 
 
 def realistic_dataset(folder: Path, name: str = "realistic", seed: int = 0) -> Path:

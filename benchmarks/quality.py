@@ -62,6 +62,8 @@ RUNS = {
     "ptyflow-modes4": ("ptyflow", {"init.probe.n_modes": 4}, 1),
     "ptyflow-detector-blur": ("ptyflow", {"model_params.detector_blur_std": 0.6}, 1),
     "ptyflow-modes4-detector-blur": ("ptyflow", {"init.probe.n_modes": 4, "model_params.detector_blur_std": 0.6}, 1),
+    "ptyflow-true-positions-modes4": ("ptyflow", {**TRUE_POSITIONS, "init.probe.n_modes": 4}, 1),
+    "ptyflow-true-positions-detector-blur": ("ptyflow", {**TRUE_POSITIONS, "model_params.detector_blur_std": 0.6}, 1),
     "ptyflow-true-positions-modes4-detector-blur": (
         "ptyflow", {**TRUE_POSITIONS, "init.probe.n_modes": 4, "model_params.detector_blur_std": 0.6}, 1),
 }
@@ -101,6 +103,7 @@ def run_ptyflow(data: Path, slices: int, iterations: int, settings: dict, thread
             per_iteration = rec.state.history.get("seconds", [])[1:]  # the first includes start-up
             results.append({"iterations": stop, "phase_sum": model.objp.detach().cpu().numpy()[0].sum(axis=0),
                             "positions_px": model.centres_px(), "loss": list(rec.state.history.get("loss", [])),
+                            "validation_loss": (rec.state.history.get("validation_loss") or [None])[-1],
                             "seconds": seconds,
                             "s_per_it": float(np.median(per_iteration)) if per_iteration else None})
     return results
@@ -171,7 +174,15 @@ def main() -> None:
     parser.add_argument("--data", default=str(HERE / "results" / "abtem"), help="cache of the abTEM datasets")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--name", default="quality", help="output files NAME.json and NAME.md")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a setting added to every ptyflow run, e.g. recon_params.validation_fraction=0.05")
     args = parser.parse_args()
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE (VALUE in JSON)")
+        extra[key] = json.loads(value)
     score_at = tuple(int(i) for i in args.score_at.split(",") if i)
     unknown = [run for run in args.runs.split(",") if run not in RUNS]
     if unknown:
@@ -190,11 +201,12 @@ def main() -> None:
                 results = [run_ptyrad(args.ptyrad_python, data, slices, stop, settings, args.threads)
                            for stop in sorted({i for i in score_at if i < iterations} | {iterations})]
             else:
-                results = run_ptyflow(data, slices, iterations, settings, args.threads, score_at)
+                results = run_ptyflow(data, slices, iterations, {**settings, **extra}, args.threads, score_at)
             for result in results:
                 row = {"case": case, "run": run, "iterations": result["iterations"],
                        "pearson": round(score_run(result, data), 4),
                        "final_loss": result["loss"][-1] if len(result["loss"]) else None,
+                       "validation_loss": result.get("validation_loss"),
                        "seconds": round(result["seconds"], 1),
                        "s_per_it": round(result["s_per_it"], 4) if result["s_per_it"] is not None else None}
                 print(json.dumps(row), flush=True)

@@ -109,10 +109,13 @@ def run_ptyflow(data: Path, slices: int, iterations: int, settings: dict, thread
     return results
 
 
-def run_ptyrad(python: str, data: Path, slices: int, iterations: int, settings: dict, threads: int) -> dict:
+def run_ptyrad(python: str, data: Path, slices: int, iterations: int, settings: dict, threads: int,
+               score_at: tuple[int, ...] = ()) -> list[dict]:
+    """One PtyRAD run of ``iterations``; a result after each iteration of score_at (and the last)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "settings.json"
-        spec.write_text(json.dumps({"iterations": iterations, "threads": threads, "slices": slices, **settings}))
+        spec.write_text(json.dumps({"iterations": iterations, "threads": threads, "slices": slices,
+                                    "score_at": list(score_at), **settings}))
         out = Path(tmp) / "result.npz"
         started = time.perf_counter()
         proc = subprocess.run([python, str(HERE / "ptyrad_quality_driver.py"), str(data), str(spec), str(out)],
@@ -120,11 +123,19 @@ def run_ptyrad(python: str, data: Path, slices: int, iterations: int, settings: 
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"PtyRAD failed:\n{proc.stderr[-3000:]}")
         result = dict(np.load(out))
-    per_iteration = result["seconds"][1:]
-    return {"iterations": iterations, "phase_sum": result["objp"][0].sum(axis=0),
-            "positions_px": result["positions_px"], "loss": result["loss"].tolist(),
-            "seconds": time.perf_counter() - started,
-            "s_per_it": float(np.median(per_iteration)) if len(per_iteration) else None}
+    seconds, loss = result["seconds"], result["loss"].tolist()
+    per_iteration = seconds[1:]
+    results = []
+    for stop in sorted({i for i in score_at if i < iterations}):
+        results.append({"iterations": stop, "phase_sum": result[f"objp_iter{stop}"][0].sum(axis=0),
+                        "positions_px": result[f"positions_px_iter{stop}"], "loss": loss[:stop],
+                        "seconds": float(seconds[:stop].sum()),
+                        "s_per_it": float(np.median(seconds[1:stop])) if stop > 1 else None})
+    results.append({"iterations": iterations, "phase_sum": result["objp"][0].sum(axis=0),
+                    "positions_px": result["positions_px"], "loss": loss,
+                    "seconds": time.perf_counter() - started,
+                    "s_per_it": float(np.median(per_iteration)) if len(per_iteration) else None})
+    return results
 
 
 def score_run(result: dict, data: Path) -> float:
@@ -168,8 +179,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--cases", default="thin,thick", help="thin, thick, thin-clean, thick-clean, realistic")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {', '.join(RUNS)}")
-    parser.add_argument("--score-at", default="", help="also score at these iterations (e.g. 5,10,20): ptyflow "
-                        "scores one run as it goes, PtyRAD runs once per count (seed 0, the same start)")
+    parser.add_argument("--score-at", default="", help="also score at these iterations (e.g. 5,10,20): each "
+                        "run is scored as it goes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(HERE / "results" / "abtem"), help="cache of the abTEM datasets")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -198,8 +209,7 @@ def main() -> None:
             if "data.pos_key" in settings and not has_true_positions(data):
                 continue  # only the realistic case keeps the true positions
             if code == "ptyrad":
-                results = [run_ptyrad(args.ptyrad_python, data, slices, stop, settings, args.threads)
-                           for stop in sorted({i for i in score_at if i < iterations} | {iterations})]
+                results = run_ptyrad(args.ptyrad_python, data, slices, iterations, settings, args.threads, score_at)
             else:
                 results = run_ptyflow(data, slices, iterations, {**settings, **extra}, args.threads, score_at)
             for result in results:

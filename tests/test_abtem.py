@@ -247,8 +247,8 @@ def test_defaults_on_realistic_data_come_within_003_of_the_true_positions(realis
 def test_fitted_scan_affine_and_drift_match_the_truth(realistic_data, tmp_path):
     """Issue 30: the scan model's fitted affine map and drift (summary keys scan_affine and
     scan_drift_px) within 20 % of the truth after 20 iterations at the defaults. A steady drift on a
-    raster is an affine map (see abtem_data.identifiable_scan_error), so the affine is compared with
-    the truth's affine including the steady drift, and the drift with its nonlinear part."""
+    raster is an affine map (see abtem_data.identifiable_scan_error), so the truth is stated in the
+    model's own terms (_scan_truth_in_model_terms)."""
     from ptycho_core.stages.export import run_summary
     from ptycho_core.stages.segment import run_segment
 

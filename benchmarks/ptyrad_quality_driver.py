@@ -3,14 +3,16 @@
 Runs inside PtyRAD's own virtual environment (see benchmarks/README.md):
     python ptyrad_quality_driver.py DATA_H5 SETTINGS_JSON OUT_NPZ
 
-SETTINGS_JSON: {"iterations": N, "threads": T, "slices": Z, "params": {...}} where "params" is
-merged into PtyRAD's own parameter groups (e.g. {"model_params": {"update_params": ...}}); what
-it leaves out keeps PtyRAD's defaults. With "first_batch": true the driver also stores the initial
+SETTINGS_JSON: {"iterations": N, "threads": T, "slices": Z, "params": {...}, "score_at": [...]} where
+"params" is merged into PtyRAD's own parameter groups (e.g. {"model_params": {"update_params": ...}});
+what it leaves out keeps PtyRAD's defaults. With "score_at" the object phase and positions at those
+iterations are kept too (objp_iterN, positions_px_iterN). With "first_batch": true the driver also stores the initial
 tensors, the normalized measurements, the batches and the loss and gradients of the first batch,
 so ptyflow can be compared with it step by step (benchmarks/quality.py --compare-first-step).
 """
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -57,9 +59,14 @@ def main():
     merge(params, settings.get("params", {}))
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     load_params, solver_cls = load_ptyrad()
+    score_at = sorted(int(i) for i in settings.get("score_at", []) if int(i) < int(settings["iterations"]))
+    out = {}
+    if score_at:
+        params["recon_params"]["SAVE_ITERS"] = math.gcd(*score_at)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        capture_at(score_at, out)
     loaded = load_params(str(work / "params.yaml"), validate=True)
     solver = solver_cls(loaded, device="cpu", seed=0)
-    out = {}
     if settings.get("first_batch"):
         out.update(first_batch(solver, loaded))
     solver.run()
@@ -75,6 +82,23 @@ def main():
     })
     np.savez(out_path, **out)
     print("RESULT" + json.dumps({"iterations": len(model.iter_times), "out": str(out_path)}))
+
+
+def capture_at(iterations: list[int], out: dict) -> None:
+    """Keep the object phase and the positions at these iterations, in ``out`` as objp_iterN and
+    positions_px_iterN: PtyRAD's saving of intermediate results (called every SAVE_ITERS) is replaced
+    by a copy in memory, and its summary figures are not drawn."""
+    from ptyrad.solver import reconstruction
+
+    def keep(output_path, model, params, optimizer, scheduler, niter, *args, **kwargs):
+        if niter in iterations:
+            window = np.array(model.get_complex_probe_view().shape[-2:])
+            out[f"objp_iter{niter}"] = model.opt_objp.detach().numpy().copy()
+            out[f"positions_px_iter{niter}"] = (model.crop_pos.numpy() + model.opt_probe_pos_shifts.detach().numpy()
+                                                + window // 2)
+
+    reconstruction.save_results = keep
+    reconstruction.plot_summary = lambda *args, **kwargs: None
 
 
 def first_batch(solver, params) -> dict:

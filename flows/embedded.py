@@ -185,4 +185,11 @@ def _serve(app_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]))
+    try:
+        _serve(sys.argv[1], int(sys.argv[2]))
+    except BaseException as exc:  # noqa: BLE001 - one line: ptyflow reports the cause (or its wait names this exit)
+        # e.g. Prefect settings that do not load: ptyflow, which started this server before reading
+        # them, says so in its own one-line error; a screen of uvicorn's traceback here only hides it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"ptyflow's embedded Prefect server stopped: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        os._exit(3)  # not sys.exit: the thread blocked on stdin would make the interpreter's shutdown fail

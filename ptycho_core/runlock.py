@@ -37,16 +37,12 @@ def run_lock(run_dir: str | Path, owner: Optional[dict] = None) -> Iterator[dict
     paths.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not _flock_at_once(fd, fcntl.LOCK_EX):
             holder = _read_holder(paths.lock)
             raise RunDirError(
                 f"{paths.root} is in use by host {holder.get('host', '?')} PID {holder.get('pid', '?')} "
                 f"(since {holder.get('since', '?')}); wait for it to finish or use another run directory"
-            ) from None
+            )
         previous = _read_holder(paths.lock)
         if previous and previous.get("host") == socket.gethostname() and previous.get("pid") == os.getpid():
             previous = {}  # this process's own record, not a dead holder's
@@ -68,6 +64,17 @@ def run_lock(run_dir: str | Path, owner: Optional[dict] = None) -> Iterator[dict
         os.close(fd)  # releases the flock
 
 
+def _flock_at_once(fd: int, kind: int) -> bool:
+    """flock ``fd`` (LOCK_EX or LOCK_SH) without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
 def lock_holder(run_dir: str | Path) -> tuple[Optional[dict], Optional[dict]]:
     """(holder, stale): the record of the living process holding the run directory, or None; and
     the record a dead holder left in .lock (a SIGKILLed run), or None. Decided by the flock
@@ -78,11 +85,7 @@ def lock_holder(run_dir: str | Path) -> tuple[Optional[dict], Optional[dict]]:
     record = _read_holder(path) or None
     fd = os.open(path, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not _flock_at_once(fd, fcntl.LOCK_SH):
             return record or {}, None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None, record

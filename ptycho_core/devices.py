@@ -51,5 +51,3 @@ def using_device(device: torch.device):
     process's memory. (torch.cuda.device leaves without creating one on the device it restores.)"""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
-
-# --------------------------------------------------------------------------- the processes

@@ -9,6 +9,8 @@ Layout (HDF5, no pickle anywhere):
   /optimizer/state/<tensor name>/<key>   optimizer state keyed by tensor name, not by index
   /history/<column> loss history per completed iteration
   /partial_loss     attrs: loss sums of the batches done in an unfinished iteration
+  /scan_fit/<name>  where model_params.scan_fit stands (params, step, last_sign; scan_fit.py);
+                    absent before its first step
   /rng/torch_cpu    torch's global RNG state
 Writes go to a temp file in the same folder, are flushed and fsynced, then os.replace'd.
 """
@@ -73,6 +75,7 @@ class Checkpoint:
     config_hash: str
     format_version: int = FORMAT_VERSION
     attrs: dict[str, Any] = field(default_factory=dict)
+    scan_fit: dict[str, np.ndarray] = field(default_factory=dict)  # empty: no step of the fit yet
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.tensors.items()}
@@ -88,6 +91,7 @@ class ResultView:
     dx_ang: float
     iteration: int
     history: dict[str, list[float]]
+    scan_fit: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def shape_hash(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -285,6 +289,7 @@ def save_checkpoint(
     partial_loss: Optional[dict[str, float]] = None,
     history: Optional[dict[str, list[float]]] = None,
     config_hash: str = "",
+    scan_fit: Optional[dict[str, np.ndarray]] = None,
 ) -> Path:
     """Write model.hdf5 atomically; returns the path."""
     path = Path(path)
@@ -324,6 +329,10 @@ def save_checkpoint(
                 hist.create_dataset(key, data=np.asarray(values, dtype=np.float64))
             partial = f.create_group("partial_loss")
             partial.attrs.update({k: float(v) for k, v in (partial_loss or {}).items()})
+            if scan_fit:
+                fit = f.create_group("scan_fit")
+                for key, values in scan_fit.items():
+                    fit.create_dataset(key, data=np.asarray(values, dtype=np.float64))
             f.create_group("rng").create_dataset("torch_cpu", data=torch.get_rng_state().numpy())
             f.flush()
             f.attrs["complete"] = True  # the completeness mark goes last
@@ -390,6 +399,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 format_version=int(version),
                 attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v)
                        for k, v in attrs.items()},
+                scan_fit={k: _array(f["scan_fit"][k]) for k in f["scan_fit"]} if "scan_fit" in f else {},
             )
     except CheckpointError as exc:
         if str(exc).startswith(str(path)):

@@ -268,6 +268,36 @@ class LrSchedule(_Strict):
         return max(self.gamma ** steps, self.min_factor)
 
 
+class ScanFitParams(_Strict):
+    """The scan's smooth error (an affine map of the nominal positions and a drift over the
+    acquisition time) fitted from start_iter by joint moves of the probes and the object
+    (ptycho_core/scan_fit.py). It runs only while the positions and the object are refined at all
+    (update_params.probe_pos_shifts and objp or obja have a start_iter and an lr), and resamples only
+    the object tensors that are optimized; the per-position refinement starts from what it fitted."""
+
+    start_iter: Optional[int] = Field(2, ge=1, description="first iteration the fit steps at (typical 2; null: off)")
+    stop_iter: Optional[int] = Field(10, ge=1, description=(
+        "last iteration it steps at (typical 10; null: to the end). Each step costs about one more pass over the "
+        "patterns (forward and backward, no optimizer step)"))
+    drift_segments: int = Field(8, ge=1, description=(
+        "pieces of the piecewise-linear drift over the acquisition time (1: no drift beyond the affine map; typical "
+        "8: a stage that settles within a tenth of the scan)"))
+    affine_step: float = Field(0.01, gt=0, description=(
+        "first step of each affine term (dimensionless: 0.01 is 1 % of scale, or 0.01 rad of rotation); steps "
+        "grow 1.2x while the gradient's sign holds, halve when it flips, and stay under 4x this"))
+    drift_step_px: float = Field(0.5, gt=0, description="first step of each drift knot (px; typical 0.5), as affine_step")
+    fit_scale: bool = Field(False, description=(
+        "also fit the scan's common scale (both axes alike). Off by default: it trades against the probe's defocus "
+        "(the size of the shadow image in each pattern), and on abTEM data of thin SrTiO3 it ran to +8 % and the "
+        "image fell apart; the scale of y against x, rotation and shear are always fitted"))
+
+    @model_validator(mode="after")
+    def _order(self) -> "ScanFitParams":
+        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter < self.start_iter:
+            raise ValueError(f"stop_iter ({self.stop_iter}) is before start_iter ({self.start_iter})")
+        return self
+
+
 class ModelParams(_Strict):
     obj_preblur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (px) on the object before the forward pass")
     detector_blur_std: Optional[float] = Field(None, ge=0, description="Gaussian std (detector px) on the predicted pattern")
@@ -277,6 +307,7 @@ class ModelParams(_Strict):
         "2/3, abTEM's antialiasing aperture); null: no limit. Off by default: the detector records scattering out "
         "to Nyquist, and on abTEM data of 9.4 nm SrTiO3 the limit lowered the 20-iteration phase Pearson from "
         "0.93 to 0.90 and cost 1.5x the time per iteration")
+    scan_fit: ScanFitParams = Field(default_factory=ScanFitParams)
     optimizer_params: OptimizerParams = Field(default_factory=OptimizerParams)
     lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
     update_params: UpdateParams = Field(default_factory=UpdateParams)

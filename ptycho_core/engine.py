@@ -23,6 +23,7 @@ from .collective import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
 from .model import PtychoAD
+from .scan_fit import ScanFit, ScanFitState, scan_fit_step
 
 
 class NumericalError(RuntimeError):
@@ -188,6 +189,7 @@ class EngineState:
     # parts each batch's gradient is computed in: doubles when a batch does not fit in (GPU)
     # memory, and stays so for the rest of the process's run (not saved: a resume finds it again)
     micro_batches: int = 1
+    scan_fit: Optional[ScanFitState] = None  # model_params.scan_fit: where the fit stands
 
     def record(self, row: dict[str, float]) -> None:
         for key, value in row.items():
@@ -212,6 +214,7 @@ class Problem:
     collective: Collective = field(default_factory=Collective)  # this process, or one rank of several
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    scan_fit: Optional[ScanFit] = None  # model_params.scan_fit (None: off)
 
     def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
         """The patterns the optimizer sees, (N - held out,); None: all of them."""
@@ -422,6 +425,18 @@ def _run_batches(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Pro
     return sums
 
 
+def _fit_scan(model: PtychoAD, problem: Problem, state: EngineState, iteration: int) -> None:
+    """A step of the scan's smooth error (scan_fit.py), after the iteration's optimizer steps and
+    before the constraints: positions and object move together, every process alike (each sums
+    the same gradients)."""
+    fit = problem.scan_fit
+    if fit is None or not fit.active(iteration):
+        return
+    weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+    state.scan_fit = scan_fit_step(model, fit, state.scan_fit or fit.initial_state(), problem.measurements,
+                                   weights, problem.collective, problem.batch_size)
+
+
 def _end_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
     """What follows an iteration's steps: the constraints, the held-out patterns' positions, the
     probe windows, and the processes' tensors made equal."""
@@ -466,6 +481,7 @@ def run_iterations(
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
         _check_finite(model, sums["total"], iteration)
         totals = {k: float(v) for k, v in sums.items()}
+        _fit_scan(model, problem, state, iteration)
         _end_iteration(model, optimizer, problem, iteration)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})

@@ -15,6 +15,7 @@ from .rundir import (
     segment_ends,
 )
 from .runlock import lock_holder
+from .scan_fit import describe as describe_scan_fit
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -34,6 +35,7 @@ def inspect_path(path: str | Path) -> dict:
             "batch_cursor": ckpt.batch_cursor,
             "last_loss": last_value(ckpt.history, "loss"),
             "last_validation_loss": last_value(ckpt.history, "validation_loss"),
+            "scan_fit": describe_scan_fit(ckpt.scan_fit["params"]) if ckpt.scan_fit else None,
             "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
             "optimizer": ckpt.optimizer_name,
             "optimizer_state_for": sorted(ckpt.optimizer_state),
@@ -58,6 +60,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         "segments_done": 0,
         "last_loss": None,
         "last_validation_loss": None,  # recon_params.validation_fraction > 0: the held-out patterns' loss
+        "scan_fit": None,  # model_params.scan_fit: the scan's fitted affine map and drift
         "checkpoints": checkpoint_summary(run_dir),
         "export": paths.result.is_dir(),
         "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
@@ -78,6 +81,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         segments_done=sum(1 for e in all_ends if e <= done),
         last_loss=last_value(ckpt.history, "loss") if ckpt else None,
         last_validation_loss=last_value(ckpt.history, "validation_loss") if ckpt else None,
+        scan_fit=describe_scan_fit(ckpt.scan_fit["params"]) if ckpt and ckpt.scan_fit else None,
     )
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

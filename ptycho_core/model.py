@@ -146,6 +146,13 @@ class PtychoAD(torch.nn.Module):
         return corners + np.array(self.window) // 2
 
     @torch.no_grad()
+    def move_probes(self, moves_px: torch.Tensor) -> None:
+        """Move every probe by ``moves_px`` (N, 2), (y, x) in px (the scan fit's joint move; its
+        windows follow at ``recentre_windows``)."""
+        self.probe_pos_shifts.add_(moves_px.to(self.probe_pos_shifts.dtype))
+        self._nonzero_shifts = True
+
+    @torch.no_grad()
     def recentre_windows(self) -> int:
         """Move every probe window whose sub-pixel shift has grown past half a pixel by the whole
         pixels of that shift, keeping the remainder as the shift (the probe stays where it is).

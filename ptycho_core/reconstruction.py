@@ -42,6 +42,7 @@ from .measurements import TierChoice, choose_tier, open_feed
 from .model import TENSOR_NAMES, PtychoAD, UpdateRule
 from .physics import aberration_coefficients, make_probe
 from .resample import read_previous, resample_object, resample_probe
+from .scan_fit import ScanFit, read_state as read_scan_fit
 
 
 def initial_tensors(config: PtyflowConfig, prep: Preprocessed, mean_counts: float) -> dict[str, torch.Tensor]:
@@ -115,6 +116,20 @@ def _probe_from_file(config: PtyflowConfig, prep: Preprocessed) -> torch.Tensor:
     if probe.shape[0] < n_modes:
         raise DataError(f"init.probe.n_modes is {n_modes} but {src.path}:{src.key} holds {probe.shape[0]} mode(s)")
     return probe[:n_modes]
+
+
+def scan_fit_for(config: PtyflowConfig, nominal_centres_px: np.ndarray, held_out: np.ndarray) -> Optional[ScanFit]:
+    """model_params.scan_fit for this run, None when off: no start_iter, positions not refined, or
+    an object that is not optimized (nothing that must follow the probes)."""
+    settings = config.model_params.scan_fit
+    positions = config.model_params.update_params.probe_pos_shifts
+    objects = [getattr(config.model_params.update_params, name) for name in ("objp", "obja")]
+    if settings.start_iter is None or positions.start_iter is None or not positions.lr:
+        return None
+    if not any(o.start_iter is not None and o.lr for o in objects):
+        return None  # a fixed object: the positions alone are refined, by their own gradient
+    trained = np.setdiff1d(np.arange(len(nominal_centres_px)), held_out)
+    return ScanFit(nominal_centres_px, settings, trained)
 
 
 def update_rules(config: PtyflowConfig) -> dict[str, UpdateRule]:
@@ -193,13 +208,15 @@ class Reconstruction:
             lr_factor=config.model_params.lr_schedule.factor,
             collective=collective,
             validation_indices=validation,
+            scan_fit=scan_fit_for(config, prep.geometry.positions_px, validation),
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:
             source = read_checkpoint(config.init.model_path)
             rec._load_tensors(source)
             if config.init.continue_iteration:
-                rec.state = EngineState(iteration=source.iteration, history={k: list(v) for k, v in source.history.items()})
+                rec.state = EngineState(iteration=source.iteration, history={k: list(v) for k, v in source.history.items()},
+                                        scan_fit=read_scan_fit(source.scan_fit, problem.scan_fit))
         if opt_params.load_state:
             source = read_checkpoint(opt_params.load_state)
             check_shapes(source, model)
@@ -224,6 +241,7 @@ class Reconstruction:
             batch_cursor=ckpt.batch_cursor,
             partial_loss=dict(ckpt.partial_loss),
             history={k: list(v) for k, v in ckpt.history.items()},
+            scan_fit=read_scan_fit(ckpt.scan_fit, self.problem.scan_fit),
         )
 
     def run(self, to_iteration: int, stop_requested: Callable[[], bool] = lambda: False,
@@ -240,10 +258,12 @@ class Reconstruction:
             tensors={name: t.cpu() for name, t in self.model.tensors().items()},
             crop_pos=self.model.crop_pos.cpu(), dx_ang=self.model.dx_ang, iteration=self.state.iteration,
             history={k: list(v) for k, v in self.state.history.items()},
+            scan_fit=self.state.scan_fit.arrays() if self.state.scan_fit else {},
         )
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
             self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
+            scan_fit=self.state.scan_fit.arrays() if self.state.scan_fit else None,
         )

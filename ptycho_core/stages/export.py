@@ -9,6 +9,7 @@ from ..checkpoint import Checkpoint, last_value
 from ..config import PtyflowConfig
 from ..io.preprocess import read_preprocessed
 from ..quality import phase_pearson, scanned_field_mask
+from ..scan_fit import describe as describe_scan_fit
 from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config
 
 
@@ -57,6 +58,8 @@ def run_summary(run_dir: str | Path, ckpt: Optional[Checkpoint] = None, prep=Non
         "iterations": len(seconds),
         "seconds_in_iterations": float(sum(seconds)),
         "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0,
+        # model_params.scan_fit: how far off the scan was (a user wants to know it was 3 % off)
+        "scan_fit": describe_scan_fit(ckpt.scan_fit["params"]) if ckpt.scan_fit else None,
     }
     summary.update(quality_vs_truth(run_dir, ckpt, prep, config))
     return summary

@@ -184,7 +184,7 @@ def realistic_data(tmp_path_factory):
 
 
 # issue 30 (2026-12-04, benchmarks/measured/realistic.md): given the true positions, the defaults reached
-# 0.909 in 20 iterations; given the nominal raster 0.685
+# 0.896 in 20 iterations (0.909 before the scan fit); given the nominal raster 0.808 (0.685 before)
 TRUE_POSITIONS_FLOOR = 0.87
 
 
@@ -233,9 +233,9 @@ def test_realistic_dataset_keeps_its_truth(realistic_data, tmp_path):
                                truth["positions_yx_ang"], atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 30 open: from the nominal raster the defaults reach 0.685 against "
-                   "0.909 given the true positions (benchmarks/measured/realistic.md); the scan-model branch "
-                   "reached 0.709. Strict: once it passes, remove this mark")
+@pytest.mark.xfail(strict=True, reason="issue 30 open: from the nominal raster the defaults (with the scan fit) "
+                   "reach 0.808 against 0.896 given the true positions (benchmarks/measured/realistic.md); "
+                   "strict: once it passes, remove this mark")
 def test_defaults_on_realistic_data_come_within_003_of_the_true_positions(realistic_data, tmp_path):
     """Issue 30: on data with scan errors, the defaults given the nominal raster reach in 20 iterations
     a phase Pearson within 0.03 of the same run given the positions the probe really had."""

@@ -70,6 +70,7 @@ class ScanFit:
         n = len(centres)
         self.settings = settings
         self.subset = np.asarray(subset, dtype=np.int64)
+        self._mean_intensity: Optional[torch.Tensor] = None  # of the subset's patterns, read at the first step
         self.centre = centres.mean(axis=0)
         r = centres - self.centre
         segments = settings.drift_segments
@@ -99,6 +100,17 @@ class ScanFit:
             d = np.sqrt(((sample[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
             d[d == 0] = np.inf
             self.spread_px = float(max(np.median(d.min(axis=1)), 1.0))
+
+    def mean_intensity(self, feed, chunks: list[torch.Tensor], collective: Collective, model: PtychoAD) -> torch.Tensor:
+        """The subset's mean intensity per pixel (), which its score divides by: read once per run
+        (data only), so the patterns stream through each step a batch at a time."""
+        if self._mean_intensity is None:
+            total = torch.zeros((), dtype=torch.float64, device=model.obja.device)
+            with torch.no_grad(), feed.prefetch(chunks) as fed:
+                for meas in fed:
+                    total = total + meas.sum(dtype=torch.float64)
+            self._mean_intensity = collective.sum(total) / (len(self.subset) * math.prod(model.window))
+        return self._mean_intensity.to(model.objp.dtype)
 
     @property
     def n_params(self) -> int:
@@ -211,17 +223,14 @@ def _joint_move_gradient(model: PtychoAD, fit: ScanFit, feed, weights: dict[str,
     try:
         for t in leaves:
             t.requires_grad_(True)
-        with feed.prefetch(chunks) as fed:
-            batches = list(zip(chunks, fed))
-        total = sum((m.sum(dtype=torch.float64) for _, m in batches), torch.zeros((), dtype=torch.float64, device=device))
-        pixels = len(fit.subset) * math.prod(model.window)
-        stats = BatchStats(size=len(fit.subset), meas_mean=(collective.sum(total) / pixels).to(model.objp.dtype),
+        stats = BatchStats(size=len(fit.subset), meas_mean=fit.mean_intensity(feed, chunks, collective, model),
                            meas_pattern=None)
-        for chunk, meas in batches:
-            loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
-            for acc, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True)):
-                if g is not None:
-                    acc += g
+        with feed.prefetch(chunks) as fed:
+            for chunk, meas in zip(chunks, fed):
+                loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
+                for acc, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True)):
+                    if g is not None:
+                        acc += g
     finally:
         for t, flag in zip(leaves, flags):
             t.requires_grad_(flag)

@@ -100,6 +100,14 @@ def test_the_fit_is_reported_by_summary_and_inspect(drifted, tmp_path):
     for fit in (summary["scan_fit"], report["scan_fit"]):
         assert fit == describe(rec.state.scan_fit.params)
         assert len(fit["scan_drift_px"]) == config.model_params.scan_fit.drift_segments - 1
+    # the CLI says it on one line, in a user's units
+    import subprocess
+
+    from conftest import cli
+    shown = subprocess.run(cli("inspect", run_dir / "checkpoints" / "iter_000004.h5"), capture_output=True, text=True)
+    line = next(l for l in shown.stdout.splitlines() if l.startswith("scan_fit:"))
+    scale_y = summary["scan_fit"]["scan_scale_pct"][0]
+    assert f"step {scale_y:+.2f} % (y)" in line and "rotation" in line and "drift" in line, line
 
 
 def test_the_fit_is_off_when_positions_are_not_refined(small_dataset):

@@ -10,7 +10,9 @@ import torch
 from .config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    """recon_params.device (or a torch.device) as the device this process computes on: 'auto'
+    chosen, a bare 'cuda' numbered (the one place that numbers it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)

@@ -106,7 +106,7 @@ class _Prefetcher:
     def _run(self, load, device):
         for indices in self.batches:
             try:
-                if device.type == "cuda" and device.index is not None:
+                if device.type == "cuda":  # numbered: Reconstruction.create resolves every device
                     torch.cuda.set_device(device)  # a no-op after the first batch
                 item = (load(indices), None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread

@@ -159,7 +159,7 @@ class Reconstruction:
         recon = config.recon_params
         if recon.threads:
             torch.set_num_threads(recon.threads)
-        device = device if device is not None else resolve_device(recon.device)
+        device = resolve_device(device if device is not None else recon.device)
         collective = collective if collective is not None else Collective()
         owned = collective.owned(prep.n_patterns)
         real = getattr(torch, recon.dtype)

@@ -30,6 +30,7 @@ EXIT_NUMERICAL = 3
 EXIT_STORAGE = 4
 EXIT_DISTRIBUTED = 5  # a rank of a multi-process run died; the newest checkpoint is intact
 EXIT_OUT_OF_MEMORY = 6  # the GPU ran out of memory where a smaller batch cannot help
+EXIT_ACQUISITION_STOPPED = 7  # live mode: the data stopped growing short of the planned scan
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -138,7 +139,7 @@ def _stopped_on_error(server):
 
 
 def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Optional[str] = None,
-              before: Optional[dict] = None) -> dict:
+              before: Optional[dict] = None, follow: bool = False) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured).
 
     server: what the caller's _early_server returned (an embedded server, or None when one is
@@ -178,7 +179,7 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
             try:
                 flow_started = time.perf_counter()
                 with stopping.stage("Prefect's calls"), progress_hooks.reporting_to(reporter):
-                    summary = reconstruct(cfg.to_dict(), str(run_dir))
+                    summary = reconstruct(cfg.to_dict(), str(run_dir), follow=follow)
                 flow_seconds = time.perf_counter() - flow_started
             except BaseException:
                 if stopping.requested():
@@ -229,10 +230,19 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's own log lines"),
     devices: Optional[str] = typer.Option(
         None, "--devices", help="recon_params.devices for this run: a GPU count (4), GPU ids (0,2) or cpu:N"),
+    follow: bool = typer.Option(
+        False, "--follow", help="live mode: the data file is still being written; reconstruct from its first rows "
+        "on, and finish when the planned scan is complete (settings: the config's live group)"),
 ):
     """Reconstruct the dataset of CONFIG into RUN_DIR (resumes what is already there)."""
     started = time.perf_counter()
-    summary = _run_flow(str(config), run_dir.resolve(), _early_server(verbose), verbose, devices)
+    server = _early_server(verbose)
+    if follow:
+        from ptycho_core.stages.live import wait_for_data
+
+        with _stopped_on_error(server), stopping.stage("the wait for the data file"):
+            wait_for_data(config)
+    summary = _run_flow(str(config), run_dir.resolve(), server, verbose, devices, follow=follow)
     _print_summary(summary, time.perf_counter() - started)
 
 
@@ -463,6 +473,7 @@ def _report(exc: Exception) -> int:
     from ptycho_core.engine import NumericalError
     from ptycho_core.io.readers import DataError
     from ptycho_core.rundir import Preempted, RunDirError
+    from ptycho_core.stages.live import AcquisitionStopped
 
     if isinstance(exc, Preempted):
         console.print(f"[yellow]{exc}[/yellow]; rerun the same command to resume")
@@ -471,6 +482,9 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, (ConfigError, DataError, CheckpointError, RunDirError, UserError)):
         console.print(f"[red]error:[/red] {_one_line(exc)}", highlight=False)
         return EXIT_USER_ERROR
+    if isinstance(exc, AcquisitionStopped):
+        console.print(f"[red]{_one_line(exc)}[/red]", highlight=False)
+        return EXIT_ACQUISITION_STOPPED
     if isinstance(exc, NumericalError):
         console.print(f"[red]numerical failure:[/red] {exc}", highlight=False)
         return EXIT_NUMERICAL

@@ -19,6 +19,7 @@ import torch
 
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints, place_held_out
+from .arrivals import Arrivals
 from .collective import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
@@ -188,6 +189,8 @@ class EngineState:
     # parts each batch's gradient is computed in: doubles when a batch does not fit in (GPU)
     # memory, and stays so for the rest of the process's run (not saved: a resume finds it again)
     micro_batches: int = 1
+    # live mode: the (acquired, acquiring) the iteration in progress draws with (arrivals.Arrivals)
+    arrivals_in: Optional[tuple[int, bool]] = None
 
     def record(self, row: dict[str, float]) -> None:
         for key, value in row.items():
@@ -212,6 +215,8 @@ class Problem:
     collective: Collective = field(default_factory=Collective)  # this process, or one rank of several
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # live mode: the patterns acquired so far, which the batches are drawn from; None: all of them
+    arrivals: Optional[Arrivals] = None
 
     def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
         """The patterns the optimizer sees, (N - held out,); None: all of them."""
@@ -459,8 +464,15 @@ def run_iterations(
         iteration = state.iteration + 1
         _begin_iteration(model, optimizer, problem, iteration)
         started = time.perf_counter()
-        batches = iteration_batches(problem, iteration, trained, n)
-        sums = _run_batches(model, optimizer, problem, state, batches, iteration, n_trained, stop_requested, warn)
+        drawn, arrival_fields = trained, {}
+        if problem.arrivals is not None:  # live mode: from the acquired patterns, the ones behind first
+            drawn, arrival_fields = problem.arrivals.draw(
+                state.history, trained if trained is not None else np.arange(n), n,
+                state.arrivals_in if state.batch_cursor else None)
+            state.arrivals_in = (int(arrival_fields["patterns_in"]), bool(arrival_fields["acquiring"]))
+        batches = iteration_batches(problem, iteration, drawn, n)
+        n_drawn = n_trained if drawn is None else len(drawn)
+        sums = _run_batches(model, optimizer, problem, state, batches, iteration, n_drawn, stop_requested, warn)
         if sums is None:
             return True
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
@@ -469,6 +481,7 @@ def run_iterations(
         _end_iteration(model, optimizer, problem, iteration)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
+        row.update(arrival_fields)
         if held_out_mean is not None:
             row["validation_loss"] = validation_loss(model, problem, held_out_mean)
         row["seconds"] = time.perf_counter() - started

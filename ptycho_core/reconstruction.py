@@ -27,6 +27,7 @@ from .checkpoint import (
 from .config import PtyflowConfig
 from .devices import resolve_device
 from .constraints import DataContext, held_out_neighbours
+from .arrivals import Arrivals
 from .collective import Collective
 from .engine import (
     EngineState,
@@ -193,6 +194,7 @@ class Reconstruction:
             lr_factor=config.model_params.lr_schedule.factor,
             collective=collective,
             validation_indices=validation,
+            arrivals=(Arrivals(prep.acquired, prep.acquisition == "acquiring") if prep.acquired is not None else None),
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:
@@ -224,6 +226,8 @@ class Reconstruction:
             batch_cursor=ckpt.batch_cursor,
             partial_loss=dict(ckpt.partial_loss),
             history={k: list(v) for k, v in ckpt.history.items()},
+            arrivals_in=((int(ckpt.attrs["patterns_in"]), bool(ckpt.attrs["acquiring"]))
+                         if "patterns_in" in ckpt.attrs else None),
         )
 
     def run(self, to_iteration: int, stop_requested: Callable[[], bool] = lambda: False,
@@ -246,4 +250,5 @@ class Reconstruction:
         return save_checkpoint(
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
             self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
+            arrivals_in=self.state.arrivals_in,
         )

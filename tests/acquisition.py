@@ -60,6 +60,7 @@ class Plan:
     pause_s: float = 0.0
     name: str = "scan"
     meta: dict = field(default_factory=dict)  # energy_kev, step_ang for the files that state them
+    truth_from: Optional[str] = None  # hdf5: copy this data.h5's ground_truth (and preset) into the file
 
     @property
     def data_path(self) -> Path:
@@ -135,6 +136,10 @@ class Acquisition:
             meas = f.create_dataset("meas", shape=(0, cols, ky, kx), maxshape=(n_rows, cols, ky, kx),
                                     chunks=(1, 1, ky, kx), dtype=np.float32)
             f.create_dataset("positions_ang", data=self.positions_ang)
+            if self.plan.truth_from:
+                with h5py.File(self.plan.truth_from, "r") as source:
+                    source.copy("ground_truth", f)
+                    f.attrs["preset"] = source.attrs["preset"]
             f.swmr_mode = True
             for row, frames in self._rows(rows):
                 meas.resize(row + 1, axis=0)
@@ -145,7 +150,8 @@ class Acquisition:
         path = self.plan.data_path
         n_rows, cols = self.patterns.shape[:2]
         path.with_suffix(".hdr").write_text(
-            f"HDR,\t\nFrames in Acquisition (Number):\t{n_rows * cols}\nFrames per Trigger (Number):\t{cols}\nEnd\t\n")
+            "HDR,\t\nTime and Date Stamp (day, mnth, yr, hr, min, s):\t04/12/2026 12:00:00\n"
+            f"Frames in Acquisition (Number):\t{n_rows * cols}\nFrames per Trigger (Number):\t{cols}\nEnd\t\n")
         with open(path, "wb") as fh:
             for row, frames in self._rows(rows):
                 for col, frame in enumerate(frames):
@@ -199,8 +205,10 @@ class Acquisition:
 def mib_frame(index: int, frame: np.ndarray) -> bytes:
     """One Merlin frame: a 384-byte ASCII header, then the counts as big-endian uint32, stored top
     to bottom so that RosettaSciIO (which shows frames turned over) reads back ``frame``."""
-    fields = ["MQ1", f"{index + 1:06d}", f"{MIB_HEADER_BYTES:05d}", "01", f"{frame.shape[1]:04d}",
-              f"{frame.shape[0]:04d}", "U32", "   1x1", "01", "2026-12-04 12:00:00.000000", "0.000100", "0", "0", "0"]
+    fields = (["MQ1", f"{index + 1:06d}", f"{MIB_HEADER_BYTES:05d}", "01", f"{frame.shape[1]:04d}",
+               f"{frame.shape[0]:04d}", "U32", "   1x1", "01", "2026-12-04 12:00:00.000000", "0.000100", "0", "0", "0"]
+              + ["1.000000E+1"] + ["0.000000E+0"] * 7 + ["3RX"] + ["175", "511"] + ["000"] * 25
+              + [f"2026-12-04T12:00:00.{index:09d}Z", "100000ns", "12", ""])  # thresholds, DACs, time stamps
     header = ",".join(fields).encode("ascii").ljust(MIB_HEADER_BYTES, b" ")
     return header + np.round(frame[::-1]).astype(">u4").tobytes()
 

@@ -101,7 +101,13 @@ def _follow_dectris(path: Path, data) -> Optional[PatternSource]:
     if not datasets:
         f.close()
         return None
-    return PatternSource(path, DECTRIS_DATA, _Frames(datasets), f.close)
+
+    def close() -> None:  # the data files too: HDF5 would hand a later open of one this open copy
+        for chunk in datasets:
+            chunk.file.close()
+        f.close()
+
+    return PatternSource(path, DECTRIS_DATA, _Frames(datasets), close)
 
 
 def _calibration(path: Path, data) -> dict:

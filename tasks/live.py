@@ -22,7 +22,7 @@ from ptycho_core.checkpoint import read_checkpoint
 from ptycho_core.config import config_from_dict
 from ptycho_core.io.figures import thumbnail_pngs
 from ptycho_core.rundir import newest_checkpoint
-from ptycho_core.stages.live import LiveState, look, prepare_live
+from ptycho_core.stages.live import LiveState, drop_older_checkpoints, look, prepare_live
 from ptycho_core.stages.segment import run_segment
 from tasks import progress, stopping
 
@@ -49,8 +49,11 @@ def follow_acquisition(config: dict, run_dir: str) -> dict:
                                   on_iteration=progress.iteration_done, warn=logger.warning, info=logger.info,
                                   signal_name=lambda: requested() or "signal", figures=False)
         progress.segment_done(outcome)
+        drop_older_checkpoints(run_dir)
         with stopping.stage("the live preview"):
             progress_id = _publish_preview(run_dir, state, outcome, progress_id)
+        logger.info("live preview: %d of %d patterns acquired, iteration %d", state.acquired, state.planned,
+                    outcome.iteration)
         with stopping.stage("the look for new rows"):
             state = look(cfg, run_dir, state, outcome.iteration, info=logger.info, warn=logger.warning)
     return state.as_dict()
@@ -59,7 +62,7 @@ def follow_acquisition(config: dict, run_dir: str) -> dict:
 def _publish_preview(run_dir: str, state: LiveState, outcome, progress_id):
     """The object phase and the loss so far (one markdown artifact under a stable key) and the
     progress artifact (patterns acquired, iterations done)."""
-    pngs = thumbnail_pngs(read_checkpoint(outcome.checkpoint))
+    pngs = thumbnail_pngs(read_checkpoint(outcome.checkpoint), min_px=240)
     images = " ".join(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})"
                       for name, png in pngs.items())
     where = f"{state.acquired} of {state.planned} patterns acquired, iteration {outcome.iteration}"

@@ -144,7 +144,8 @@ def test_a_writer_that_stops_short_is_reported_and_finished_only_when_the_config
         _follow(config, tmp_path / "run")
     assert read_preprocessed(tmp_path / "run" / "preprocessed.h5").acquisition == "acquiring"  # kept, not finished
 
-    finishing = _config(small_dataset, plan, tmp_path, live={"timeout_s": 30, "poll_s": 0.05, "finish_incomplete": True})
+    finishing = _config(small_dataset, plan, tmp_path, live={"timeout_s": 30, "poll_s": 0.05, "finish_incomplete": True},
+                        recon_params={"segment_iterations": 2})
     state = _follow(finishing, tmp_path / "run")  # the rerun with the setting finishes on what exists
     assert state.acquisition == "ended short" and state.acquired == 96
     cfg = load_run_config(finishing)
@@ -175,11 +176,12 @@ def _run_follow(config: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
 @pytest.mark.parametrize("layout", ["hdf5", "mib", "dectris"])
 def test_a_live_run_on_a_growing_file_reaches_the_offline_quality(small_dataset, tmp_path, layout):
     data_h5 = Path(small_dataset).parent / "data.h5"
-    plan = Plan(layout=layout, out_dir=str(tmp_path / "data"), frames_per_s=25.0, meta={"energy_kev": 300.0},
+    plan = Plan(layout=layout, out_dir=str(tmp_path / "data"), frames_per_s=12.0, meta={"energy_kev": 300.0},
                 truth_from=str(data_h5))
     config = _config(small_dataset, plan, tmp_path, live={"timeout_s": 60, "poll_s": 0.1})
-    writer = start_subprocess(data_h5, plan)  # 256 frames at 25/s: about 10 s of acquisition
-    run = _run_follow(config, tmp_path / "live")
+    run = _run_follow(config, tmp_path / "live")  # waits for the data file to appear
+    time.sleep(2.0)
+    writer = start_subprocess(data_h5, plan)  # 256 frames at 12/s: about 21 s of acquisition
     out, _ = run.communicate(timeout=600)
     writer.communicate(timeout=60)
     assert run.returncode == 0, out
@@ -192,6 +194,8 @@ def test_a_live_run_on_a_growing_file_reaches_the_offline_quality(small_dataset,
     assert live_q > offline_q - 0.01, (live_q, offline_q)
     # the same iterations over all patterns after completion as the offline run does in all
     assert int((acquiring == 0).sum()) == yaml.safe_load(config.read_text())["recon_params"]["iterations"]
+    # a checkpoint per look while acquiring, but only the newest two of those are kept
+    assert len(list((tmp_path / "live" / "checkpoints").glob("iter_*.h5"))) <= 2 + 3
 
 
 @pytest.mark.slow
@@ -199,8 +203,9 @@ def test_a_live_run_stopped_by_sigterm_mid_acquisition_resumes_and_finishes_as_w
     data_h5 = Path(small_dataset).parent / "data.h5"
     plan = Plan(layout="hdf5", out_dir=str(tmp_path / "data"), frames_per_s=16.0, truth_from=str(data_h5))
     config = _config(small_dataset, plan, tmp_path, live={"timeout_s": 60, "poll_s": 0.1})
-    writer = start_subprocess(data_h5, plan)  # 16 s of acquisition
     run = _run_follow(config, tmp_path / "live")
+    time.sleep(2.0)
+    writer = start_subprocess(data_h5, plan)  # 16 s of acquisition
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "live" / "checkpoints").glob("iter_*.h5")):
         time.sleep(0.2)

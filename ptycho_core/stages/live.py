@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import h5py
 
+from ..checkpoint import list_checkpoints
 from ..config import ConfigError, PtyflowConfig, check_files
 from ..io import live
 from ..io.preprocess import read_preprocessed, settings_hash
@@ -228,3 +229,13 @@ def wait_for_data(config_path: str | Path, sleep: Callable[[float], None] = time
             raise AcquisitionStopped(f"acquisition stopped before it started: {path} did not appear within "
                                      f"{settings.timeout_s:g} s (live.timeout_s); nothing was reconstructed")
         sleep(settings.poll_s)
+
+
+def drop_older_checkpoints(run_dir: str | Path, keep: int = 2) -> int:
+    """Delete all but the ``keep`` newest checkpoints: while the scan is acquired a checkpoint ends
+    every look (live.segment_iterations), and hundreds of them would fill the disk. Two are kept
+    so that a damaged newest file still leaves one to resume from. Returns how many went."""
+    files = list_checkpoints(RunPaths(Path(run_dir)).checkpoints)
+    for old in files[:-keep] if len(files) > keep else []:
+        old.unlink(missing_ok=True)
+    return max(0, len(files) - keep)

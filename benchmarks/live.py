@@ -1,0 +1,151 @@
+"""Live mode against the offline path, on the path users run (`ptyflow run`, embedded Prefect).
+
+    python benchmarks/live.py [--out benchmarks/measured] [--rates 16,400] [--layouts hdf5,mib,dectris]
+
+A `ptyflow simulate --preset small` dataset (256 patterns of 64², 30 iterations) is written again
+by tests/acquisition.py, row by row at each frame rate, in each layout, while
+`ptyflow run --follow --verbose` reconstructs it. Measured per run:
+- first row -> first preview: from the writer's first row to the log line of the first preview;
+- last frame -> offline quality: from the writer's last frame to the first checkpoint whose phase
+  Pearson (against the simulation's truth) is within 0.01 of the offline run's final one, and to
+  the end of the live run (result exported);
+- the offline path: `ptyflow run` started once the file is complete; its wall time is its time
+  from the last frame to the result;
+- quality: phase Pearson at completion (the preview's object when the last frame landed) and at the
+  end, live and offline.
+The live runs use recon_params.segment_iterations 1 so that every iteration after completion
+leaves a checkpoint to score (this costs time per iteration, so the live figures are upper bounds).
+Writes live.json and live.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from acquisition import Plan, live_config, start_subprocess  # noqa: E402
+from ptycho_core.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
+from ptycho_core.io.preprocess import read_preprocessed  # noqa: E402
+from ptycho_core.quality import phase_pearson, scanned_field_mask  # noqa: E402
+from ptycho_core.simulate import read_ground_truth, simulate  # noqa: E402
+
+
+def pearson(ckpt_path: Path, run_dir: Path, truth: np.ndarray) -> float:
+    prep = read_preprocessed(run_dir / "preprocessed.h5")
+    phase = read_checkpoint(ckpt_path).tensors["objp"][0].numpy().sum(0)
+    return phase_pearson(phase, truth, scanned_field_mask(prep.geometry.positions_px, prep.geometry.canvas_shape))
+
+
+def ptyflow(*args) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *map(str, args)]
+
+
+def live_run(sim: Path, work: Path, layout: str, rate: float, truth: np.ndarray, offline_final: float) -> dict:
+    plan = Plan(layout=layout, out_dir=str(work / "data"), frames_per_s=rate, meta={"energy_kev": 300.0})
+    raw = live_config(sim, plan, live={"timeout_s": 120, "poll_s": 0.1}, recon_params={"segment_iterations": 1})
+    config = work / "live.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = work / "live"
+    stamps: list[tuple[float, str]] = []
+    run = subprocess.Popen(ptyflow("run", config, "--run-dir", run_dir, "--follow", "--verbose"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reader = threading.Thread(target=lambda: [stamps.append((time.time(), line)) for line in run.stdout], daemon=True)
+    reader.start()
+    time.sleep(3.0)  # the run is up and waiting for the file
+    writer = start_subprocess(sim.parent / "data.h5", plan)
+    written = json.loads(writer.communicate()[0].strip().splitlines()[-1])
+    run.wait()
+    reader.join(10)
+    ended = time.time()
+    if run.returncode != 0:
+        raise RuntimeError("".join(line for _, line in stamps[-30:]))
+    previews = [t for t, line in stamps if "live preview:" in line]
+    history = read_checkpoint(run_dir / "model.hdf5").history
+    completed_at = int(np.sum(np.asarray(history["acquiring"]) == 1.0))
+    scores = []
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        ckpt = read_checkpoint(path)
+        if ckpt.iteration >= completed_at and ckpt.batch_cursor == 0:
+            scores.append((ckpt.iteration, path.stat().st_mtime, pearson(path, run_dir, truth)))
+    good = [(it, t, q) for it, t, q in scores if q >= offline_final - 0.01]
+    at_completion = next((q for it, _, q in scores if it == completed_at), None)
+    return {
+        "layout": layout, "frames_per_s": rate, "acquisition_s": written["last_frame_at"] - written["first_frame_at"],
+        "first_row_to_first_preview_s": previews[0] - written["first_frame_at"] if previews else None,
+        "previews": len(previews),
+        "iterations_while_acquiring": completed_at,
+        "pearson_at_completion": at_completion,
+        "last_frame_to_offline_quality_s": good[0][1] - written["last_frame_at"] if good else None,
+        "iterations_after_completion_to_offline_quality": good[0][0] - completed_at if good else None,
+        "last_frame_to_result_s": ended - written["last_frame_at"],
+        "pearson_final": scores[-1][2],
+    }
+
+
+def offline_run(sim: Path, work: Path, truth: np.ndarray) -> dict:
+    plan = Plan(layout="hdf5", out_dir=str(work / "data"), frames_per_s=1e6)
+    subprocess.run([sys.executable, str(HERE.parent / "tests" / "acquisition.py"), str(sim.parent / "data.h5"),
+                    json.dumps(plan.__dict__)], check=True, capture_output=True)
+    config = work / "offline.yaml"
+    config.write_text(yaml.safe_dump(live_config(sim, plan)))
+    started = time.time()
+    subprocess.run(ptyflow("run", config, "--run-dir", work / "offline"), check=True, capture_output=True)
+    return {"wall_s": time.time() - started, "pearson_final": pearson(work / "offline" / "model.hdf5",
+                                                                       work / "offline", truth)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(HERE / "measured"))
+    parser.add_argument("--work", default="/tmp/ptyflow-live-bench")
+    parser.add_argument("--rates", default="16,400")
+    parser.add_argument("--layouts", default="hdf5,mib,dectris")
+    args = parser.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    sim = simulate("small", work / "sim", seed=1)
+    truth = read_ground_truth(work / "sim" / "data.h5")["objp"][0].sum(0)
+    offline = offline_run(sim, work / "offline", truth)
+    print("offline", offline, flush=True)
+    rows = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        for layout in args.layouts.split(","):
+            row = live_run(sim, work / f"{layout}_{rate:g}", layout, rate, truth, offline["pearson_final"])
+            print(row, flush=True)
+            rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "live.json").write_text(json.dumps({"offline": offline, "live": rows}, indent=1))
+    lines = ["# Live mode against the offline path (benchmarks/live.py)", "",
+             f"small preset, 256 patterns of 64², 30 iterations; offline: {offline['wall_s']:.1f} s from the complete "
+             f"file to the result, phase Pearson {offline['pearson_final']:.3f}", "",
+             "| layout | frames/s | acquisition s | first row -> first preview s | iterations while acquiring | "
+             "Pearson at last frame | last frame -> offline quality s (iterations) | last frame -> result s | "
+             "Pearson final |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['frames_per_s']:g} | {fmt(r['acquisition_s'])} | "
+                     f"{fmt(r['first_row_to_first_preview_s'])} | {r['iterations_while_acquiring']} | "
+                     f"{fmt(r['pearson_at_completion'], '{:.3f}')} | {fmt(r['last_frame_to_offline_quality_s'])} "
+                     f"({r['iterations_after_completion_to_offline_quality']}) | {fmt(r['last_frame_to_result_s'])} | "
+                     f"{fmt(r['pearson_final'], '{:.3f}')} |")
+    (out / "live.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

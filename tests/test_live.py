@@ -236,3 +236,73 @@ def test_a_stalled_writer_ends_ptyflow_run_with_exit_code_7_and_one_line(small_d
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "acquisition ended short" in line]
     assert len(lines) == 1 and "80 of 256 planned patterns (5 of 16 rows)" in lines[0], result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_centring_and_normalization_fixed_from_the_first_rows_are_refined_at_completion(small_dataset, tmp_path,
+                                                                                          caplog):
+    plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=FAST)
+    patterns, positions, _ = read_dataset(Path(small_dataset).parent / "data.h5")
+    shifted = np.roll(patterns, (3, -2), axis=(2, 3))  # a bright-field disk off the detector's centre
+    shifted[:2] = np.roll(shifted[:2], (4, 0), axis=(2, 3)) * 0.5  # first rows: further off, and darker
+    writer = Acquisition(shifted, positions, plan).start()
+    steps = {"center_bf_disk": True, "normalize": "mean_sum"}
+    config = _config(small_dataset, plan, tmp_path, live={"timeout_s": 20, "poll_s": 0.05, "first_rows": 2},
+                     preprocess=steps)
+    writer.join(30)
+    cfg = load_run_config(config)
+    run_dir = tmp_path / "run"
+    started = prepare_live(cfg, run_dir)
+    first_rows = read_preprocessed(run_dir / "preprocessed.h5").notes
+    with caplog.at_level("INFO", logger="ptyflow"):
+        state = look(cfg, run_dir, started, 0)
+    assert state.acquisition == "complete"
+    assert any("refined on all 256 acquired patterns" in r.message and "normalized_by" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    from ptycho_core.io.preprocess import preprocess
+
+    offline = preprocess(cfg)  # the finished file, preprocessed in one go
+    live_prep = read_preprocessed(run_dir / "preprocessed.h5")
+    # fixed from the first rows, then refined to what the whole set gives
+    assert first_rows["bf_disk_shift_px"] != offline.notes["bf_disk_shift_px"]
+    assert first_rows["normalized_by"] != pytest.approx(offline.notes["normalized_by"], rel=1e-3)
+    assert live_prep.notes["bf_disk_shift_px"] == offline.notes["bf_disk_shift_px"]
+    assert live_prep.notes["normalized_by"] == pytest.approx(offline.notes["normalized_by"], rel=1e-6)
+    np.testing.assert_allclose(live_prep.measurements.read(np.arange(256)), offline.measurements.read(np.arange(256)),
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_every_look_publishes_a_preview_under_one_key_with_the_phase_and_the_loss_as_images(
+        small_dataset, tmp_path, in_prefect):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.reconstruct import reconstruct
+    from tasks.live import preview_key
+
+    plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=40.0)
+    writer = _write(small_dataset, plan).start()
+    while not plan.data_path.exists():
+        time.sleep(0.01)
+    cfg = load_run_config(_config(small_dataset, plan, tmp_path, live={"timeout_s": 30, "poll_s": 0.05},
+                                  recon_params={"iterations": 4, "segment_iterations": 4}))
+    run_dir = tmp_path / "run"
+    try:
+        summary = reconstruct(cfg.to_dict(), str(run_dir), follow=True)
+    finally:
+        writer.stop()
+    history = read_checkpoint(run_dir / "model.hdf5").history
+    looks = int(sum(history["acquiring"]))
+    assert summary["iteration"] == looks + 4 and looks >= 2
+
+    async def previews():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[preview_key(str(run_dir))])))
+
+    found = asyncio.run(previews())
+    assert len(found) == looks  # one version per look, all under the same key
+    assert all(a.type == "markdown" and a.data.count("](data:image/png;base64,") == 2 for a in found)
+    assert any("256 of 256 patterns acquired" not in a.data for a in found)

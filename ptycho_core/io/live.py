@@ -136,8 +136,12 @@ def start(config: PtyflowConfig, out_path: str | Path, block_bytes: int = 16 << 
         grid, _ = planned_grid(config, source)
         row = grid[1] if grid is not None else 1
         need = min(config.live.first_rows * row, plan.source.n_patterns)
-        first = plan.selected[plan.selected < source.n_patterns]
-        if source.n_patterns < need or not len(first):
+        if source.n_patterns < need:
+            return None
+        first = plan.selected[plan.selected < need]  # the first rows, whatever else is there already
+        if not len(first):  # a scan selection that leaves them out: what is there
+            first = plan.selected[plan.selected < source.n_patterns]
+        if not len(first):
             return None
         pp = config.preprocess
         notes: dict = {"raw_detector": list(plan.raw_shape), "n_patterns_in_file": int(plan.source.n_patterns),

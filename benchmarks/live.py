@@ -66,7 +66,7 @@ def live_run(sim: Path, work: Path, layout: str, rate: float, truth: np.ndarray,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reader = threading.Thread(target=lambda: [stamps.append((time.time(), line)) for line in run.stdout], daemon=True)
     reader.start()
-    time.sleep(3.0)  # the run is up and waiting for the file
+    time.sleep(12.0)  # the run is up (imports, Prefect) and waiting for the file
     writer = start_subprocess(sim.parent / "data.h5", plan)
     written = json.loads(writer.communicate()[0].strip().splitlines()[-1])
     run.wait()

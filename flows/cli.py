@@ -163,7 +163,8 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
         if not verbose:
             _show_run_warnings()
         cfg = with_devices(resolve_config(config), devices)
-        check_data_path(cfg.data)
+        if not follow:  # a live run waits for its data file itself
+            check_data_path(cfg.data)
         done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
         first = start_iteration(cfg)
         done = done_ckpt.iteration if done_ckpt else first
@@ -188,7 +189,9 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
         server_stop = time.perf_counter()
     stop_seconds = time.perf_counter() - server_stop
     stages = summary.pop("stage_seconds")
-    timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
+    timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds,
+              # live mode: preprocessing and the iterations while the scan is acquired are one stage
+              ("following the acquisition" if follow else "preprocessing"): stages["preprocess"],
               "iterations": stages["iterations"], "segment set-up, checkpoints, figures": stages["segments"] - stages["iterations"],
               "export and figures": stages["export"],
               "Prefect and the rest": flow_seconds - stages["preprocess"] - stages["segments"] - stages["export"],
@@ -216,6 +219,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
     if summary.get("validation_loss") is not None:
         out.print(f"held-out patterns: validation loss {summary['validation_loss']:.5g} "
                   f"(lowest {summary['best_validation_loss']:.5g})")
+    if summary.get("acquisition", "").startswith("ended short"):
+        out.print(f"acquisition {summary['acquisition']} (live.finish_incomplete)")
     if "phase_pearson" in summary:
         per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
         out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f}" + (f" (per slice: {per})" if per else ""))
@@ -241,7 +246,7 @@ def run(
         from ptycho_core.stages.live import wait_for_data
 
         with _stopped_on_error(server), stopping.stage("the wait for the data file"):
-            wait_for_data(config)
+            wait_for_data(config)  # only when the file states part of the config
     summary = _run_flow(str(config), run_dir.resolve(), server, verbose, devices, follow=follow)
     _print_summary(summary, time.perf_counter() - started)
 

@@ -129,7 +129,8 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
         logger = get_run_logger()
         cfg = with_devices(resolve_config(config), devices)
         run_dir = str(Path(run_dir).resolve())
-        check_data_path(cfg.data)
+        if not follow:  # a live run waits for its data file (tasks/live.py)
+            check_data_path(cfg.data)
         check_files(cfg)
         me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
         with run_lock(run_dir, owner=me) as stale:
@@ -170,6 +171,9 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
             # where the flow's time went: iterations, and the rest of each segment (its set-up, reading
             # and writing checkpoints, figures); benchmarks/run.py --user-path reads it
             summary.update(pruned_at_iteration=pruned_at, stage_seconds=stage_seconds)
+            if live:  # a scan that ended short says so wherever the summary goes
+                summary["acquisition"] = (f"{acquisition.acquisition}: {acquisition.acquired} of "
+                                          f"{acquisition.planned} planned patterns")
         previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
         _publish(run_dir, summary, previews)
     return summary

@@ -214,21 +214,38 @@ def is_live(run_dir: str | Path) -> bool:
 
 
 def wait_for_data(config_path: str | Path, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Wait until the data file a config names exists (its calibration is read when the run's
-    config is completed); AcquisitionStopped after live.timeout_s without it."""
+    """Before a live run's config is completed: wait until its data file exists when the file may
+    state part of the config (a Dectris master file's energy and pixel mask; a format told only
+    by the file's content), so that nothing it states is missed; AcquisitionStopped after
+    live.timeout_s without it. A file of a format that states nothing is waited for by the run
+    itself, which meanwhile has its Prefect flow run and imports ready."""
     from ..config import LiveParams, read_config_file
 
     config_path = Path(config_path)
     raw = read_config_file(config_path)  # not validated yet: what the data file states may be missing
     settings = LiveParams(**(raw.get("live") or {}))
-    path = Path((raw.get("data") or {}).get("path") or "")
+    data = raw.get("data") or {}
+    path = Path(data.get("path") or "")
     path = path if path.is_absolute() else config_path.parent / path
+    if path.exists() or not _may_state_calibration(path, data.get("format", "auto")):
+        return
     started = time.time()
     while not path.exists():
         if time.time() - started > settings.timeout_s:
             raise AcquisitionStopped(f"acquisition stopped before it started: {path} did not appear within "
                                      f"{settings.timeout_s:g} s (live.timeout_s); nothing was reconstructed")
         sleep(settings.poll_s)
+
+
+def _may_state_calibration(path: Path, name: str) -> bool:
+    from ..io.formats import EXTENSIONS, READERS
+
+    if name == "auto":
+        name = EXTENSIONS.get(path.suffix.lower(), "")
+        if any(fmt.among == name for fmt in READERS.values()):
+            return True  # which format it is shows only in the file
+    fmt = READERS.get(name)
+    return fmt is None or fmt.calibration is not None
 
 
 def drop_older_checkpoints(run_dir: str | Path, keep: int = 2) -> int:

@@ -282,7 +282,7 @@ def test_every_look_publishes_a_preview_under_one_key_with_the_phase_and_the_los
     from flows.reconstruct import reconstruct
     from tasks.live import preview_key
 
-    plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=40.0)
+    plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=10.0)  # about 25 s
     writer = _write(small_dataset, plan).start()
     while not plan.data_path.exists():
         time.sleep(0.01)

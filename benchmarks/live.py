@@ -21,6 +21,7 @@ Writes live.json and live.md to --out.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import shutil
@@ -100,8 +101,10 @@ def live_run(sim: Path, work: Path, layout: str, rate: float, truth: np.ndarray,
 def offline_run(sim: Path, work: Path, truth: np.ndarray) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     plan = Plan(layout="hdf5", out_dir=str(work / "data"), frames_per_s=1e6)
-    subprocess.run([sys.executable, str(HERE.parent / "tests" / "acquisition.py"), str(sim.parent / "data.h5"),
-                    json.dumps(plan.__dict__)], check=True, capture_output=True)
+    written = subprocess.run([sys.executable, str(HERE.parent / "tests" / "acquisition.py"),
+                              str(sim.parent / "data.h5"), json.dumps(plan.__dict__)], capture_output=True, text=True)
+    if written.returncode:
+        raise RuntimeError(written.stderr[-3000:])
     config = work / "offline.yaml"
     config.write_text(yaml.safe_dump(live_config(sim, plan)))
     started = time.time()
@@ -114,24 +117,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "measured"))
     parser.add_argument("--work", default="/tmp/ptyflow-live-bench")
+    parser.add_argument("--from-log", help="take the live runs from this earlier log (its printed rows)")
     parser.add_argument("--runs", default="hdf5:16,hdf5:400,mib:16,dectris:16", help="layout:frames per second,...")
     args = parser.parse_args()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    sim = simulate("small", work / "sim", seed=1)
+    if not args.from_log:
+        shutil.rmtree(work, ignore_errors=True)
+    sim = simulate("small", work / "sim", seed=1) if not (work / "sim" / "config.yaml").exists() else work / "sim" / "config.yaml"
     truth = read_ground_truth(work / "sim" / "data.h5")["objp"][0].sum(0)
-    offline = offline_run(sim, work / "offline", truth)
-    print("offline", offline, flush=True)
-    rows = []
-    for spec in args.runs.split(","):
-        layout, rate = spec.split(":")
-        row = live_run(sim, work / f"{layout}_{rate}", layout, float(rate), truth, offline["pearson_final"])
-        print(row, flush=True)
-        rows.append(row)
+    if args.from_log:  # the live runs of an earlier invocation's log; only the offline runs again
+        logged = [line for line in Path(args.from_log).read_text().splitlines() if line.startswith(("{", "offline {"))]
+        offline = ast.literal_eval(logged[0].removeprefix("offline "))
+        rows = [ast.literal_eval(line) for line in logged[1:]]
+    else:
+        offline = offline_run(sim, work / "offline", truth)
+        print("offline", offline, flush=True)
+        rows = []
+        for spec in args.runs.split(","):
+            layout, rate = spec.split(":")
+            row = live_run(sim, work / f"{layout}_{rate}", layout, float(rate), truth, offline["pearson_final"])
+            print(row, flush=True)
+            rows.append(row)
     offline_after = offline_run(sim, work / "offline_after", truth)
     print("offline after", offline_after, flush=True)
     offline["wall_s_after"] = offline_after["wall_s"]
-    out = Path(args.out)
+    report(Path(args.out), offline, rows)
+
+
+def report(out: Path, offline: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "live.json").write_text(json.dumps({"offline": offline, "live": rows}, indent=1))
     lines = ["# Live mode against the offline path (benchmarks/live.py)", "",

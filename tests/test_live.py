@@ -306,3 +306,25 @@ def test_every_look_publishes_a_preview_under_one_key_with_the_phase_and_the_los
     assert len(found) == looks  # one version per look, all under the same key
     assert all(a.type == "markdown" and a.data.count("](data:image/png;base64,") == 2 for a in found)
     assert any("256 of 256 patterns acquired" not in a.data for a in found)
+
+
+def test_a_preprocessed_file_damaged_while_rows_were_added_is_set_aside_and_made_again(small_dataset, tmp_path):
+    plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=FAST, rows=8)
+    _write(small_dataset, plan).run()
+    cfg = load_run_config(_config(small_dataset, plan, tmp_path, live={"timeout_s": 30, "poll_s": 0.05}))
+    run_dir = tmp_path / "run"
+    prepare_live(cfg, run_dir)
+    run_segment(run_dir, 1, figures=False)
+    before = read_preprocessed(run_dir / "preprocessed.h5")
+    patterns_before = before.measurements.read(np.arange(128))
+    before.measurements.close()
+    damaged = (run_dir / "preprocessed.h5").read_bytes()
+    (run_dir / "preprocessed.h5").write_bytes(damaged[:len(damaged) // 3])  # as a SIGKILL mid-write may leave it
+    warnings = []
+    state = prepare_live(cfg, run_dir, warn=warnings.append)
+    assert state.acquired == 128 and len(list(run_dir.glob("preprocessed.h5.damaged-*"))) == 1
+    assert "could not be read" in warnings[0]
+    again = read_preprocessed(run_dir / "preprocessed.h5")
+    np.testing.assert_array_equal(again.measurements.read(np.arange(128)), patterns_before)
+    np.testing.assert_array_equal(again.geometry.crop_pos, before.geometry.crop_pos)
+    run_segment(run_dir, 2, figures=False)  # the checkpoint of the first run continues on it

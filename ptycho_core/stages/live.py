@@ -18,6 +18,7 @@ newest checkpoint kept, and a rerun of the same command continues following the 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,8 +110,15 @@ def prepare_live(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str
              f"(+{found.added} since the last run)")
         return _state(paths, files, time.time(), found.added)
     paths.root.mkdir(parents=True, exist_ok=True)
+    remade = paths.preprocessed.exists()
+    if remade:  # unreadable: a process killed (SIGKILL) while it added rows in place. The planned scan
+        # and the first rows make the same file again, so the checkpoints still fit it
+        aside = paths.preprocessed.with_name(f"{paths.preprocessed.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(paths.preprocessed, aside)
+        warn(f"{paths.preprocessed.name} could not be read (a process killed while it added rows?): moved aside to "
+             f"{aside.name}; it is made again from the data file")
     newest = newest_checkpoint(run_dir, warn=lambda message: None)
-    if newest is not None:
+    if newest is not None and not remade:
         raise RunDirError(f"{paths.root}: holds checkpoints but no preprocessed.h5; use a new run directory")
     changed_at, files = time.time(), None
     while True:

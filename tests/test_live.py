@@ -328,3 +328,24 @@ def test_a_preprocessed_file_damaged_while_rows_were_added_is_set_aside_and_made
     np.testing.assert_array_equal(again.measurements.read(np.arange(128)), patterns_before)
     np.testing.assert_array_equal(again.geometry.crop_pos, before.geometry.crop_pos)
     run_segment(run_dir, 2, figures=False)  # the checkpoint of the first run continues on it
+
+
+@pytest.mark.slow
+def test_a_watched_inbox_in_live_mode_reconstructs_a_scan_while_it_is_written(small_dataset, tmp_path, in_prefect):
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    plan = Plan(layout="mib", out_dir=str(inbox), frames_per_s=12.0, name="scan_live")  # about 21 s
+    template = live_config(small_dataset, plan, live={"timeout_s": 30, "poll_s": 0.05},
+                           recon_params={"iterations": 4, "segment_iterations": 4})
+    writer = _write(small_dataset, plan).start()
+    try:
+        while not plan.data_path.exists():
+            time.sleep(0.01)
+        rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), template, stable_seconds=3600.0,
+                                                deployment=None, live=True)}
+    finally:
+        writer.stop()
+    assert rows["scan_live.mib"]["status"] == "done"  # taken at once, not after the size held still an hour
+    history = read_checkpoint(outbox / "scan_live.mib" / "model.hdf5").history
+    assert history["acquiring"][0] == 1.0 and history["patterns_in"][0] < 256 and history["patterns_in"][-1] == 256

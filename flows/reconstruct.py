@@ -29,8 +29,8 @@ from ptycho_core.io.calibration import load_run_config
 from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, segment_ends, start_iteration
 from ptycho_core.runlock import run_lock
-from tasks import stopping
 from ptycho_core.stages.live import LiveState, final_iteration, is_live, live_segment_ends
+from tasks import stopping
 from tasks.export import export_results
 from tasks.live import follow_acquisition
 from tasks.preprocess import preprocess_data

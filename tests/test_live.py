@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from acquisition import Acquisition, Plan, live_config, read_dataset, start_subprocess
@@ -349,3 +350,39 @@ def test_a_watched_inbox_in_live_mode_reconstructs_a_scan_while_it_is_written(sm
     assert rows["scan_live.mib"]["status"] == "done"  # taken at once, not after the size held still an hour
     history = read_checkpoint(outbox / "scan_live.mib" / "model.hdf5").history
     assert history["acquiring"][0] == 1.0 and history["patterns_in"][0] < 256 and history["patterns_in"][-1] == 256
+
+
+def test_an_iteration_stopped_part_way_resumes_with_the_arrivals_it_began_with(small_dataset, tmp_path):
+    from ptycho_core.rundir import Preempted
+
+    def run_dir_with_8_rows(name):
+        plan = Plan(layout="mib", out_dir=str(tmp_path / name / "data"), frames_per_s=FAST, rows=8)
+        _write(small_dataset, plan).run()
+        config = _config(small_dataset, plan, tmp_path / name, live={"timeout_s": 30}, recon_params={"threads": 1})
+        cfg = load_run_config(config)
+        prepare_live(cfg, tmp_path / name / "run")
+        return plan, cfg, tmp_path / name / "run"
+
+    def more_rows(plan, cfg, run_dir):  # 12 of the 16 rows: acquisition goes on
+        _write(small_dataset, Plan(**{**plan.__dict__, "rows": 12})).run()
+        assert look(cfg, run_dir, prepare_live(cfg, run_dir), 0).acquiring
+
+    plan, cfg, straight = run_dir_with_8_rows("straight")
+    run_segment(straight, 1, figures=False)
+    run_segment(straight, 2, figures=False)  # iteration 2 on the 8 rows there when it began
+    more_rows(plan, cfg, straight)
+    run_segment(straight, 3, figures=False)
+
+    plan, cfg, stopped = run_dir_with_8_rows("stopped")
+    run_segment(stopped, 1, figures=False)
+    batches = []
+    with pytest.raises(Preempted):
+        run_segment(stopped, 2, figures=False, stop_requested=lambda: batches.append(1) or len(batches) > 2)
+    assert read_checkpoint(stopped / "model.hdf5").batch_cursor > 0
+    more_rows(plan, cfg, stopped)  # more rows arrive while the run is stopped
+    run_segment(stopped, 3, figures=False)
+
+    a, b = read_checkpoint(straight / "model.hdf5"), read_checkpoint(stopped / "model.hdf5")
+    assert a.history["patterns_in"] == b.history["patterns_in"] == [128.0, 128.0, 192.0]
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name

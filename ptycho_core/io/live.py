@@ -42,6 +42,7 @@ from .preprocess import (
 from .readers import DataError, PatternSource, follow_patterns
 
 ACQUIRING, COMPLETE, ENDED_SHORT = "acquiring", "complete", "ended short"
+PATTERN_SUM = "live_pattern_sum"  # (ky, kx) float64: the sum of the patterns in so far
 MARKER_SUFFIX = ".done"  # <data file>.done: the writer says the scan is over (as for a watched inbox)
 
 
@@ -161,6 +162,7 @@ def start(config: PtyflowConfig, out_path: str | Path, block_bytes: int = 16 << 
                 f.create_dataset(PATTERNS_KEY, shape=plan.shape, dtype=np.float32, chunks=(1, plan.size, plan.size),
                                  **_compression(pp.compression))
                 _write_metadata(f, prep)
+                f.create_dataset(PATTERN_SUM, data=np.zeros((plan.size, plan.size)))
                 f.attrs.update(acquired=0, acquisition=ACQUIRING, selected=json.dumps(plan.selected.tolist()))
 
         atomic_write(out_path, write)
@@ -212,7 +214,7 @@ def extend(config: PtyflowConfig, out_path: str | Path, block_bytes: int = 16 <<
                 plan = _plan_for(config, source, block_bytes)
                 steps = _stored_steps(json.loads(f.attrs["notes"]))
                 dataset = f[PATTERNS_KEY]
-                total = f["mean_pattern"][()] * acquired
+                total = f[PATTERN_SUM][()]
                 per_read = max(1, block_bytes // (4 * plan.raw_shape[0] * plan.raw_shape[1]))
                 for start_at in range(acquired, ready, per_read):
                     take = selected[start_at:min(ready, start_at + per_read)]
@@ -226,7 +228,9 @@ def extend(config: PtyflowConfig, out_path: str | Path, block_bytes: int = 16 <<
                         block = block / np.float32(steps.scale)
                     dataset[start_at:start_at + len(block)] = block.astype(np.float32)
                     total = total + block.sum(axis=0, dtype=np.float64)
-                f["mean_pattern"][...] = total / ready
+                f[PATTERN_SUM][...] = total
+                if acquired == 0:  # the first rows' mean stands for the set until acquisition is over
+                    f["mean_pattern"][...] = total / ready
                 f.flush()
                 f.attrs["acquired"] = ready  # after the patterns: a reader never counts one not written
                 f.flush()
@@ -256,7 +260,7 @@ def finish(config: PtyflowConfig, out_path: str | Path, ended_short: bool, info:
     with h5py.File(out_path, "r+") as f:
         acquired = int(f.attrs["acquired"])
         notes = json.loads(f.attrs["notes"])
-        mean = f["mean_pattern"][()]
+        mean = f[PATTERN_SUM][()] / max(1, acquired)
         refined: dict = {}
         if acquired and (pp.center_bf_disk or pp.normalize == "mean_sum" or pp.dk_from_bf_disk):
             disk = _disk_notes(mean, config.data.path)
@@ -270,7 +274,8 @@ def finish(config: PtyflowConfig, out_path: str | Path, ended_short: bool, info:
                 for lo in range(0, acquired, 256):
                     hi = min(acquired, lo + 256)
                     dataset[lo:hi] = np.roll(dataset[lo:hi], delta, axis=(1, 2)) / np.float32(ratio)
-                f["mean_pattern"][...] = np.roll(mean, delta, axis=(0, 1)) / ratio
+                mean = np.roll(mean, delta, axis=(0, 1)) / ratio
+            f[PATTERN_SUM][...] = mean * acquired
             if pp.center_bf_disk:
                 shift = [a + b for a, b in zip(notes.get("bf_disk_shift_px", [0, 0]), delta)]
                 refined["bf_disk_shift_px"] = (notes.get("bf_disk_shift_px"), shift)
@@ -282,6 +287,7 @@ def finish(config: PtyflowConfig, out_path: str | Path, ended_short: bool, info:
             if pp.dk_from_bf_disk:
                 dk_all = config.experiment.conv_angle_mrad / disk["bf_disk_radius_px"]
                 refined["dk_mrad (kept from the first rows)"] = (notes.get("dk_mrad"), dk_all)
+        f["mean_pattern"][...] = mean  # from here on the whole set's
         notes.update(live_acquired=acquired, live_ended_short=bool(ended_short))
         f.attrs.update(notes=json.dumps(notes), inputs=json.dumps(fingerprints),
                        input_hash=input_hash(config, [fp["sha256"] for fp in fingerprints]))

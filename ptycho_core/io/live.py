@@ -11,7 +11,9 @@ mean_sum normalization are measured on the first ``live.first_rows`` rows and ap
 to every later row; at completion (``finish``) they are measured on all the acquired patterns
 and the stored patterns are re-centred and re-scaled in place when they moved (one log line says
 by how much). dk measured from the disk (dk_from_bf_disk) sizes the canvas, so it stays the value
-of the first rows; the value of all rows is logged beside it.
+of the first rows; the value of all rows is logged beside it. The stored mean pattern (what the
+model takes the set's intensity from) is likewise the first rows' until completion, the whole
+set's after; a running sum of the patterns in is kept beside it for that.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def frames_written(source: Optional[PatternSource]) -> int:
     return 0 if source is None else source.n_patterns
 
 
-def _files(config: PtyflowConfig) -> list:
+def data_files(config: PtyflowConfig) -> list:
     """[name, size, mtime_ns] of the data's files, the master's linked files included."""
     path = Path(config.data.path)
     folder = path.parent
@@ -201,7 +203,7 @@ def extend(config: PtyflowConfig, out_path: str | Path, block_bytes: int = 16 <<
     only after the patterns are written."""
     out_path = Path(out_path)
     pp = config.preprocess
-    files = _files(config)
+    files = data_files(config)
     source = follow_patterns(config.data)
     try:
         with h5py.File(out_path, "r+") as f:

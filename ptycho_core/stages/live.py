@@ -94,7 +94,7 @@ def prepare_live(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str
                           "or use a new run directory")
     if existing is not None and existing.acquisition != live.ACQUIRING:
         prepare(config, run_dir, warn)  # a finished live run: the inputs are checked as for any run
-        return _state(paths, live._files(config), time.time())
+        return _state(paths, live.data_files(config), time.time())
     if existing is not None:  # a live run stopped while acquiring: same settings, then catch up
         changed = _differences(read_run_config(run_dir).resume_dict(), config.resume_dict())
         if changed:
@@ -104,7 +104,7 @@ def prepare_live(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str
             raise RunDirError(f"{paths.preprocessed}: made with different preprocessing settings; use a new run "
                               "directory")
         _write_text_atomic(paths.config, config.to_yaml())
-        files = live._files(config)
+        files = live.data_files(config)
         found = live.extend(config, paths.preprocessed)
         info(f"live: {found.acquired} of {found.planned} planned patterns in preprocessed.h5 "
              f"(+{found.added} since the last run)")
@@ -122,7 +122,7 @@ def prepare_live(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str
         raise RunDirError(f"{paths.root}: holds checkpoints but no preprocessed.h5; use a new run directory")
     changed_at, files = time.time(), None
     while True:
-        now_files = live._files(config) if Path(config.data.path).exists() else []
+        now_files = live.data_files(config) if Path(config.data.path).exists() else []
         if now_files != files:
             changed_at, files = time.time(), now_files
         if now_files:
@@ -146,7 +146,7 @@ def look(config: PtyflowConfig, run_dir: str | Path, before: LiveState, iteratio
     the one reached (recorded as the completion point when acquisition is over). Raises
     AcquisitionStopped when the scan ended short of the plan and live.finish_incomplete is off."""
     paths = RunPaths(Path(run_dir))
-    files = live._files(config)
+    files = live.data_files(config)
     found = live.extend(config, paths.preprocessed)
     changed_at = before.changed_at if files == before.files and not found.added else time.time()
     state = _state(paths, files, changed_at, found.added)
@@ -186,7 +186,7 @@ def finish(config: PtyflowConfig, run_dir: str | Path, iteration: int, ended_sho
     live.finish(config, paths.preprocessed, ended_short, info)
     with h5py.File(paths.preprocessed, "r+") as f:
         f.attrs[COMPLETED_AT] = int(iteration)
-    state = _state(paths, files if files is not None else live._files(config), time.time())
+    state = _state(paths, files if files is not None else live.data_files(config), time.time())
     info(f"live: acquisition {state.acquisition} with {state.acquired} of {state.planned} planned patterns at "
          f"iteration {iteration}; {config.recon_params.iterations} iterations over all of them follow")
     return state

@@ -30,6 +30,7 @@ EXIT_NUMERICAL = 3
 EXIT_STORAGE = 4
 EXIT_DISTRIBUTED = 5  # a rank of a multi-process run died; the newest checkpoint is intact
 EXIT_OUT_OF_MEMORY = 6  # the GPU ran out of memory where a smaller batch cannot help
+EXIT_ACQUISITION_STOPPED = 7  # live mode: the data stopped growing short of the planned scan
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -138,7 +139,7 @@ def _stopped_on_error(server):
 
 
 def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Optional[str] = None,
-              before: Optional[dict] = None) -> dict:
+              before: Optional[dict] = None, follow: bool = False) -> dict:
     """Run the reconstruct flow in this process (embedded Prefect unless a server is configured).
 
     server: what the caller's _early_server returned (an embedded server, or None when one is
@@ -162,7 +163,8 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
         if not verbose:
             _show_run_warnings()
         cfg = with_devices(resolve_config(config), devices)
-        check_data_path(cfg.data)
+        if not follow:  # a live run waits for its data file itself
+            check_data_path(cfg.data)
         done_ckpt = newest_checkpoint(run_dir, warn=lambda m: None) if run_dir.exists() else None
         first = start_iteration(cfg)
         done = done_ckpt.iteration if done_ckpt else first
@@ -178,7 +180,7 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
             try:
                 flow_started = time.perf_counter()
                 with stopping.stage("Prefect's calls"), progress_hooks.reporting_to(reporter):
-                    summary = reconstruct(cfg.to_dict(), str(run_dir))
+                    summary = reconstruct(cfg.to_dict(), str(run_dir), follow=follow)
                 flow_seconds = time.perf_counter() - flow_started
             except BaseException:
                 if stopping.requested():
@@ -187,7 +189,9 @@ def _run_flow(config, run_dir: Path, server, verbose: bool = False, devices: Opt
         server_stop = time.perf_counter()
     stop_seconds = time.perf_counter() - server_stop
     stages = summary.pop("stage_seconds")
-    timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds, "preprocessing": stages["preprocess"],
+    timing = {**before, "start-up and imports": import_seconds, "waiting for the server": server_seconds,
+              # live mode: preprocessing and the iterations while the scan is acquired are one stage
+              ("following the acquisition" if follow else "preprocessing"): stages["preprocess"],
               "iterations": stages["iterations"], "segment set-up, checkpoints, figures": stages["segments"] - stages["iterations"],
               "export and figures": stages["export"],
               "Prefect and the rest": flow_seconds - stages["preprocess"] - stages["segments"] - stages["export"],
@@ -215,6 +219,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
     if summary.get("validation_loss") is not None:
         out.print(f"held-out patterns: validation loss {summary['validation_loss']:.5g} "
                   f"(lowest {summary['best_validation_loss']:.5g})")
+    if summary.get("acquisition", "").startswith("ended short"):
+        out.print(f"acquisition {summary['acquisition']} (live.finish_incomplete)")
     if "phase_pearson" in summary:
         per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
         out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f}" + (f" (per slice: {per})" if per else ""))
@@ -229,10 +235,19 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's own log lines"),
     devices: Optional[str] = typer.Option(
         None, "--devices", help="recon_params.devices for this run: a GPU count (4), GPU ids (0,2) or cpu:N"),
+    follow: bool = typer.Option(
+        False, "--follow", help="live mode: the data file is still being written; reconstruct from its first rows "
+        "on, and finish when the planned scan is complete (settings: the config's live group)"),
 ):
     """Reconstruct the dataset of CONFIG into RUN_DIR (resumes what is already there)."""
     started = time.perf_counter()
-    summary = _run_flow(str(config), run_dir.resolve(), _early_server(verbose), verbose, devices)
+    server = _early_server(verbose)
+    if follow:
+        from ptycho_core.stages.live import wait_for_data
+
+        with _stopped_on_error(server), stopping.stage("the wait for the data file"):
+            wait_for_data(config)  # only when the file states part of the config
+    summary = _run_flow(str(config), run_dir.resolve(), server, verbose, devices, follow=follow)
     _print_summary(summary, time.perf_counter() - started)
 
 
@@ -472,6 +487,7 @@ def _report(exc: Exception) -> int:
     from ptycho_core.engine import NumericalError
     from ptycho_core.io.readers import DataError
     from ptycho_core.rundir import Preempted, RunDirError
+    from ptycho_core.stages.live import AcquisitionStopped
 
     if isinstance(exc, Preempted):
         console.print(f"[yellow]{exc}[/yellow]; rerun the same command to resume")
@@ -480,6 +496,9 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, (ConfigError, DataError, CheckpointError, RunDirError, UserError)):
         console.print(f"[red]error:[/red] {_one_line(exc)}", highlight=False)
         return EXIT_USER_ERROR
+    if isinstance(exc, AcquisitionStopped):
+        console.print(f"[red]{_one_line(exc)}[/red]", highlight=False)
+        return EXIT_ACQUISITION_STOPPED
     if isinstance(exc, NumericalError):
         console.print(f"[red]numerical failure:[/red] {exc}", highlight=False)
         return EXIT_NUMERICAL

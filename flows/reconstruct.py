@@ -29,8 +29,10 @@ from ptycho_core.io.calibration import load_run_config
 from ptycho_core.io.readers import check_data_path
 from ptycho_core.rundir import newest_checkpoint, segment_ends, start_iteration
 from ptycho_core.runlock import run_lock
+from ptycho_core.stages.live import LiveState, final_iteration, is_live, live_segment_ends
 from tasks import stopping
 from tasks.export import export_results
+from tasks.live import follow_acquisition
 from tasks.preprocess import preprocess_data
 from tasks.segment import reconstruct_segment
 
@@ -114,31 +116,38 @@ def submit_reconstruct(deployment: str, config: PtyflowConfig, run_dir: Union[st
 
 @flow(name="reconstruct", flow_run_name=named_after("reconstruct", "run_dir"))
 def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str, list[int], None] = None,
-                trial: Optional[dict] = None) -> dict:
+                trial: Optional[dict] = None, follow: bool = False) -> dict:
     """Reconstruct one dataset into ``run_dir`` (see the run-directory contract in README).
     ``devices``: instead of the config's recon_params.devices (the whole-node deployment gives
     every run all of the node's GPUs). ``trial``: this run is a trial of an optuna sweep
     (flows.bookkeeping.tuning.TrialLink); it reports its objective after every segment and ends
-    early, exported, when the study's pruner stops it (the summary then has pruned_at_iteration)."""
+    early, exported, when the study's pruner stops it (the summary then has pruned_at_iteration).
+    ``follow``: live mode, the data file is still being written (tasks/live.py); a run directory
+    that a live run started is followed whatever ``follow`` says."""
     send_core_logs_to_prefect()
     with stopping.owned("Prefect's calls"):
         logger = get_run_logger()
         cfg = with_devices(resolve_config(config), devices)
         run_dir = str(Path(run_dir).resolve())
-        check_data_path(cfg.data)
+        if not follow:  # a live run waits for its data file (tasks/live.py)
+            check_data_path(cfg.data)
         check_files(cfg)
         me = {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
         with run_lock(run_dir, owner=me) as stale:
             if stale.get("flow_run_id") and stale["flow_run_id"] != me.get("flow_run_id"):
                 close_abandoned_run(stale["flow_run_id"], stale, run_dir, logger)
             clock = time.perf_counter()
-            preprocess_data(cfg.to_dict(), run_dir)
+            live = follow or is_live(run_dir)
+            if live:  # preprocessing, and iterations while the scan is acquired
+                acquisition = LiveState(**follow_acquisition(cfg.to_dict(), run_dir))
+            else:
+                preprocess_data(cfg.to_dict(), run_dir)
             stage_seconds = {"preprocess": time.perf_counter() - clock, "iterations": 0.0, "segments": 0.0,
                              "trial_reports": 0.0}
             newest = newest_checkpoint(run_dir, warn=logger.warning)
             done = newest.iteration if newest else start_iteration(cfg)
-            ends = segment_ends(cfg, done)
-            target = start_iteration(cfg) + cfg.recon_params.iterations
+            ends = live_segment_ends(cfg, acquisition, done) if live else segment_ends(cfg, done)
+            target = final_iteration(cfg, acquisition) if live else start_iteration(cfg) + cfg.recon_params.iterations
             logger.info("run %s: at iteration %d of %d, %d segment(s) to go", run_dir, done, target, len(ends))
             progress_id = create_progress_artifact(100.0 * done / target, description=f"iterations of {run_dir}")
             pruned_at = None
@@ -162,6 +171,9 @@ def reconstruct(config: Union[dict, str], run_dir: str, devices: Union[int, str,
             # where the flow's time went: iterations, and the rest of each segment (its set-up, reading
             # and writing checkpoints, figures); benchmarks/run.py --user-path reads it
             summary.update(pruned_at_iteration=pruned_at, stage_seconds=stage_seconds)
+            if live:  # a scan that ended short says so wherever the summary goes
+                summary["acquisition"] = (f"{acquisition.acquisition}: {acquisition.acquired} of "
+                                          f"{acquisition.planned} planned patterns")
         previews = summary.pop("previews")  # PNG bytes for the artifact, not part of what the flow returns
         _publish(run_dir, summary, previews)
     return summary

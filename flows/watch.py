@@ -50,11 +50,12 @@ def _settle_submitted(outbox: str, max_attempts: int) -> None:
 @flow(name="watch", flow_run_name=named_after("watch", "inbox"))
 def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: float = 30.0,
           marker_suffix: str = ".done", max_attempts: int = 2,
-          deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT) -> list[dict]:
+          deployment: Optional[str] = RECONSTRUCT_DEPLOYMENT, live: bool = False) -> list[dict]:
     """One poll of ``inbox``; ``config`` is the template whose data.path each dataset replaces
     (a config file, or a dict whose relative paths are taken from the working directory); what
-    a dataset's file states fills what the template leaves out. Returns the state's rows, one
-    per dataset."""
+    a dataset's file states fills what the template leaves out. ``live``: a dataset is taken as
+    soon as it appears and reconstructed while it is written (live mode, the reconstruct flow's
+    ``follow``). Returns the state's rows, one per dataset."""
     send_core_logs_to_prefect()
     with stopping.owned("the watch"):
         logger = get_run_logger()
@@ -62,7 +63,8 @@ def watch(inbox: str, outbox: str, config: Union[dict, str], stable_seconds: flo
         template.config_for(None, logger.warning)  # a bad template fails here, before any dataset is claimed
         deployment = checked_deployment(deployment)
         try:
-            rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger)
+            rows = _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger,
+                         live)
         except StateBusy as exc:
             # another watcher stuck holding the state: this poll ends, the next one tries again
             logger.warning("poll of %s skipped: %s", inbox, exc)
@@ -97,10 +99,11 @@ class Template:
                               f"{self.source} for {Path(data_path).name}", warn=warn)
 
 
-def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger) -> list[dict]:
+def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, deployment, logger,
+          live: bool = False) -> list[dict]:
     if deployment:
         _settle_submitted(outbox, max_attempts)
-    due = claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts)
+    due = claim_due_datasets(inbox, outbox, stable_seconds, marker_suffix, max_attempts, live=live)
     for index, entry in enumerate(due):
         run_dir = str(Path(outbox).resolve() / entry["name"])
         try:
@@ -111,9 +114,9 @@ def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, 
             continue
         try:
             if deployment:
-                _submit(deployment, cfg, run_dir, outbox, entry, logger)
+                _submit(deployment, cfg, run_dir, outbox, entry, logger, live)
             else:
-                _reconstruct_here(cfg, run_dir, outbox, entry, max_attempts, logger)
+                _reconstruct_here(cfg, run_dir, outbox, entry, max_attempts, logger, live)
         except (Preempted, stopping.Stopped):
             # this process is being stopped: no failed attempt; the next poll takes these datasets again
             hand_back(outbox, due[index:])
@@ -121,17 +124,19 @@ def _poll(inbox, outbox, template, stable_seconds, marker_suffix, max_attempts, 
     return report(outbox)
 
 
-def _submit(deployment: str, cfg, run_dir: str, outbox: str, entry: dict, logger) -> None:
+def _submit(deployment: str, cfg, run_dir: str, outbox: str, entry: dict, logger, live: bool = False) -> None:
     # a new attempt after a failed one is a new run; a poll that lost its record of the
     # submission (killed in between) submits again once the claim expires and gets the run back
-    run = submit_reconstruct(deployment, cfg, run_dir, f"watch {entry['outbox_id']} dataset {entry['hash']} "
-                             f"attempt {entry['attempts']}")
+    run = submit_reconstruct(deployment, cfg, run_dir, f"watch {entry['outbox_id']} dataset "
+                             f"{entry['hash'] or 'live ' + entry['name']} attempt {entry['attempts']}",
+                             **({"follow": True} if live else {}))
     record(outbox, entry["name"], status="submitted", flow_run_id=str(run.id), run_dir=run_dir)
     logger.info("submitted %s as flow run %s", entry["name"], run.name)
 
 
-def _reconstruct_here(cfg, run_dir: str, outbox: str, entry: dict, max_attempts: int, logger) -> None:
-    state = reconstruct(cfg.to_dict(), run_dir, return_state=True)
+def _reconstruct_here(cfg, run_dir: str, outbox: str, entry: dict, max_attempts: int, logger,
+                      live: bool = False) -> None:
+    state = reconstruct(cfg.to_dict(), run_dir, follow=live, return_state=True)
     if state.is_completed():
         record(outbox, entry["name"], status="done", run_dir=run_dir)
         return

@@ -290,8 +290,11 @@ def save_checkpoint(
     history: Optional[dict[str, list[float]]] = None,
     config_hash: str = "",
     scan_fit: Optional[dict[str, np.ndarray]] = None,
+    arrivals_in: Optional[tuple[int, bool]] = None,
 ) -> Path:
-    """Write model.hdf5 atomically; returns the path."""
+    """Write model.hdf5 atomically; returns the path. ``arrivals_in``: live mode's (patterns
+    acquired, acquisition going on) that the iteration in progress draws with (attributes
+    ``patterns_in`` and ``acquiring``; arrivals.py)."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -314,6 +317,8 @@ def save_checkpoint(
             buffers.create_dataset("occupancies", data=model.occupancies.cpu().numpy())
             buffers.attrs.update(dx_ang=model.dx_ang, wavelength_ang=model.wavelength_ang)
             f.attrs["origin_ang"] = np.asarray(model.origin_ang, dtype=np.float64)
+            if arrivals_in is not None:
+                f.attrs.update(patterns_in=int(arrivals_in[0]), acquiring=bool(arrivals_in[1]))
             if optimizer is not None:
                 groups, states = optimizer_state_by_name(optimizer)
                 opt = f.create_group("optimizer")

@@ -546,6 +546,23 @@ def _fill(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class LiveParams(_Strict):
+    """Live mode (`ptyflow run --follow`): reconstructing while the scan is still being written."""
+
+    timeout_s: float = Field(120.0, gt=0, description=(
+        "a data file that stays unchanged this long before the planned scan is complete ends the run: exit code 7 "
+        "and one line, or finishing on the rows that exist with finish_incomplete"))
+    first_rows: int = Field(1, ge=1, description=(
+        "scan rows that must exist before the reconstruction starts; centring and normalization "
+        "(preprocess.center_bf_disk, normalize) are fixed from them and refined once at completion"))
+    segment_iterations: int = Field(1, ge=1, description=(
+        "iterations between two looks for new rows while the scan is acquired (each look publishes a preview)"))
+    poll_s: float = Field(0.5, gt=0, description="seconds between looks at the file while there is nothing to iterate on")
+    finish_incomplete: bool = Field(False, description=(
+        "a scan that ends with fewer patterns than planned (a .done marker, or the file unchanged for timeout_s) "
+        "is finished on what exists (reported) instead of ending the run with exit code 7"))
+
+
 class PtyflowConfig(_Strict):
     defaults: Literal["ptyflow", "reference"] = Field(
         "ptyflow", description="what a setting left out means: ptyflow's defaults (fast, stable on abTEM data) or "
@@ -559,6 +576,7 @@ class PtyflowConfig(_Strict):
     loss_params: LossParams = Field(default_factory=LossParams)
     constraint_params: ConstraintParams = Field(default_factory=ConstraintParams)
     recon_params: ReconParams = Field(default_factory=ReconParams)
+    live: LiveParams = Field(default_factory=LiveParams)
 
     @model_validator(mode="after")
     def _one_calibration(self) -> "PtyflowConfig":
@@ -588,6 +606,7 @@ class PtyflowConfig(_Strict):
         for group, keys in _FREE_TO_CHANGE.items():
             for key in keys:
                 data[group].pop(key, None)
+        data.pop("live")  # how a scan is followed while it is written, never what is computed from it
         return data
 
     def resume_hash(self) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from .config import ConfigError
 from .constraints import DataContext, apply_constraints, place_held_out
+from .arrivals import Arrivals
 from .collective import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
@@ -190,6 +191,8 @@ class EngineState:
     # memory, and stays so for the rest of the process's run (not saved: a resume finds it again)
     micro_batches: int = 1
     scan_fit: Optional[ScanFitState] = None  # model_params.scan_fit: where the fit stands
+    # live mode: the (acquired, acquiring) the iteration in progress draws with (arrivals.Arrivals)
+    arrivals_in: Optional[tuple[int, bool]] = None
 
     def record(self, row: dict[str, float]) -> None:
         for key, value in row.items():
@@ -215,6 +218,8 @@ class Problem:
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     scan_fit: Optional[ScanFit] = None  # model_params.scan_fit (None: off)
+    # live mode: the patterns acquired so far, which the batches are drawn from; None: all of them
+    arrivals: Optional[Arrivals] = None
 
     def training_indices(self, n_positions: int) -> Optional[np.ndarray]:
         """The patterns the optimizer sees, (N - held out,); None: all of them."""
@@ -433,8 +438,10 @@ def _fit_scan(model: PtychoAD, problem: Problem, state: EngineState, iteration: 
     if fit is None or not fit.active(iteration):
         return
     weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+    # live mode: only the patterns in when the iteration began steer it (the rest are not read yet)
+    acquired = state.arrivals_in[0] if problem.arrivals is not None and state.arrivals_in is not None else None
     state.scan_fit = scan_fit_step(model, fit, state.scan_fit or fit.initial_state(), problem.measurements,
-                                   weights, problem.collective, problem.batch_size)
+                                   weights, problem.collective, problem.batch_size, acquired)
 
 
 def _end_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
@@ -474,8 +481,15 @@ def run_iterations(
         iteration = state.iteration + 1
         _begin_iteration(model, optimizer, problem, iteration)
         started = time.perf_counter()
-        batches = iteration_batches(problem, iteration, trained, n)
-        sums = _run_batches(model, optimizer, problem, state, batches, iteration, n_trained, stop_requested, warn)
+        drawn, arrival_fields = trained, {}
+        if problem.arrivals is not None:  # live mode: from the acquired patterns, the ones behind first
+            drawn, arrival_fields = problem.arrivals.draw(
+                state.history, trained if trained is not None else np.arange(n), n,
+                state.arrivals_in if state.batch_cursor else None)
+            state.arrivals_in = (int(arrival_fields["patterns_in"]), bool(arrival_fields["acquiring"]))
+        batches = iteration_batches(problem, iteration, drawn, n)
+        n_drawn = n_trained if drawn is None else len(drawn)
+        sums = _run_batches(model, optimizer, problem, state, batches, iteration, n_drawn, stop_requested, warn)
         if sums is None:
             return True
         # checked once per iteration: a NaN in one batch spreads to the next, so nothing is missed
@@ -485,6 +499,7 @@ def run_iterations(
         _end_iteration(model, optimizer, problem, iteration)
         row = {"iteration": iteration, "loss": totals.pop("total")}
         row.update({f"loss_{k}": v for k, v in totals.items()})
+        row.update(arrival_fields)
         if held_out_mean is not None:
             row["validation_loss"] = validation_loss(model, problem, held_out_mean)
         row["seconds"] = time.perf_counter() - started

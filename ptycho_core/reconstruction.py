@@ -27,6 +27,7 @@ from .checkpoint import (
 from .config import PtyflowConfig
 from .devices import resolve_device
 from .constraints import DataContext, held_out_neighbours
+from .arrivals import Arrivals
 from .collective import Collective
 from .engine import (
     EngineState,
@@ -209,6 +210,7 @@ class Reconstruction:
             collective=collective,
             validation_indices=validation,
             scan_fit=scan_fit_for(config, prep.geometry.positions_px, validation),
+            arrivals=(Arrivals(prep.acquired, prep.acquisition == "acquiring") if prep.acquired is not None else None),
         )
         rec = cls(config, model, optimizer, problem, EngineState(), tier)
         if config.init.model_path:
@@ -242,6 +244,8 @@ class Reconstruction:
             partial_loss=dict(ckpt.partial_loss),
             history={k: list(v) for k, v in ckpt.history.items()},
             scan_fit=read_scan_fit(ckpt.scan_fit, self.problem.scan_fit),
+            arrivals_in=((int(ckpt.attrs["patterns_in"]), bool(ckpt.attrs["acquiring"]))
+                         if "patterns_in" in ckpt.attrs else None),
         )
 
     def run(self, to_iteration: int, stop_requested: Callable[[], bool] = lambda: False,
@@ -266,4 +270,5 @@ class Reconstruction:
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
             self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
             scan_fit=self.state.scan_fit.arrays() if self.state.scan_fit else None,
+            arrivals_in=self.state.arrivals_in,
         )

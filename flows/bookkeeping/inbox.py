@@ -185,10 +185,12 @@ def is_complete(path: Path, entry: dict, stable_seconds: float, marker_suffix: s
 
 
 def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: float, marker_suffix: str,
-                       max_attempts: int, wait_s: Optional[float] = None) -> list[dict]:
+                       max_attempts: int, wait_s: Optional[float] = None, live: bool = False) -> list[dict]:
     """Complete datasets that still need a reconstruction (new, or failed fewer than max_attempts
     times), claimed for this watcher so another one polling at the same time skips them; returns
-    their state entries (name, path, hash, attempts) with the state's outbox_id.
+    their state entries (name, path, hash, attempts) with the state's outbox_id. ``live``: every
+    dataset is due as soon as it appears (its run follows the file as it is written), and it is
+    not hashed (its bytes are not final): no duplicate is recognised, and its hash stays None.
 
     Three steps, so that hashing a multi-GB file never holds the lock: claim under the lock, hash
     without it, then under the lock again keep each claim that is still this watcher's, whose file
@@ -204,7 +206,7 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
                 continue
             if entry["status"] == "claimed" and now - entry.get("claimed_at", 0) < CLAIM_TIMEOUT_S:
                 continue
-            if not is_complete(path, entry, stable_seconds, marker_suffix, now):
+            if not live and not is_complete(path, entry, stable_seconds, marker_suffix, now):
                 continue
             if entry["attempts"] >= max_attempts:
                 entry["status"] = "failed"
@@ -212,8 +214,8 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
             claimed[path.name] = (path, entry.get("hash"), signature(path))
             entry.update(path=str(path), status="claimed", claimed_at=now, claim=token)
     try:
-        digests = {name: known or content_digest(path) for name, (path, known, _) in claimed.items()}
-        changed = {name for name, (path, _, before) in claimed.items() if signature(path) != before}
+        digests = {name: None if live else known or content_digest(path) for name, (path, known, _) in claimed.items()}
+        changed = set() if live else {name for name, (path, _, before) in claimed.items() if signature(path) != before}
     except BaseException:  # stopped while hashing: hand the claims back rather than leave them for hours
         try:
             with locked_state(outbox, wait_s) as state:
@@ -233,9 +235,9 @@ def claim_due_datasets(inbox: str | Path, outbox: str | Path, stable_seconds: fl
                 _unclaim(entry)
                 entry.pop("size", None)
                 continue
-            twin = next((other_name for other_name, other in state["datasets"].items() if other_name != name
-                         and other.get("hash") == digest and other.get("status") in ("claimed", "submitted", "done")),
-                        None)
+            twin = None if digest is None else next(
+                (other_name for other_name, other in state["datasets"].items() if other_name != name
+                 and other.get("hash") == digest and other.get("status") in ("claimed", "submitted", "done")), None)
             if twin is not None:  # the same bytes under another name: one reconstruction serves both
                 entry.pop("claim")
                 entry.update(hash=digest, status="duplicate", duplicate_of=twin)

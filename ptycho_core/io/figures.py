@@ -137,10 +137,11 @@ def _positions(plt, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndar
     return fig
 
 
-def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str, bytes]:
+def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192, min_px: int = 0) -> dict[str, bytes]:
     """Small PNGs to embed where a file link does not open (the Prefect UI on another machine):
     ``phase``, the object phase summed over slices over the scanned field, at most ``max_px`` on a
-    side (every n-th pixel); ``loss``, the total loss per iteration."""
+    side (every n-th pixel), and at least ``min_px`` (each pixel repeated: a markdown image
+    cannot be given a size); ``loss``, the total loss per iteration."""
     import io
 
     plt = pyplot()
@@ -148,6 +149,8 @@ def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192) -> dict[str
     phase = phase[scanned_field_box(_probe_centres_px(ckpt), phase.shape, margin_px=4)]
     step = max(1, -(-max(phase.shape) // max_px))
     phase = phase[::step, ::step]
+    repeat = max(1, min_px // max(phase.shape))
+    phase = np.repeat(np.repeat(phase, repeat, axis=0), repeat, axis=1)
     vmin, vmax = np.percentile(phase, [0.5, 99.5])
     out = {}
     buffer = io.BytesIO()

@@ -83,6 +83,10 @@ class Preprocessed:
     # what the input files looked like when they were read (see input_fingerprint); {} for old files
     inputs: list = field(default_factory=list)
     settings_hash: str = ""
+    # live mode (io/live.py): patterns in so far, the first ``acquired`` of the planned ones (None:
+    # all), and whether acquisition goes on ("acquiring"), is "complete" or "ended short"
+    acquired: Optional[int] = None
+    acquisition: str = "complete"
 
     @property
     def window(self) -> tuple[int, int]:
@@ -650,6 +654,8 @@ def read_preprocessed(path: str | Path) -> Optional[Preprocessed]:
                 notes=json.loads(f.attrs.get("notes", "{}")),
                 inputs=json.loads(f.attrs.get("inputs", "[]")),
                 settings_hash=str(f.attrs.get("settings_hash", "")),
+                acquired=int(f.attrs["acquired"]) if "acquired" in f.attrs else None,
+                acquisition=str(f.attrs.get("acquisition", "complete")),
             )
     except (OSError, KeyError):
         return None

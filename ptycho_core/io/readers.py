@@ -13,6 +13,7 @@ experiment (beam energy, dk, bad pixels, the scan grid), for formats that carry 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .formats import EXTENSIONS, FORMATS, READERS, DataError, DataFormat, PatternSource
 from .formats.base import host_available_bytes
@@ -61,6 +62,22 @@ def open_patterns(data) -> PatternSource:
     if not path.exists():
         raise DataError(f"{path}: data file not found (data.path)")
     return _reader(name).open(path, data)
+
+
+def follow_patterns(data) -> Optional[PatternSource]:
+    """The configured patterns of a file still being written: the whole frames written so far
+    (DataFormat.follow), or None while there is not one yet. A format that cannot be followed is a
+    DataError naming those that can."""
+    path = Path(data.path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found (data.path)")
+    name = data_format(data)
+    reader = _reader(name)
+    if reader.follow is None:
+        followed = [fmt.name for fmt in READERS.values() if fmt.follow is not None]
+        raise DataError(f"data.format {name}: a file of this format cannot be followed while it is written "
+                        f"(live mode reads {', '.join(followed)})")
+    return reader.follow(path, data)
 
 
 def file_calibration(data) -> dict:

@@ -51,6 +51,9 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
                 f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); use a new run directory"
             )
     existing = read_preprocessed(paths.preprocessed)
+    if existing is not None and existing.acquisition == "acquiring":
+        raise RunDirError(f"{paths.preprocessed}: a live run whose scan was still being acquired; rerun it with "
+                          "--follow (ptyflow run CONFIG --run-dir D --follow)")
     if existing is not None:
         try:
             input_check = check_inputs(config, existing)

@@ -40,11 +40,13 @@ def run_segment(
     warn: Callable[[str], None] = log.warning,
     signal_name: Callable[[], str] = lambda: "signal",
     info: Callable[[str], None] = log.info,
+    figures: bool = True,
 ) -> SegmentOutcome:
     """Continue the run from its newest valid checkpoint up to ``to_iteration`` and checkpoint.
 
     If ``stop_requested()`` turns true, the current batch is finished, a checkpoint is written and
-    ``Preempted`` is raised.
+    ``Preempted`` is raised. ``figures``: False leaves figures/ alone whatever
+    recon_params.segment_figures says (live mode's short segments publish a preview instead).
     """
     paths = RunPaths(Path(run_dir))
     config = read_run_config(run_dir)
@@ -82,7 +84,7 @@ def run_segment(
         path = _write_checkpoint(paths, rec, warn)
         last_segment = not segment_ends(config, rec.state.iteration)
         # the last segment's figures would be redrawn by the export straight after
-        if config.recon_params.segment_figures and not stopped and not last_segment:
+        if figures and config.recon_params.segment_figures and not stopped and not last_segment:
             write_figures(paths.figures, rec.view(), prep.geometry.positions_px)
         if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
             raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())

@@ -124,7 +124,11 @@ class DataFormat:
     storage(source): what describe_data adds about how the patterns are stored (dtype, chunks,
         compression filters, linked files).
     positions(path): positions the file itself holds, (N, 2) as (y, x) in Å, and their key; read
-        when the config names no other positions."""
+        when the config names no other positions.
+    follow(path, data): the patterns of a file still being written (live mode), as far as they
+        are complete now: a PatternSource of the whole frames (or whole scan rows) written so far,
+        opened afresh on every call, or None while not even one frame is complete. A frame still
+        being written is left out, never an error. Left None: the format cannot be followed."""
 
     name: str
     open: Callable[[Path, Any], PatternSource]
@@ -134,6 +138,7 @@ class DataFormat:
     calibration: Optional[Callable[[Path, Any], dict]] = None
     storage: Optional[Callable[[PatternSource], dict]] = None
     positions: Optional[Callable[[Path], tuple[np.ndarray, str]]] = None
+    follow: Optional[Callable[[Path, Any], Optional[PatternSource]]] = None
 
 
 READERS: dict[str, DataFormat] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -72,6 +73,43 @@ def _open_dectris(path: Path, data) -> PatternSource:
     return PatternSource(path, DECTRIS_DATA, frames, f.close)
 
 
+def _follow_dectris(path: Path, data) -> Optional[PatternSource]:
+    """The data files complete so far, in order: the master file names them all from the start and
+    they appear one by one. The first that is missing, cannot be opened, or whose last frame cannot
+    be read (still being written, truncated) ends what is read now; it is tried again next time."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return None  # the master file itself is still being written
+    datasets = []
+    try:
+        for name in _links(f):
+            try:
+                chunk = f[DECTRIS_DATA][name]
+                if chunk.ndim != 3 or (datasets and chunk.shape[1:] != datasets[0].shape[1:]):
+                    break
+                if len(chunk):
+                    chunk[len(chunk) - 1]  # the whole file is there only if its last frame reads
+            except (KeyError, OSError, RuntimeError):
+                break
+            datasets.append(chunk)
+    except BaseException:
+        f.close()
+        raise
+    if not datasets:
+        f.close()
+        return None
+
+    def close() -> None:  # the data files too: HDF5 would hand a later open of one this open copy
+        for chunk in datasets:
+            chunk.file.close()
+        f.close()
+
+    return PatternSource(path, DECTRIS_DATA, _Frames(datasets), close)
+
+
 def _calibration(path: Path, data) -> dict:
     """``energy_kev`` (from the wavelength), ``dk_mrad`` (pixel size over the camera length),
     ``bad_pixels`` [(ky, kx)] (the detector's pixel mask) and ``detector_shape``."""
@@ -100,4 +138,4 @@ def _storage(source: PatternSource) -> dict:
 
 
 register_format(DataFormat("dectris", _open_dectris, among="hdf5", recognise=lambda path: has_layout(path, _links),
-                           calibration=_calibration, storage=_storage))
+                           calibration=_calibration, storage=_storage, follow=_follow_dectris))

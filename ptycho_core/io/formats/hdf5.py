@@ -113,7 +113,29 @@ def _open_cxi_patterns(path: Path, data) -> PatternSource:
     return dataset_source(path, data.meas_key or CXI_DATA)
 
 
+def _follow_hdf5(path: Path, data) -> PatternSource:
+    """A dataset extended along its first axis while it is written (frames, or scan rows of a 4D
+    dataset), opened as an SWMR reader when the writer allows it: the frames written so far."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    try:
+        f = h5py.File(path, "r", swmr=True)
+    except OSError:  # not written in SWMR mode: a plain open sees what the writer has flushed
+        f = open_hdf5(path)
+    try:
+        key = data.meas_key
+        if key is None:
+            candidates = [n for n in dataset_names(f) if f[n].ndim in (3, 4)]
+            key = candidates[0] if len(candidates) == 1 else _only_pattern_dataset(path)  # the latter names them
+        ds = dataset(f, path, key)
+        check_layout(path, ds.name, ds.shape)
+    except DataError:
+        f.close()
+        raise
+    return PatternSource(path, ds.name, ds, f.close)
+
+
 register_format(DataFormat("hdf5", _open_hdf5_patterns, extensions=(".h5", ".hdf5", ".hdf", ".nxs", ".emd"),
-                           storage=source_storage))
+                           storage=source_storage, follow=_follow_hdf5))
 register_format(DataFormat("cxi", _open_cxi_patterns, extensions=(".cxi",), storage=source_storage,
                            positions=_cxi_positions))

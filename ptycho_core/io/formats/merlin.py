@@ -4,16 +4,18 @@ them when there is one, read lazily through RosettaSciIO. The header states no o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from .base import DataError, DataFormat, PatternSource, check_layout, register_format, rsciio_reader
 
 
-def _open_mib(path: Path, data) -> PatternSource:
-    """Frames memory-mapped past their headers and read a block at a time; their count is checked
-    against the .hdr and data.scan_shape."""
-    file_reader = rsciio_reader(path, "quantumdetector", "Quantum Detectors .mib files")
-    with open(path, "rb") as fh:
-        head = fh.read(384)
+HEADER_PEEK = 384  # bytes that hold the fields of a frame header that tell its layout
+
+
+def _frame_layout(path: Path, head: bytes) -> tuple[int, int, int, int, str]:
+    """(header bytes, width, height, bytes per count, count type) from the start of a .mib file."""
     fields = head.decode("ascii", errors="replace").split(",")
     if not head.startswith(b"MQ1,") or len(fields) < 8:
         raise DataError(f"{path}: not a Merlin .mib file (a frame header starts with 'MQ1,')")
@@ -23,10 +25,20 @@ def _open_mib(path: Path, data) -> PatternSource:
     except (ValueError, KeyError):
         raise DataError(f"{path}: unsupported Merlin frame header ({','.join(fields[:8])}): expected the "
                         "header size, width, height and U08/U16/U32 counts") from None
+    return header_bytes, width, height, depth, fields[6]
+
+
+def _open_mib(path: Path, data) -> PatternSource:
+    """Frames memory-mapped past their headers and read a block at a time; their count is checked
+    against the .hdr and data.scan_shape."""
+    file_reader = rsciio_reader(path, "quantumdetector", "Quantum Detectors .mib files")
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_PEEK)
+    header_bytes, width, height, depth, count_type = _frame_layout(path, head)
     frame_bytes = header_bytes + width * height * depth
     size = path.stat().st_size
     if size % frame_bytes:
-        raise DataError(f"{path}: {size} bytes is not a whole number of {width}x{height} {fields[6]} frames of "
+        raise DataError(f"{path}: {size} bytes is not a whole number of {width}x{height} {count_type} frames of "
                         f"{frame_bytes} bytes (a truncated or mixed file)")
     n_frames = size // frame_bytes
     hdr = path.with_suffix(".hdr")
@@ -57,4 +69,34 @@ def _hdr_value(hdr: Path, name: str):
     return None
 
 
-register_format(DataFormat("mib", _open_mib, extensions=(".mib",)))
+class _GrowingFrames:
+    """The whole frames of a .mib file being written, (n, height, width), each turned top to bottom
+    as RosettaSciIO shows them (see _open_mib), so a followed file reads like a finished one."""
+
+    def __init__(self, path: Path, header_bytes: int, width: int, height: int, depth: int, n_frames: int):
+        counts = np.dtype(f">u{depth}")
+        record = np.dtype([("header", f"V{header_bytes}"), ("counts", counts, (height, width))])
+        self.frames = np.memmap(path, dtype=record, mode="r", shape=(n_frames,))
+        self.shape = (n_frames, height, width)
+
+    def __getitem__(self, item):
+        return np.asarray(self.frames[item]["counts"][:, ::-1, :])
+
+
+def _follow_mib(path: Path, data) -> Optional[PatternSource]:
+    """The whole frames written so far (a frame is header + counts; a partial one at the end is
+    left out until it is complete)."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_PEEK)
+    if len(head) < HEADER_PEEK:
+        return None  # the first header is still being written
+    header_bytes, width, height, depth, _ = _frame_layout(path, head)
+    n_frames = path.stat().st_size // (header_bytes + width * height * depth)
+    if n_frames == 0:
+        return None
+    return PatternSource(path, "(frames)", _GrowingFrames(path, header_bytes, width, height, depth, n_frames))
+
+
+register_format(DataFormat("mib", _open_mib, extensions=(".mib",), follow=_follow_mib))

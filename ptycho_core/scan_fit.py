@@ -70,7 +70,7 @@ class ScanFit:
         n = len(centres)
         self.settings = settings
         self.subset = np.asarray(subset, dtype=np.int64)
-        self._mean_intensity: dict[int, torch.Tensor] = {}  # of the first n steering patterns, by n
+        self._mean_intensity: Optional[torch.Tensor] = None  # of the subset's patterns, read at the first step
         self.centre = centres.mean(axis=0)
         r = centres - self.centre
         segments = settings.drift_segments
@@ -101,23 +101,16 @@ class ScanFit:
             d[d == 0] = np.inf
             self.spread_px = float(max(np.median(d.min(axis=1)), 1.0))
 
-    def steering(self, acquired: Optional[int]) -> np.ndarray:
-        """The patterns whose gradient steers a step: the subset, less (live mode) those not
-        acquired yet."""
-        return self.subset if acquired is None else self.subset[self.subset < acquired]
-
-    def mean_intensity(self, feed, chunks: list[torch.Tensor], collective: Collective, model: PtychoAD,
-                       count: int) -> torch.Tensor:
-        """The mean intensity per pixel () of the ``count`` steering patterns, which their score
-        divides by: read once per run (once per count while a scan is acquired), so the patterns
-        stream through each step a batch at a time."""
-        if count not in self._mean_intensity:
+    def mean_intensity(self, feed, chunks: list[torch.Tensor], collective: Collective, model: PtychoAD) -> torch.Tensor:
+        """The subset's mean intensity per pixel (), which its score divides by: read once per run
+        (data only), so the patterns stream through each step a batch at a time."""
+        if self._mean_intensity is None:
             total = torch.zeros((), dtype=torch.float64, device=model.obja.device)
             with torch.no_grad(), feed.prefetch(chunks) as fed:
                 for meas in fed:
                     total = total + meas.sum(dtype=torch.float64)
-            self._mean_intensity[count] = collective.sum(total) / (count * math.prod(model.window))
-        return self._mean_intensity[count].to(model.objp.dtype)
+            self._mean_intensity = collective.sum(total) / (len(self.subset) * math.prod(model.window))
+        return self._mean_intensity.to(model.objp.dtype)
 
     @property
     def n_params(self) -> int:
@@ -218,20 +211,20 @@ def _warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
 
 
 def _joint_move_gradient(model: PtychoAD, fit: ScanFit, feed, weights: dict[str, float], collective: Collective,
-                         spread: _Spread, batch_size: int, steering: np.ndarray) -> np.ndarray:
-    """dL/dtheta (P,) at theta = 0 of the data terms on the ``steering`` patterns, under the joint move."""
+                         spread: _Spread, batch_size: int) -> np.ndarray:
+    """dL/dtheta (P,) at theta = 0 of the data terms on fit.subset, under the joint move."""
     objects = _moved_object_tensors(model)
     leaves = (*objects, model.probe_pos_shifts)
     flags = [t.requires_grad for t in leaves]
-    indices = collective.own(torch.from_numpy(steering))
+    indices = collective.own(torch.from_numpy(fit.subset))
     chunks = [c for c in indices.tensor_split(max(1, math.ceil(len(indices) / batch_size))) if len(c)]
     device = model.obja.device
     grads = [torch.zeros_like(t) for t in leaves]
     try:
         for t in leaves:
             t.requires_grad_(True)
-        stats = BatchStats(size=len(steering), meas_mean=fit.mean_intensity(feed, chunks, collective, model,
-                                                                          len(steering)), meas_pattern=None)
+        stats = BatchStats(size=len(fit.subset), meas_mean=fit.mean_intensity(feed, chunks, collective, model),
+                           meas_pattern=None)
         with feed.prefetch(chunks) as fed:
             for chunk, meas in zip(chunks, fed):
                 loss, _ = total_loss(model(chunk.to(device), centered=False), meas, weights, model, chunk, stats)
@@ -255,18 +248,14 @@ def _joint_move_gradient(model: PtychoAD, fit: ScanFit, feed, weights: dict[str,
 
 
 def scan_fit_step(model: PtychoAD, fit: ScanFit, state: ScanFitState, feed, weights: dict[str, float],
-                  collective: Collective, batch_size: int, acquired: Optional[int] = None) -> ScanFitState:
+                  collective: Collective, batch_size: int) -> ScanFitState:
     """One step of the fit: the joint move's gradient, a sign-based step, probes and object moved.
     The optimizer's per-pixel state of the object stays where it is: moved along (bicubic for
     momentum, bilinear for squares), the realistic abTEM data's phase Pearson fell from 0.86 to
-    0.84. ``acquired``: live mode's patterns in (the rest do not steer yet; None: all). Returns
-    the new state (``state`` is not changed); with nothing to steer, ``state`` itself."""
+    0.84. Returns the new state (``state`` is not changed)."""
     centres = torch.from_numpy(model.centres_px()).to(model.objp.device, model.objp.dtype)
     spread = _Spread(centres, tuple(model.objp.shape[-2:]), fit.spread_px)
-    steering = fit.steering(acquired)
-    if not len(steering):
-        return state
-    sign = np.sign(_joint_move_gradient(model, fit, feed, weights, collective, spread, batch_size, steering))
+    sign = np.sign(_joint_move_gradient(model, fit, feed, weights, collective, spread, batch_size))
     agree = sign * state.last_sign
     step = np.where(agree > 0, np.minimum(state.step * STEP_GROWTH, _max_steps(fit)),
                     np.where(agree < 0, state.step * STEP_SHRINK, state.step))

@@ -120,3 +120,23 @@ def test_a_stop_before_the_start_is_a_config_error(small_dataset):
     with pytest.raises((ConfigError, ValueError), match="stop_iter"):
         config_with(small_dataset, **{"model_params.scan_fit": {"start_iter": 5, "stop_iter": 3}})
     assert ScanFitParams().start_iter == 2
+
+
+def test_live_mode_fits_only_after_the_scan_is_complete(drifted):
+    """While a scan is acquired the fit does not step, and its window counts from the completion."""
+    import dataclasses
+
+    from ptycho_core.arrivals import Arrivals
+
+    config = config_with(drifted, **{"recon_params.iterations": 6})
+    prep = preprocess(config)
+    rec = Reconstruction.create(config, prep)
+    n = rec.model.n_positions
+    rec.problem = dataclasses.replace(rec.problem, arrivals=Arrivals(acquired=n // 2, acquiring=True))
+    rec.run(3)
+    assert rec.state.scan_fit is None and rec.state.history["acquiring"] == [1.0, 1.0, 1.0]
+    rec.problem = dataclasses.replace(rec.problem, arrivals=Arrivals(acquired=n, acquiring=False))
+    rec.run(4)  # the first iteration after completion: the fit's iteration 1, before its start_iter 2
+    assert rec.state.scan_fit is None
+    rec.run(5)
+    assert rec.state.scan_fit is not None and np.abs(rec.state.scan_fit.params).sum() > 0

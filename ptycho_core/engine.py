@@ -445,8 +445,10 @@ def _fit_scan(model: PtychoAD, problem: Problem, state: EngineState, iteration: 
     if not fit.active(iteration - int(sum(state.history.get(ACQUIRING, [])))):
         return
     weights = {k: w for k, w in problem.loss_weights.items() if k in DATA_TERMS and w}
+    # in the parts a batch's gradient is computed in, which fit in memory (state.micro_batches)
+    chunk = max(1, math.ceil(problem.batch_size / state.micro_batches))
     state.scan_fit = scan_fit_step(model, fit, state.scan_fit or fit.initial_state(), problem.measurements,
-                                   weights, problem.collective, problem.batch_size)
+                                   weights, problem.collective, chunk)
 
 
 def _end_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:

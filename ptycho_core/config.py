@@ -268,7 +268,30 @@ class LrSchedule(_Strict):
         return max(self.gamma ** steps, self.min_factor)
 
 
-class ScanFitParams(_Strict):
+_START = "first iteration it acts on; null: off"
+_STOP = "last iteration it acts on; null: to the end"
+
+
+class IterationWindow(_Strict):
+    """From start_iter to stop_iter (both included; start_iter null: never, stop_iter null: to the end)."""
+
+    start_iter: Optional[int] = Field(None, description=_START)
+    stop_iter: Optional[int] = Field(None, description=_STOP)
+
+    @model_validator(mode="after")
+    def _stop_after_start(self):
+        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter < self.start_iter:
+            raise ValueError(f"stop_iter {self.stop_iter} comes before start_iter {self.start_iter} "
+                             "(stop_iter: null keeps it on to the end)")
+        return self
+
+    def in_window(self, iteration: int) -> bool:
+        if self.start_iter is None or iteration < self.start_iter:
+            return False
+        return self.stop_iter is None or iteration <= self.stop_iter
+
+
+class ScanFitParams(IterationWindow):
     """The scan's smooth error (an affine map of the nominal positions and a drift over the
     acquisition time) fitted from start_iter by joint moves of the probes and the object
     (ptycho_core/scan_fit.py). It runs only while the positions and the object are refined at all
@@ -290,12 +313,6 @@ class ScanFitParams(_Strict):
         "also fit the scan's common scale (both axes alike). Off by default: it trades against the probe's defocus "
         "(the size of the shadow image in each pattern), and on abTEM data of thin SrTiO3 it ran to +8 % and the "
         "image fell apart; the scale of y against x, rotation and shear are always fitted"))
-
-    @model_validator(mode="after")
-    def _order(self) -> "ScanFitParams":
-        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter < self.start_iter:
-            raise ValueError(f"stop_iter ({self.stop_iter}) is before start_iter ({self.start_iter})")
-        return self
 
 
 class ModelParams(_Strict):
@@ -338,28 +355,11 @@ class LossParams(_Strict):
 
 
 # --------------------------------------------------------------------------- constraints
-_START = "first iteration it acts on; null: off"
-_STOP = "last iteration it acts on; null: to the end"
-
-
-class ConstraintSchedule(_Strict):
-    start_iter: Optional[int] = Field(None, description=_START)
-    stop_iter: Optional[int] = Field(None, description=_STOP)
+class ConstraintSchedule(IterationWindow):
     freq: int = Field(1, ge=1, description="acts every freq iterations")
 
-    @model_validator(mode="after")
-    def _stop_after_start(self):
-        if self.start_iter is not None and self.stop_iter is not None and self.stop_iter < self.start_iter:
-            raise ValueError(f"stop_iter {self.stop_iter} comes before start_iter {self.start_iter} "
-                             "(stop_iter: null keeps it on to the end)")
-        return self
-
     def active(self, iteration: int) -> bool:
-        if self.start_iter is None or iteration < self.start_iter:
-            return False
-        if self.stop_iter is not None and iteration > self.stop_iter:
-            return False
-        return (iteration - self.start_iter) % self.freq == 0
+        return self.in_window(iteration) and (iteration - self.start_iter) % self.freq == 0
 
 
 class ProbeOrthoConstraint(ConstraintSchedule):

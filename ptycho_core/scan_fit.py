@@ -126,8 +126,7 @@ class ScanFit:
         return ScanFitState(params=zeros.copy(), step=step, last_sign=zeros.copy())
 
     def active(self, iteration: int) -> bool:
-        s = self.settings
-        return s.start_iter is not None and iteration >= s.start_iter and (s.stop_iter is None or iteration <= s.stop_iter)
+        return self.settings.in_window(iteration)
 
     def moves_px(self, theta: np.ndarray) -> np.ndarray:
         """(N, 2) the probes' moves (y, x) in px for parameters ``theta`` (P,)."""

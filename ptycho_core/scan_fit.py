@@ -40,7 +40,6 @@ from .collective import Collective
 from .losses import BatchStats, total_loss
 from .model import PtychoAD
 
-AFFINE_TERMS = ("scale", "scale_y_over_x", "rotation", "shear")  # theta[0:4], in this order
 STEP_GROWTH, STEP_SHRINK = 1.2, 0.5  # Rprop's factors: sign kept, sign flipped
 
 

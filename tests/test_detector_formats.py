@@ -90,6 +90,60 @@ def test_a_dectris_master_file_reads_like_plain_hdf5_and_fills_the_calibration(t
     assert math.isclose(a.dx_ang, b.dx_ang, rel_tol=1e-12) and np.array_equal(a.positions_ang, b.positions_ang)
 
 
+def test_closing_a_dectris_source_closes_its_data_files(tmp_path):
+    """A watcher or worker reads dataset after dataset in one process: a master's data files close
+    with it. Left open, a rewritten data file could not be opened for writing here, and a later
+    read of it would be handed the stale open copy."""
+    master = write_dectris(tmp_path / "detector", counts())
+    data = load_run_config(config_file(tmp_path, master, {})).data
+    source = open_patterns(data)
+    first = source.read(np.arange(3))
+    source.close()
+    with h5py.File(tmp_path / "detector" / "scan_data_000001.h5", "a") as f:
+        f["entry/data/data"][0] = 7
+    source = open_patterns(data)
+    try:
+        assert (source.read(np.arange(3))[0] == 7).all() and np.array_equal(source.read(np.arange(3))[1:], first[1:])
+    finally:
+        source.close()
+
+
+def test_a_changed_dectris_data_file_stops_a_resume(tmp_path):
+    """The input's record covers the master's data files: a pattern rewritten in one of them (the
+    master's own bytes unchanged) is not resumed from the old preprocessed file."""
+    from ptycho_core.rundir import RunDirError
+    from ptycho_core.stages.prepare import prepare
+
+    master = write_dectris(tmp_path / "detector", counts())
+    config = load_run_config(config_file(tmp_path, master, {}))
+    prepare(config, tmp_path / "run")
+    prepare(config, tmp_path / "run")  # unchanged: the preprocessed file is used again
+    with h5py.File(tmp_path / "detector" / "scan_data_000002.h5", "a") as f:
+        f["entry/data/data"][3] = f["entry/data/data"][3][::-1]
+    with pytest.raises(RunDirError, match="scan_master.h5 changed since it was preprocessed"):
+        prepare(config, tmp_path / "run")
+
+
+def test_a_run_recorded_by_an_older_ptyflow_from_a_dectris_master_alone_still_resumes(tmp_path):
+    """A run directory whose input record covers the master file alone (as ptyflow recorded it
+    before the data files were part of the input) is checked as it was recorded: a run in
+    progress resumes after an upgrade, and the log says what its record covers."""
+    from ptycho_core.io import preprocess as pp
+    from ptycho_core.stages.prepare import prepare
+
+    master = write_dectris(tmp_path / "detector", counts())
+    config = load_run_config(config_file(tmp_path, master, {}))
+    prepare(config, tmp_path / "run")
+    older = {"path": str(master), "files": pp._stat_list(master, [master]),
+             "sampled": pp.sampled_digest(master, [master]), "sha256": pp.content_digest(master, files=[master])}
+    with h5py.File(tmp_path / "run" / "preprocessed.h5", "a") as f:
+        assert len(json.loads(f.attrs["inputs"])[0]["files"]) == 4  # this ptyflow: the master and 3 data files
+        f.attrs["inputs"] = json.dumps([older])
+    outcome = prepare(config, tmp_path / "run")
+    assert outcome.skipped and "scan_master.h5: the record, made by an older ptyflow, covers the master" in \
+        outcome.input_check, outcome
+
+
 def test_loading_a_config_opens_no_data_file_and_a_run_start_fills_it_in(tmp_path):
     """config.load_config reads YAML only: a config that leaves the beam energy to its data file
     is incomplete there, naming the field; load_run_config, where a run starts, fills it in."""

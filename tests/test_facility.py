@@ -128,6 +128,36 @@ def test_each_watched_dataset_fills_the_template_with_what_its_own_file_states(t
     assert "c_plain.h5: experiment.energy_kev: required but missing" in rows["c_plain.h5"]["error"]
 
 
+def test_a_dectris_acquisition_with_linked_data_files_is_reconstructed_once(tmp_path, small_dataset, in_prefect):
+    """An inbox holding a Dectris master and the data files it links to (as Arina/Eiger write them):
+    the watch reconstructs the master, once; the data files are neither datasets nor failures."""
+    import h5py
+
+    from ptycho_core.physics import dk_from_dx
+    from flows.watch import watch
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    dk_mrad = dk_from_dx(300.0, 0.25, 64)
+    master = inbox / "scan_master.h5"
+    dectris_master(small_dataset.parent / "data.h5", master, 300.0, dk_mrad)
+    with h5py.File(master, "a") as f:  # the frames moved out to linked data files of 100 each
+        frames = f["entry/data/data_000001"][()]
+        del f["entry/data/data_000001"]
+        for i, start in enumerate(range(0, len(frames), 100)):
+            name = f"scan_data_{i + 1:06d}.h5"
+            with h5py.File(inbox / name, "w") as data:
+                data["entry/data/data"] = frames[start:start + 100]
+            f[f"entry/data/data_{i + 1:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
+    template = short_config(small_dataset)
+    template["data"] = {"path": str(master), "pos_key": "/positions_ang"}
+    del template["experiment"]["energy_kev"], template["experiment"]["dx_ang"]
+    (inbox / "scan_master.h5.done").touch()
+    rows = watch(str(inbox), str(outbox), template, stable_seconds=3600.0, deployment=None)
+    assert [(r["dataset"], r["status"]) for r in rows] == [("scan_master.h5", "done")], rows
+    assert sorted(p.name for p in outbox.iterdir() if p.is_dir()) == ["scan_master.h5"]
+
+
 def test_a_copy_of_a_reconstructed_dataset_is_recorded_as_duplicate(tmp_path, small_dataset, in_prefect):
     from flows.watch import watch
 

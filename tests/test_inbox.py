@@ -105,3 +105,23 @@ def test_a_lock_held_by_another_watcher_ends_the_claim_naming_it(folders):
         holder.wait(timeout=30)
     # the holder is gone (killed while holding): the lock is free again, and nothing was lost
     assert [e["name"] for e in claim_due_datasets(inbox, outbox, 0.0, ".done", 2, wait_s=0.5)] == ["a.h5"]
+
+
+def test_a_dectris_acquisition_is_one_dataset_claimed_once_its_data_files_hold_still(folders):
+    """A Dectris master file and its data files are one dataset, the master: the data files are not
+    datasets of their own, and the master, whose own bytes are final from the start, is complete
+    only once its data files stop growing. Its hash covers them, so an acquisition with the same
+    master but other patterns is not taken for a duplicate."""
+    from test_detector_formats import counts, write_dectris
+
+    inbox, outbox = folders
+    master = write_dectris(inbox, counts())
+    assert inbox_state.candidates(inbox) == [master]
+    assert claim_due_datasets(inbox, outbox, 0.0, "", 2) == []  # first sight: its size is noted
+    with open(inbox / "scan_data_000003.h5", "ab") as fh:  # the last data file is still being written
+        fh.write(b"more frames")
+    assert claim_due_datasets(inbox, outbox, 0.0, "", 2) == []
+    due = claim_due_datasets(inbox, outbox, 0.0, "", 2)
+    assert [e["name"] for e in due] == ["scan_master.h5"]
+    assert due[0]["hash"] != hashlib.sha256(master.read_bytes()).hexdigest()
+    assert sorted(state_of(outbox)) == ["scan_master.h5"]

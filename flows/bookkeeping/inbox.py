@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 from ptycho_core.checkpoint import atomic_write
 from ptycho_core.io.preprocess import content_digest, recorded_inputs
-from ptycho_core.io.readers import EXTENSIONS
+from ptycho_core.io.readers import EXTENSIONS, dataset_files, is_part_of_a_dataset
 
 log = logging.getLogger("ptyflow")
 
@@ -44,23 +44,35 @@ class StateBusy(RuntimeError):
 
 
 def candidates(inbox: str | Path) -> list[Path]:
-    """Data files (and .zarr folders) in the inbox, by name."""
+    """Datasets in the inbox, by name: data files and .zarr folders, less the files that are read
+    through another one (a Dectris master's data files: the master is the dataset)."""
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
-    return sorted(p for p in inbox.iterdir() if not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS)
+    return sorted(p for p in inbox.iterdir() if not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS
+                  and not is_part_of_a_dataset(p))
+
+
+def _stats(path: Path) -> list[os.stat_result]:
+    """The dataset's files' stats (a Dectris master's data files included); a file that went
+    away between listing and stat is left out (the next poll sees the change)."""
+    stats = []
+    for item in dataset_files(path):
+        try:
+            stats.append(item.stat())
+        except FileNotFoundError:
+            continue
+    return stats
 
 
 def size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    """Bytes of a dataset's files: it is complete once this holds still."""
+    return sum(s.st_size for s in _stats(path))
 
 
 def signature(path: Path) -> list[int]:
-    """[bytes, newest modification time in ns] of a file or folder: what hashing it must not see change."""
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    stats = [p.stat() for p in files]
+    """[bytes, newest modification time in ns] of a dataset's files: what hashing it must not see change."""
+    stats = _stats(path)
     return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
 
 

@@ -38,10 +38,11 @@ from .preprocess import (
     _without_patterns,
     _write_metadata,
     input_fingerprint,
+    input_file_name,
     input_hash,
     input_paths,
 )
-from .readers import DataError, PatternSource, follow_patterns
+from .readers import DataError, PatternSource, dataset_files, follow_patterns
 
 ACQUIRING, COMPLETE, ENDED_SHORT = "acquiring", "complete", "ended short"
 PATTERN_SUM = "live_pattern_sum"  # (ky, kx) float64: the sum of the patterns in so far
@@ -98,15 +99,13 @@ def frames_written(source: Optional[PatternSource]) -> int:
 def data_files(config: PtyflowConfig) -> list:
     """[name, size, mtime_ns] of the data's files, the master's linked files included."""
     path = Path(config.data.path)
-    folder = path.parent
-    names = [path] + sorted(p for p in folder.glob(f"{path.stem.removesuffix('_master')}_data_*.h5"))
     rows = []
-    for item in names:
+    for item in dataset_files(path):
         try:
             st = item.stat()
         except OSError:
             continue
-        rows.append([item.name, st.st_size, st.st_mtime_ns])
+        rows.append([input_file_name(path, item), st.st_size, st.st_mtime_ns])
     return rows
 
 

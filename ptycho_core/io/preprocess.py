@@ -29,7 +29,7 @@ from ..config import PtyflowConfig
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
 from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore, mean_of_blocks
 from .positions import read_positions
-from .readers import DataError, PatternSource, data_reader, open_patterns
+from .readers import DataError, PatternSource, data_reader, dataset_files, open_patterns
 
 PREPROCESSED_FORMAT = "ptyflow-preprocessed"
 
@@ -103,16 +103,27 @@ SAMPLE_BYTES = 64 << 10
 
 
 def _input_files(path: Path) -> list[Path]:
+    """The input's files (readers.dataset_files). The fingerprint's parts take this list once, so
+    they describe the same files (a Dectris master is opened once, not once per part)."""
     if not path.exists():
         raise DataError(f"{path}: data file not found (data.path)")
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # zarr stores
+    return dataset_files(path)
 
 
-def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Event] = None) -> str:
-    """sha256 of a file's bytes, or of a folder's files (names and bytes, e.g. a zarr store)."""
+def input_file_name(path: Path, item: Path) -> str:
+    """How an input's file is named in its record: its path in a folder, else its name."""
+    return str(item.relative_to(path)) if path.is_dir() else item.name
+
+
+def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Event] = None,
+                   files: Optional[list[Path]] = None) -> str:
+    """sha256 of a file's bytes; of a folder's files (names and bytes, e.g. a zarr store); of a
+    Dectris master file's bytes and its data files' (names and bytes). ``files``: the input's files
+    when already listed (_input_files)."""
     digest = hashlib.sha256()
-    for item in _input_files(path):
-        digest.update(str(item.relative_to(path)).encode() if path.is_dir() else b"")
+    for item in _input_files(path) if files is None else files:
+        # a single file's digest is its bytes' alone, as sha256sum gives it
+        digest.update(b"" if item == path else input_file_name(path, item).encode())
         with open(item, "rb") as fh:
             while block := fh.read(chunk):
                 digest.update(block)
@@ -121,21 +132,20 @@ def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Ev
     return digest.hexdigest()
 
 
-def _stat_list(path: Path) -> list[list]:
-    """[name, size, mtime_ns] of each file of an input."""
+def _stat_list(path: Path, files: list[Path]) -> list[list]:
+    """[name, size, mtime_ns] of each of an input's ``files``."""
     rows = []
-    for item in _input_files(path):
+    for item in files:
         st = item.stat()
-        rows.append([str(item.relative_to(path)) if path.is_dir() else item.name, st.st_size, st.st_mtime_ns])
+        rows.append([input_file_name(path, item), st.st_size, st.st_mtime_ns])
     return rows
 
 
-def sampled_digest(path: Path) -> str:
+def sampled_digest(path: Path, files: list[Path]) -> str:
     """sha256 of SAMPLED_BLOCKS blocks spread evenly over the bytes of ``path`` (first and last
     included): a change anywhere large, or at the file's ends where headers live, shows here
-    without reading the whole file."""
-    files = _input_files(path)
-    if path.is_dir() and len(files) > SAMPLED_BLOCKS:  # a store of many chunk files: sample files
+    without reading the whole file. ``files``: the input's files (_input_files)."""
+    if len(files) > SAMPLED_BLOCKS:  # a store of many chunk files, a master of many data files: sample files
         files = [files[round(i * (len(files) - 1) / (SAMPLED_BLOCKS - 1))] for i in range(SAMPLED_BLOCKS)]
     digest = hashlib.sha256()
     for item in files:
@@ -152,8 +162,9 @@ def sampled_digest(path: Path) -> str:
 def input_fingerprint(path: Path, stop: Optional[threading.Event] = None) -> dict:
     """What identifies an input file (or folder) now: sizes and modification times of its files,
     the digest of sampled blocks, and the sha256 of all its bytes."""
-    return {"path": str(path), "files": _stat_list(path), "sampled": sampled_digest(path),
-            "sha256": content_digest(path, stop=stop)}
+    files = _input_files(path)
+    return {"path": str(path), "files": _stat_list(path, files), "sampled": sampled_digest(path, files),
+            "sha256": content_digest(path, stop=stop, files=files)}
 
 
 def recorded_inputs(preprocessed_path: Path) -> list[dict]:
@@ -209,23 +220,32 @@ def check_inputs(config: PtyflowConfig, prep: Preprocessed) -> str:
     paths = input_paths(config)
     if len(paths) != len(prep.inputs):
         raise DataError("made from a different set of input files")
-    rehashed = []
+    rehashed, narrow = [], []
     for path, recorded in zip(paths, prep.inputs):
-        now = _stat_list(path)
+        files = _input_files(path)
+        # a Dectris master recorded alone (by a ptyflow from before its data files were part of the
+        # input) is checked as it was recorded, so a run in progress resumes after an upgrade
+        if len(files) > 1 and path.is_file() and [row[0] for row in recorded["files"]] == [path.name]:
+            files = [path]
+            narrow.append(path.name)
+        now = _stat_list(path, files)
         sizes_now = [(name, size) for name, size, _ in now]
         sizes_then = [(name, size) for name, size, _ in recorded["files"]]
         if sizes_now != sizes_then:
             raise DataError(f"{path} changed since it was preprocessed (its size or files differ)")
-        if sampled_digest(path) != recorded["sampled"]:
+        if sampled_digest(path, files) != recorded["sampled"]:
             raise DataError(f"{path} changed since it was preprocessed (sampled blocks differ)")
         if now != recorded["files"]:  # same size, other mtime: decide by the content
-            if content_digest(path) != recorded["sha256"]:
+            if content_digest(path, files=files) != recorded["sha256"]:
                 raise DataError(f"{path} changed since it was preprocessed (its content differs)")
             rehashed.append(path.name)
+    older = (f"; {', '.join(narrow)}: the record, made by an older ptyflow, covers the master file and not "
+             "its data files" if narrow else "")
     if rehashed:
-        return f"input check: {', '.join(rehashed)} hashed whole (modification time changed, content unchanged)"
+        return (f"input check: {', '.join(rehashed)} hashed whole (modification time changed, content "
+                f"unchanged){older}")
     return (f"input check: size, modification time and {SAMPLED_BLOCKS} sampled blocks of each input match "
-            "the record (not re-hashed)")
+            f"the record (not re-hashed){older}")
 
 
 # --------------------------------------------------------------------------- pattern operations

@@ -17,9 +17,27 @@ from typing import Optional
 
 from .formats import EXTENSIONS, FORMATS, READERS, DataError, DataFormat, PatternSource
 from .formats.base import host_available_bytes
+from .formats.dectris import is_data_file_name, linked_files
 
 __all__ = ["EXTENSIONS", "FORMATS", "DataError", "PatternSource", "check_data_path", "data_format", "data_reader",
-           "describe_data", "file_calibration", "host_available_bytes", "open_patterns"]
+           "dataset_files", "describe_data", "file_calibration", "host_available_bytes", "is_part_of_a_dataset",
+           "open_patterns"]
+
+
+def dataset_files(path: Path) -> list[Path]:
+    """The files one dataset is made of, as they are now: a file; a folder's files (a zarr store),
+    sorted; a Dectris master file and then the data files it links to. What fingerprints the
+    input (preprocess.input_fingerprint) and tells a watched inbox that a dataset is complete."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path, *linked_files(path)]
+
+
+def is_part_of_a_dataset(path: Path) -> bool:
+    """Whether ``path`` is a piece of a dataset named by another file rather than one of its own: a
+    Dectris data file (<stem>_data_NNNNNN.h5), read through its master file."""
+    return is_data_file_name(path)
 
 
 def check_data_path(data) -> None:

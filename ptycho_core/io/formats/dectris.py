@@ -20,6 +20,40 @@ DECTRIS_DETECTOR = "/entry/instrument/detector"
 DECTRIS_WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
 
 
+# how Dectris software names a master's data files: <stem>_master.h5 links <stem>_data_000001.h5, ...
+DATA_FILE_NAME = re.compile(r"(?P<stem>.+)_data_\d{6}\.h5", re.IGNORECASE)
+
+
+def is_data_file_name(path: Path) -> bool:
+    """Whether ``path`` is named as a Dectris master's data file is (<stem>_data_NNNNNN.h5): a part
+    of an acquisition, not one of its own."""
+    return DATA_FILE_NAME.fullmatch(Path(path).name) is not None
+
+
+def linked_files(path: Path) -> list[Path]:
+    """The data files of a Dectris master file (named <stem>_master.h5, as Dectris software names
+    it) that exist now, in the master's order: those its data_NNNNNN entries link to, or, while the
+    master cannot be opened yet (still being written), those named after it
+    (<stem>_data_NNNNNN.h5). [] for any other file, which is not opened (a file another program is
+    writing in live mode is only looked at)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".h5" or not path.stem.lower().endswith("_master"):
+        return []
+    stem = path.stem[: -len("_master")]
+    try:
+        # opened as the readers open it: HDF5 refuses a second open of one file with other locking
+        with h5py.File(path, "r") as f:
+            names = []
+            for name in _links(f):
+                link = f[DECTRIS_DATA].get(name, getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    names.append(link.filename)
+    except OSError:
+        return sorted(p for p in path.parent.glob(f"{stem}_data_*.h5") if is_data_file_name(p))
+    found = [path.parent / name for name in dict.fromkeys(names)]
+    return [p for p in found if p.is_file() and p.resolve() != path.resolve()]
+
+
 def _links(f: h5py.File) -> list[str]:
     """The data_NNNNNN entries of a Dectris master file, in order; [] when ``f`` is not one."""
     if DECTRIS_DETECTOR not in f or not isinstance(f.get(DECTRIS_DATA), h5py.Group):
@@ -47,12 +81,12 @@ class _Frames:
 
 def _open_dectris(path: Path, data) -> PatternSource:
     f = open_hdf5(path)
+    datasets: list = []
     try:
         names = _links(f)
         if not names:
             raise DataError(f"{path}: not a Dectris master file (no {DECTRIS_DATA}/data_NNNNNN entries under an "
                             f"{DECTRIS_DETECTOR} group)")
-        datasets = []
         for name in names:
             link = f[DECTRIS_DATA].get(name, getlink=True)
             try:
@@ -68,9 +102,17 @@ def _open_dectris(path: Path, data) -> PatternSource:
         frames = _Frames(datasets)
         check_layout(path, DECTRIS_DATA, frames.shape)
     except DataError:
-        f.close()
+        _close_all(f, datasets)
         raise
-    return PatternSource(path, DECTRIS_DATA, frames, f.close)
+    return PatternSource(path, DECTRIS_DATA, frames, lambda: _close_all(f, datasets))
+
+
+def _close_all(master: h5py.File, datasets: list) -> None:
+    """The master and the data files it opened: closing the master alone leaves those open, and a
+    later open of one in this process (a watcher's next dataset) would be handed that stale copy."""
+    for chunk in datasets:
+        chunk.file.close()
+    master.close()
 
 
 def _follow_dectris(path: Path, data) -> Optional[PatternSource]:
@@ -102,12 +144,7 @@ def _follow_dectris(path: Path, data) -> Optional[PatternSource]:
         f.close()
         return None
 
-    def close() -> None:  # the data files too: HDF5 would hand a later open of one this open copy
-        for chunk in datasets:
-            chunk.file.close()
-        f.close()
-
-    return PatternSource(path, DECTRIS_DATA, _Frames(datasets), close)
+    return PatternSource(path, DECTRIS_DATA, _Frames(datasets), lambda: _close_all(f, datasets))
 
 
 def _calibration(path: Path, data) -> dict:

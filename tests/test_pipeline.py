@@ -116,8 +116,12 @@ def test_sigterm_checkpoints_reports_and_resumes(tmp_path, pipeline_config, refe
 
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("iterations ")]
     assert len(lines) == 1, stderr  # one line says where it stopped
-    match = re.fullmatch(r"preempted at iteration (\d+)(?: \(\+(\d+) batches of iteration \d+\))? by SIGTERM; "
-                         r"checkpoint .*; rerun the same command to resume", lines[0])
+    # the signal comes 0-0.5 s after the first checkpoint: mostly in the next segment's iterations, but
+    # on a loaded machine (a demo beside the suite) it landed between the segments, in Prefect's calls
+    match = (re.fullmatch(r"preempted at iteration (\d+)(?: \(\+(\d+) batches of iteration \d+\))? by SIGTERM; "
+                          r"checkpoint .*; rerun the same command to resume", lines[0])
+             or re.fullmatch(r"stopped by SIGTERM during Prefect's calls; iteration (\d+)()? is checkpointed in .*; "
+                             r"rerun the same command to resume", lines[0]))
     assert match, stderr
     time.sleep(1)
     assert not with_environment("PREFECT_HOME", home), "a process outlived the run"

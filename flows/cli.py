@@ -341,20 +341,13 @@ def inspect(
         return
     for key, value in report.items():
         if key == "scan_fit" and value:
-            out.print(f"scan_fit: {_scan_fit_line(value)}")
+            out.print(f"scan_fit: {value['in_words']}")
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             out.print(f"{key}:")
             for row in value:
                 out.print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         else:
             out.print(f"{key}: {value}")
-
-
-def _scan_fit_line(fit: dict) -> str:
-    """The fitted scan error (scan_fit.describe) on one line."""
-    sy, sx = fit["scan_scale_pct"]
-    return (f"step {sy:+.2f} % (y), {sx:+.2f} % (x), rotation {fit['scan_rotation_deg']:+.2f} deg, "
-            f"shear {fit['scan_shear']:+.4f}, drift beyond the affine map up to {fit['scan_drift_largest_px']:.2f} px")
 
 
 def _short(value) -> str:

@@ -99,6 +99,7 @@ class RankGroup(Collective):
         self.stop = False  # what the ranks agreed after the last batch
         self.pattern_sums: Optional[torch.Tensor] = None  # (N,) float64: every pattern's counts (start())
         self.group = None  # the torch.distributed ProcessGroup of the ranks
+        self.device = torch.device("cpu")  # where the group reduces (join): NCCL reduces CUDA tensors only
 
     def owned(self, n_patterns: int) -> np.ndarray:
         return np.arange(self.rank, n_patterns, self.world)
@@ -109,7 +110,7 @@ class RankGroup(Collective):
     def join(self, group, device: torch.device) -> None:
         """Take ``group`` and meet the other ranks in it once, so that NCCL sets up its
         communicators now, while every rank is here, rather than at the first batch."""
-        self.group = group
+        self.group, self.device = group, torch.device(device)
         self._all_reduce(torch.zeros(1, device=device))
 
     def _run(self, launch: Callable[[], object]) -> None:
@@ -178,7 +179,12 @@ class RankGroup(Collective):
         return BatchStats(size=len(batch), meas_mean=mean, meas_pattern=pattern, pred_sum=pred_sum)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(tensor)
+        """Summed over the ranks, on ``tensor``'s own device: a tensor elsewhere than the group's
+        device (the scan measurement's host sums on GPU ranks) goes through it, and a complex one
+        as pairs of reals (as torch.distributed.all_reduce sends them)."""
+        here = tensor if tensor.device == self.device else tensor.to(self.device)
+        self._all_reduce(torch.view_as_real(here) if here.is_complex() else here)  # in place
+        return here if here is tensor else here.to(tensor.device)
 
     def reduce_step(self, model: torch.nn.Module, parts: dict[str, torch.Tensor], keys: list[str]
                     ) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from .collective import Collective
 from .losses import DATA_TERMS, BatchStats, total_loss
 from .measurements import MeasurementFeed
 from .model import PtychoAD
+from .scan_calibration import ScanCalibration, measure_scan_affine
 from .scan_fit import ScanFit, ScanFitState, scan_fit_step
 
 
@@ -452,6 +453,36 @@ def _fit_scan(model: PtychoAD, problem: Problem, state: EngineState, iteration: 
                                    weights, problem.collective, chunk)
 
 
+def measure_scan_map(model: PtychoAD, problem: Problem) -> ScanCalibration:
+    """The scan's affine map measured from this problem's trained patterns at the model's probe
+    centres (scan_calibration.py); nothing is moved. Needs problem.scan_fit."""
+    fit = problem.scan_fit
+    return measure_scan_affine(problem.measurements, fit.subset, model.centres_px(), fit.spread_px,
+                               problem.collective, model.probe_complex, model.detector_blur_std)
+
+
+def _measure_scan(model: PtychoAD, problem: Problem) -> Optional[ScanFitState]:
+    """Before the first iteration: the scan's affine map measured from the data
+    (scan_calibration.py) and the probes moved by it, while no object has formed that would have to
+    follow them. Returns the fit's starting state (None: no fit, or not measured here)."""
+    fit = problem.scan_fit
+    if fit is None or not fit.measure:
+        return None
+    if problem.arrivals is not None and problem.arrivals.acquiring:
+        return None  # live mode: a part of the scan is in (see _fit_scan)
+    log = logging.getLogger("ptyflow")
+    calibration = measure_scan_map(model, problem)
+    if not calibration.applied:
+        log.info("scan: affine map left nominal (%s)", calibration.reason)
+        return fit.initial_state()
+    state = fit.initial_state(calibration.matrix)
+    model.move_probes(torch.from_numpy(fit.moves_px(state.params)).to(model.probe_pos_shifts.device))
+    model.recentre_windows()
+    log.info("scan: affine map measured from %d frequencies (%.3f px misfit): %s", calibration.frequencies,
+             calibration.residual_px, np.round(calibration.matrix, 4).tolist())
+    return state
+
+
 def _end_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
     """What follows an iteration's steps: the constraints, the held-out patterns' positions, the
     probe windows, and the processes' tensors made equal."""
@@ -485,6 +516,8 @@ def run_iterations(
     n_trained = n if trained is None else len(trained)
     problem.collective.start(problem.measurements, n)
     held_out_mean = held_out_mean_intensity(model, problem) if len(problem.validation_indices) else None
+    if state.iteration == 0 and state.batch_cursor == 0 and state.scan_fit is None:
+        state.scan_fit = _measure_scan(model, problem)
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
         _begin_iteration(model, optimizer, problem, iteration)

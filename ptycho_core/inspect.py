@@ -15,7 +15,7 @@ from .rundir import (
     segment_ends,
 )
 from .runlock import lock_holder
-from .scan_fit import describe as describe_scan_fit
+from .scan_fit import describe_saved as describe_scan_fit
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -35,7 +35,7 @@ def inspect_path(path: str | Path) -> dict:
             "batch_cursor": ckpt.batch_cursor,
             "last_loss": last_value(ckpt.history, "loss"),
             "last_validation_loss": last_value(ckpt.history, "validation_loss"),
-            "scan_fit": describe_scan_fit(ckpt.scan_fit["params"]) if ckpt.scan_fit else None,
+            "scan_fit": describe_scan_fit(ckpt.scan_fit),
             "tensors": {k: list(v) for k, v in ckpt.shapes().items()},
             "optimizer": ckpt.optimizer_name,
             "optimizer_state_for": sorted(ckpt.optimizer_state),
@@ -81,7 +81,7 @@ def inspect_run_dir(run_dir: Path) -> dict:
         segments_done=sum(1 for e in all_ends if e <= done),
         last_loss=last_value(ckpt.history, "loss") if ckpt else None,
         last_validation_loss=last_value(ckpt.history, "validation_loss") if ckpt else None,
-        scan_fit=describe_scan_fit(ckpt.scan_fit["params"]) if ckpt and ckpt.scan_fit else None,
+        scan_fit=describe_scan_fit(ckpt.scan_fit) if ckpt else None,
     )
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

@@ -130,7 +130,8 @@ def scan_fit_for(config: PtyflowConfig, nominal_centres_px: np.ndarray, held_out
     if not any(o.start_iter is not None and o.lr for o in objects):
         return None  # a fixed object: the positions alone are refined, by their own gradient
     trained = np.setdiff1d(np.arange(len(nominal_centres_px)), held_out)
-    return ScanFit(nominal_centres_px, settings, trained)
+    # a run that starts from a model: its object formed on that model's positions
+    return ScanFit(nominal_centres_px, settings, trained, measure=config.init.model_path is None)
 
 
 def update_rules(config: PtyflowConfig) -> dict[str, UpdateRule]:

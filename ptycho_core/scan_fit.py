@@ -18,7 +18,8 @@ The move of probe n, in px (y, x), is ``B_n @ theta``:
   theta[0:4]  scale (both axes), scale of y against x, rotation (rad, experiment.scan.rotation_deg's
               sense), symmetric shear, of the nominal centres about their mean: u = D (nominal - mean),
               D = [[s + a, rot + sh], [sh - rot, s - a]]. The common scale trades against the probe's
-              defocus (a shadow image's size), so it is fitted only with fit_scale.
+              defocus (a shadow image's size), so it is fitted only with fit_scale; all four start
+              from the map measured before the first iteration (scan_calibration.py).
   theta[4:]   the drift: (segments - 1) knots (y, x) in px of hat functions of the acquisition
               time t = n / (N - 1), each less its least-squares constant and line in t (a common
               shift of everything only moves the image, and a drift linear in t is an affine map
@@ -29,7 +30,7 @@ Patterns are taken to be in acquisition order (index order), as every supported 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -39,6 +40,7 @@ from . import forward as fw
 from .collective import Collective
 from .losses import BatchStats, total_loss
 from .model import PtychoAD
+from .quality import scan_step_px
 
 STEP_GROWTH, STEP_SHRINK = 1.2, 0.5  # Rprop's factors: sign kept, sign flipped
 
@@ -46,28 +48,34 @@ STEP_GROWTH, STEP_SHRINK = 1.2, 0.5  # Rprop's factors: sign kept, sign flipped
 @dataclass
 class ScanFitState:
     """Where the fit stands, saved in every checkpoint so a resume steps exactly as an
-    uninterrupted run. params (P,): theta so far; step (P,): the next step size of each;
-    last_sign (P,): the sign of each one's last gradient (0 after a flip or before the first)."""
+    uninterrupted run. params (P,): theta so far (the measured affine terms included); step (P,):
+    the next step size of each; last_sign (P,): the sign of each one's last gradient (0 after a
+    flip or before the first); measured (4,): the affine terms measured before the first iteration
+    (scan_calibration.py; zeros when not measured or not applied)."""
 
     params: np.ndarray
     step: np.ndarray
     last_sign: np.ndarray
+    measured: np.ndarray = field(default_factory=lambda: np.zeros(4))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"params": self.params, "step": self.step, "last_sign": self.last_sign}
+        return {"params": self.params, "step": self.step, "last_sign": self.last_sign, "measured": self.measured}
 
 
 class ScanFit:
     """The fit's fixed part for one run: the basis on the nominal centres and the settings."""
 
-    def __init__(self, nominal_centres_px: np.ndarray, settings, subset: np.ndarray):
+    def __init__(self, nominal_centres_px: np.ndarray, settings, subset: np.ndarray, measure: bool = True):
         """nominal_centres_px (N, 2): probe centres (y, x) on the canvas before any refinement;
         settings: config.ScanFitParams; subset: the patterns whose gradient steers the fit (the
         trained ones: on the realistic abTEM data every other or every fourth pattern gave a
-        gradient whose signs differed from the whole set's, and the fit went astray)."""
+        gradient whose signs differed from the whole set's, and the fit went astray); measure:
+        whether the affine map may be measured before the first iteration (settings.measure_affine
+        and a run that starts afresh, not from a model whose object formed on other positions)."""
         centres = np.asarray(nominal_centres_px, dtype=np.float64)
         n = len(centres)
         self.settings = settings
+        self.measure = bool(measure and settings.measure_affine)
         self.subset = np.asarray(subset, dtype=np.int64)
         self._mean_intensity: Optional[torch.Tensor] = None  # of the subset's patterns, read at the first step
         self.centre = centres.mean(axis=0)
@@ -90,15 +98,7 @@ class ScanFit:
         self.basis = basis
         # the displacement field on the canvas is the probes' moves spread by a Gaussian as wide
         # as the scan step (so it fills the gaps between probes and fades outside the scan)
-        gaps = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1)) if n <= 4096 else None
-        if gaps is not None:
-            np.fill_diagonal(gaps, np.inf)
-            self.spread_px = float(max(np.median(gaps.min(axis=1)), 1.0))
-        else:  # a large scan: the step from a sample of it
-            sample = centres[:: max(1, n // 2048)]
-            d = np.sqrt(((sample[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
-            d[d == 0] = np.inf
-            self.spread_px = float(max(np.median(d.min(axis=1)), 1.0))
+        self.spread_px = max(scan_step_px(centres), 1.0)
 
     def mean_intensity(self, feed, chunks: list[torch.Tensor], collective: Collective, model: PtychoAD) -> torch.Tensor:
         """The subset's mean intensity per pixel (), which its score divides by: read once per run
@@ -115,43 +115,90 @@ class ScanFit:
     def n_params(self) -> int:
         return self.basis.shape[1]
 
-    def initial_state(self) -> ScanFitState:
+    def initial_state(self, measured_matrix: Optional[np.ndarray] = None) -> ScanFitState:
+        """The state before the first step; ``measured_matrix`` (2, 2): the affine map M measured
+        before the first iteration, which the fit starts from (its common scale stays as measured
+        unless fit_scale)."""
         s = self.settings
         step = np.full(self.n_params, s.drift_step_px)
         step[:4] = s.affine_step
         if not s.fit_scale:
             step[0] = 0.0
         zeros = np.zeros(self.n_params)
-        return ScanFitState(params=zeros.copy(), step=step, last_sign=zeros.copy())
+        measured = affine_terms(measured_matrix) if measured_matrix is not None else np.zeros(4)
+        params = zeros.copy()
+        params[:4] = measured
+        return ScanFitState(params=params, step=step, last_sign=zeros.copy(), measured=measured)
 
     def active(self, iteration: int) -> bool:
-        return self.settings.in_window(iteration)
+        return self.settings.active(iteration)
 
     def moves_px(self, theta: np.ndarray) -> np.ndarray:
         """(N, 2) the probes' moves (y, x) in px for parameters ``theta`` (P,)."""
         return np.einsum("npd,p->nd", self.basis, theta)
 
 
-def describe(params: np.ndarray) -> dict:
-    """A fit's parameters (P,) in a user's terms: the affine map M = I + D acting on (y, x) about
-    the scan's centre, split as M = R(rotation) [[1 + scale_y, shear], [0, 1 + scale_x]] (R in
-    experiment.scan.rotation_deg's sense), and the drift's knots (y, x) in px at their times."""
-    params = np.asarray(params, dtype=np.float64)
-    scale, y_over_x, rot, sh = params[:4]
+def affine_terms(matrix: np.ndarray) -> np.ndarray:
+    """theta[0:4] (common scale, scale of y against x, rotation, symmetric shear) of an affine map
+    M (2, 2) acting on (y, x): M = I + [[s + a, rot + sh], [sh - rot, s - a]]."""
+    d = np.asarray(matrix, dtype=np.float64) - np.eye(2)
+    return np.array([(d[0, 0] + d[1, 1]) / 2, (d[0, 0] - d[1, 1]) / 2, (d[0, 1] - d[1, 0]) / 2, (d[0, 1] + d[1, 0]) / 2])
+
+
+def _affine_in_user_terms(terms: np.ndarray) -> dict:
+    """theta[0:4] as the matrix M and its split M = R(rotation) [[1 + scale_y, shear], [0, 1 +
+    scale_x]] (R in experiment.scan.rotation_deg's sense)."""
+    scale, y_over_x, rot, sh = terms
     matrix = np.eye(2) + np.array([[scale + y_over_x, rot + sh], [sh - rot, scale - y_over_x]])
     angle = math.atan2(-matrix[1, 0], matrix[0, 0])
     c, s = math.cos(angle), math.sin(angle)
     upper = np.array([[c, -s], [s, c]]) @ matrix
+    return {"affine": matrix.tolist(), "scale_pct": [float(100 * (upper[0, 0] - 1)), float(100 * (upper[1, 1] - 1))],
+            "rotation_deg": math.degrees(angle), "shear": float(upper[0, 1])}
+
+
+def describe(params: np.ndarray, measured: Optional[np.ndarray] = None) -> dict:
+    """A fit's parameters (P,) in a user's terms: the affine map M = I + D acting on (y, x) about
+    the scan's centre, split as M = R(rotation) [[1 + scale_y, shear], [0, 1 + scale_x]] (R in
+    experiment.scan.rotation_deg's sense), and the drift's knots (y, x) in px at their times. The
+    map is the whole one (measured and fitted); ``measured`` (4,), when given and not all zero, is
+    also reported on its own as scan_measured."""
+    params = np.asarray(params, dtype=np.float64)
+    affine = _affine_in_user_terms(params[:4])
     knots = params[4:].reshape(-1, 2)
-    return {
-        "scan_affine": matrix.tolist(),
-        "scan_scale_pct": [float(100 * (upper[0, 0] - 1)), float(100 * (upper[1, 1] - 1))],
-        "scan_rotation_deg": math.degrees(angle),
-        "scan_shear": float(upper[0, 1]),
+    measured_terms = np.asarray(measured, dtype=np.float64) if measured is not None else np.zeros(4)
+    described = {
+        "scan_affine": affine["affine"],
+        "scan_scale_pct": affine["scale_pct"],
+        "scan_rotation_deg": affine["rotation_deg"],
+        "scan_shear": affine["shear"],
+        "scan_measured": _affine_in_user_terms(measured_terms) if measured_terms.any() else None,
         "scan_drift_px": knots.tolist(),
         "scan_drift_times": np.linspace(0, 1, len(knots) + 2)[1:-1].tolist(),
         "scan_drift_largest_px": float(np.abs(knots).max()) if len(knots) else 0.0,
     }
+    return {**described, "in_words": _in_words(described)}
+
+
+def _in_words(fit: dict) -> str:
+    """The scan's error on one line (the CLI's, the positions figure's title): measured and fitted,
+    and what of it was measured before the first iteration."""
+    sy, sx = fit["scan_scale_pct"]
+    line = (f"step {sy:+.2f} % (y), {sx:+.2f} % (x), rotation {fit['scan_rotation_deg']:+.2f} deg, "
+            f"shear {fit['scan_shear']:+.4f}, drift beyond the affine map up to {fit['scan_drift_largest_px']:.2f} px")
+    measured = fit["scan_measured"]
+    if measured:
+        my, mx = measured["scale_pct"]
+        line += (f" (measured before iterating: step {my:+.2f} % (y), {mx:+.2f} % (x), rotation "
+                 f"{measured['rotation_deg']:+.2f} deg, shear {measured['shear']:+.4f})")
+    return line
+
+
+def describe_saved(arrays: Optional[dict[str, np.ndarray]]) -> Optional[dict]:
+    """describe() of the state a checkpoint saved (ScanFitState.arrays()); None when it holds none."""
+    if not arrays:
+        return None
+    return describe(arrays["params"], arrays.get("measured"))
 
 
 def _fourier_gradient(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +311,8 @@ def scan_fit_step(model: PtychoAD, fit: ScanFit, state: ScanFitState, feed, weig
         for tensor in _moved_object_tensors(model):
             tensor.copy_(_warp(tensor.detach(), field))
     model.move_probes(moves)
-    return ScanFitState(params=state.params + delta, step=step, last_sign=np.where(agree < 0, 0.0, sign))
+    return ScanFitState(params=state.params + delta, step=step, last_sign=np.where(agree < 0, 0.0, sign),
+                        measured=state.measured)
 
 
 def _moved_object_tensors(model: PtychoAD) -> list[torch.Tensor]:
@@ -283,4 +331,6 @@ def read_state(arrays: Optional[dict[str, np.ndarray]], fit: Optional[ScanFit]) 
     """A checkpoint's saved state, when it matches this run's fit (None: start the fit afresh)."""
     if fit is None or not arrays or len(arrays.get("params", ())) != fit.n_params:
         return None
-    return ScanFitState(**{k: np.asarray(arrays[k], dtype=np.float64) for k in ("params", "step", "last_sign")})
+    # a checkpoint from before the measurement existed has no "measured": nothing was measured
+    return ScanFitState(**{k: np.asarray(arrays[k], dtype=np.float64) for k in ("params", "step", "last_sign")},
+                        measured=np.asarray(arrays.get("measured", np.zeros(4)), dtype=np.float64))

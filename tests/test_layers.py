@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ptycho_core from the bottom up; io/ and stages/ are one layer each
 CORE_LAYERS = ("faults", "config", "physics", "forward", "model", "losses", "constraints", "quality",
-               "checkpoint", "io", "collective", "measurements", "scan_fit", "arrivals", "engine", "devices", "resample",
+               "checkpoint", "io", "collective", "measurements", "scan_calibration", "scan_fit", "arrivals", "engine", "devices", "resample",
                "reconstruction", "rundir", "runlock", "ranks", "simulate", "stages", "inspect")
 
 

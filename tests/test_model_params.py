@@ -94,7 +94,7 @@ def test_param_groups_carry_the_per_tensor_lr(small_dataset, small_prep):
     lrs = {g["names"][0]: g["lr"] for g in rec.optimizer.param_groups}
     # the probe's lr is in units of the brightest mean-pattern amplitude (sqrt counts)
     unit = float(np.sqrt(small_prep.measurements.load().mean(axis=0, dtype=np.float64).max()))
-    assert lrs == pytest.approx({"obja": 1e-2, "objp": 1e-2, "probe": 1e-4 * unit, "probe_pos_shifts": 1e-4}, rel=1e-12)
+    assert lrs == pytest.approx({"obja": 1e-2, "objp": 1e-2, "probe": 1e-4 * unit, "probe_pos_shifts": 3e-3}, rel=1e-12)
 
 
 def test_the_same_settings_mean_the_same_at_any_dose(small_dataset, small_prep):

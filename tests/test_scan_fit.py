@@ -73,7 +73,7 @@ def test_a_resume_mid_fit_steps_as_an_uninterrupted_run(drifted, tmp_path, one_t
     first.run(4)
     first.save(tmp_path / "model.hdf5")
     ckpt = read_checkpoint(tmp_path / "model.hdf5")
-    assert set(ckpt.scan_fit) == {"params", "step", "last_sign"}
+    assert set(ckpt.scan_fit) == {"params", "step", "last_sign", "measured"}
     second = Reconstruction.create(config, prep)
     second.resume(ckpt)
     second.run(6)
@@ -100,6 +100,14 @@ def test_the_fit_is_reported_by_summary_and_inspect(drifted, tmp_path):
     for fit in (summary["scan_fit"], report["scan_fit"]):
         assert fit == describe(rec.state.scan_fit.params)
         assert len(fit["scan_drift_px"]) == config.model_params.scan_fit.drift_segments - 1
+    # the positions figure draws it: the map in its title, the drift against the time beside
+    from ptycho_core.io.figures import _positions, pyplot
+    from ptycho_core.scan_fit import describe_saved
+
+    figure = _positions(pyplot(), rec.view(), rec.model.centres_px(), describe_saved(rec.state.scan_fit.arrays()))
+    assert len(figure.axes) == 2 and figure.get_suptitle().startswith("scan: step ")
+    drift_y = figure.axes[1].lines[0].get_ydata()
+    np.testing.assert_allclose(drift_y[1:-1], np.array(summary["scan_fit"]["scan_drift_px"])[:, 0])
     # the CLI says it on one line, in a user's units
     import subprocess
 

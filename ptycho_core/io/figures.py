@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint, ResultView
-from ..quality import scanned_field_box
+from ..quality import scan_step_px, scanned_field_box
 
 MAX_DRAWN_POSITIONS = 5000
 
@@ -36,19 +36,21 @@ def _scale_bar(ax, dx_ang: float, width_px: int) -> None:
     ax.text(0.05 * width_px + px / 2, 0.89 * ny, f"{length:g} Å", color="white", ha="center", va="bottom", fontsize=9)
 
 
-def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None = None
-                  ) -> list[Path]:
+def write_figures(folder: str | Path, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None = None,
+                  scan: dict | None = None) -> list[Path]:
     """Write object_phase.png, probe_modes.png, loss.png and positions.png; returns their paths.
 
     ckpt: a checkpoint read from disk, or Reconstruction.view() of a running reconstruction.
 
     initial_positions_px (N, 2): probe centres on the canvas before refinement, to draw the
-    position corrections (magnified); without it none are drawn."""
+    position corrections (magnified); without it none are drawn. scan: the scan's measured and
+    fitted error (scan_fit.describe_saved), drawn beside the positions (its map in the title, its
+    drift against the acquisition time)."""
     plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     figures = {"object_phase": _object_phase, "probe_modes": _probe_modes, "loss": _loss_curve,
-               "positions": lambda plt, ckpt: _positions(plt, ckpt, initial_positions_px)}
+               "positions": lambda plt, ckpt: _positions(plt, ckpt, initial_positions_px, scan)}
     return [_save(draw(plt, ckpt), folder / f"{name}.png", plt) for name, draw in figures.items()]
 
 
@@ -112,22 +114,30 @@ def _loss_curve(plt, ckpt: Checkpoint | ResultView):
     return fig
 
 
-def _positions(plt, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None):
-    """The scan positions and their corrections, magnified ten times."""
+def _positions(plt, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndarray | None, scan: dict | None = None):
+    """The scan positions and their corrections, magnified (up to ten times); with ``scan``, the scan's
+    affine map in the title and its drift over the acquisition in a second panel."""
     refined = _probe_centres_px(ckpt) + ckpt.tensors["probe_pos_shifts"].numpy()
     initial = refined if initial_positions_px is None else np.asarray(initial_positions_px)
     moved = refined - initial
     rms = float(np.sqrt((moved**2).sum(axis=1).mean()))
-    magnify = 10.0
+    # magnified up to ten times, so that the typical arrow is half a scan step (a pixel of
+    # correction at a 2-pixel step would cover the scan at ten times)
+    step = scan_step_px(initial) if len(initial) > 1 else 1.0
+    magnify = float(np.clip(0.5 * step / max(rms, 1e-12), 1.0, 10.0)) if np.isfinite(step) else 10.0
     # a facility scan has 10^5-10^6 positions: draw an even subset (the RMS is over all of them)
     every = max(1, -(-len(initial) // MAX_DRAWN_POSITIONS))
     initial, moved = initial[::every], moved[::every]
-    fig, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
+    if scan:
+        fig, (ax, drift_ax) = plt.subplots(1, 2, figsize=(10, 5.5), layout="constrained", width_ratios=(1.2, 1))
+        _scan_panel(fig, drift_ax, scan)
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
     ax.scatter(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, s=5, c="0.5",
                label="initial" if every == 1 else f"initial, every {every}th")
     ax.quiver(initial[:, 1] * ckpt.dx_ang, initial[:, 0] * ckpt.dx_ang, magnify * moved[:, 1] * ckpt.dx_ang,
               magnify * moved[:, 0] * ckpt.dx_ang, angles="xy", scale_units="xy", scale=1, color="C3", width=0.004,
-              label=f"correction x{magnify:g}")
+              label=f"correction x{magnify:.2g}")
     ax.set_title(f"probe positions, RMS correction {rms:.3f} px ({rms * ckpt.dx_ang:.3f} Å)")
     ax.set_xlabel("x (Å)")
     ax.set_ylabel("y (Å)")
@@ -135,6 +145,23 @@ def _positions(plt, ckpt: Checkpoint | ResultView, initial_positions_px: np.ndar
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=8)
     return fig
+
+
+def _scan_panel(fig, ax, scan: dict) -> None:
+    """The scan's error: its affine map (measured and fitted) as the figure's title, the drift's
+    knots (y, x) against the acquisition time in ``ax``."""
+    fig.suptitle("scan: " + scan["in_words"].replace(" (measured", "\n(measured"), fontsize=10)
+    times, knots = np.asarray(scan["scan_drift_times"]), np.asarray(scan["scan_drift_px"]).reshape(-1, 2)
+    ends = np.array([0.0, 1.0])
+    for axis, name in enumerate(("y", "x")):
+        # the knots of a drift that starts and ends at zero (its constant and linear parts are the map's)
+        ax.plot(np.concatenate([ends[:1], times, ends[1:]]), np.concatenate([[0.0], knots[:, axis], [0.0]]),
+                "o-", label=f"drift {name}")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("acquisition time (fraction of the scan)")
+    ax.set_ylabel("drift beyond the affine map (px)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def thumbnail_pngs(ckpt: Checkpoint | ResultView, max_px: int = 192, min_px: int = 0) -> dict[str, bytes]:

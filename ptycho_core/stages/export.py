@@ -9,7 +9,7 @@ from ..checkpoint import Checkpoint, last_value
 from ..config import PtyflowConfig
 from ..io.preprocess import read_preprocessed
 from ..quality import phase_pearson, scanned_field_mask
-from ..scan_fit import describe as describe_scan_fit
+from ..scan_fit import describe_saved as describe_scan_fit
 from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config
 
 
@@ -30,7 +30,8 @@ def export_run(run_dir: str | Path, figures: bool = True) -> dict:
     timings = {k: summary[k] for k in ("iterations", "seconds_in_iterations", "median_seconds_per_iteration")}
     write_result(paths.result, ckpt, prep.positions_ang, prep.geometry.positions_px, prep.energy_kev,
                  config.to_dict(), software_versions(), timings)
-    figure_paths = write_figures(paths.figures, ckpt, prep.geometry.positions_px) if figures else []
+    figure_paths = (write_figures(paths.figures, ckpt, prep.geometry.positions_px, describe_scan_fit(ckpt.scan_fit))
+                    if figures else [])
     # small PNGs of the phase and the loss, drawn from the checkpoint already read, for the
     # Prefect artifact (which embeds them: its file links open only where the run directory is)
     summary.update(result=str(paths.result), figures=[str(p) for p in figure_paths],
@@ -59,7 +60,7 @@ def run_summary(run_dir: str | Path, ckpt: Optional[Checkpoint] = None, prep=Non
         "seconds_in_iterations": float(sum(seconds)),
         "median_seconds_per_iteration": float(sorted(seconds)[len(seconds) // 2]) if seconds else 0.0,
         # model_params.scan_fit: how far off the scan was (a user wants to know it was 3 % off)
-        "scan_fit": describe_scan_fit(ckpt.scan_fit["params"]) if ckpt.scan_fit else None,
+        "scan_fit": describe_scan_fit(ckpt.scan_fit),
     }
     summary.update(quality_vs_truth(run_dir, ckpt, prep, config))
     return summary

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from ..checkpoint import checkpoint_name, last_value, require_current_format
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
+from ..scan_fit import describe_saved as describe_scan_fit
 from ..devices import device_list, using_device
 from ..ranks import helper_ranks
 from ..reconstruction import Reconstruction
@@ -85,7 +86,8 @@ def run_segment(
         last_segment = not segment_ends(config, rec.state.iteration)
         # the last segment's figures would be redrawn by the export straight after
         if figures and config.recon_params.segment_figures and not stopped and not last_segment:
-            write_figures(paths.figures, rec.view(), prep.geometry.positions_px)
+            view = rec.view()
+            write_figures(paths.figures, view, prep.geometry.positions_px, describe_scan_fit(view.scan_fit))
         if stopped or stop_requested():  # a signal in the segment's last batch still ends the run here
             raise Preempted(rec.state.iteration, rec.state.batch_cursor, path, signal_name())
         n_done = max(1, rec.state.iteration - first)

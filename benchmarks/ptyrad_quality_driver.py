@@ -66,6 +66,21 @@ def main():
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         capture_at(score_at, out)
     loaded = load_params(str(work / "params.yaml"), validate=True)
+    if settings.get("data.pos_key"):
+        # positions from the file (the realistic case's truth/): PtyRAD's own raster (as its 'simu'
+        # source makes it) moved by the file's positions less its nominal ones, through the 'custom'
+        # source; with the nominal positions this is the 'simu' raster exactly
+        with h5py.File(data_path, "r") as f:
+            given = f[settings["data.pos_key"]][()]
+            nominal = f["truth/nominal_positions_yx_ang"][()]
+        dx, step = float(attrs["dx_ang"]), float(attrs["step_ang"])
+        raster = step / dx * np.array([(y, x) for y in range(scan_y) for x in range(scan_x)], dtype=np.float64)
+        raster = raster - raster.mean(0)
+        extent = (1.2 * np.ceil(raster.max(0) - raster.min(0) + np.array([ny, nx]))).astype(int)
+        raster = raster + (extent // 2 - np.array([ny, nx]) // 2)
+        loaded["init_params"]["pos_source"] = "custom"
+        loaded["init_params"]["pos_params"] = raster + (given - nominal) / dx
+        loaded["init_params"]["pos_N_scans"] = scan_y * scan_x
     solver = solver_cls(loaded, device="cpu", seed=0)
     if settings.get("first_batch"):
         out.update(first_batch(solver, loaded))

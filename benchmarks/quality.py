@@ -58,6 +58,10 @@ RUNS = {
     # on the realistic case (the true positions are in its file only)
     "ptyflow-defaults-x5": ("ptyflow", {}, 5),
     "ptyflow-true-positions": ("ptyflow", TRUE_POSITIONS, 1),
+    "ptyrad-true-positions": ("ptyrad", TRUE_POSITIONS, 1),
+    # PtyRAD given the nominal raster through the same 'custom' position source: checks that source's
+    # convention against its own raster (ptyrad-defaults)
+    "ptyrad-nominal-as-custom": ("ptyrad", {"data.pos_key": "truth/nominal_positions_yx_ang", "data.pos_unit": "ang"}, 1),
     "ptyflow-true-positions-x5": ("ptyflow", TRUE_POSITIONS, 5),
     "ptyflow-modes4": ("ptyflow", {"init.probe.n_modes": 4}, 1),
     "ptyflow-detector-blur": ("ptyflow", {"model_params.detector_blur_std": 0.6}, 1),

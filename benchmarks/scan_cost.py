@@ -39,7 +39,8 @@ SETTINGS = {
 }
 
 
-def in_process(data: Path, name: str, iterations: int) -> dict:
+def in_process(data: Path, name: str, iterations: int, settings: dict | None = None) -> dict:
+    """One Reconstruction.run of ``iterations`` on ``data`` at SETTINGS[name] (or ``settings``)."""
     from quality import ptyflow_config
 
     from ptycho_core.io.preprocess import read_preprocessed
@@ -47,7 +48,7 @@ def in_process(data: Path, name: str, iterations: int) -> dict:
     from ptycho_core.stages.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = ptyflow_config(data, 4, iterations, SETTINGS[name])
+        config = ptyflow_config(data, 4, iterations, SETTINGS[name] if settings is None else settings)
         prepare(config, Path(tmp) / "run")
         rec = Reconstruction.create(config, read_preprocessed(Path(tmp) / "run" / "preprocessed.h5"))
         started = time.perf_counter()
@@ -75,7 +76,8 @@ def measurement_alone(data: Path) -> float:
         return time.perf_counter() - started
 
 
-def user_path(data: Path, name: str, iterations: int, threads: int) -> dict:
+def user_path(data: Path, name: str, iterations: int, threads: int, settings: dict | None = None) -> dict:
+    """One `ptyflow run` end to end at SETTINGS[name] (or ``settings``), a fresh run directory."""
     import yaml
 
     from abtem_data import quality_config
@@ -83,7 +85,7 @@ def user_path(data: Path, name: str, iterations: int, threads: int) -> dict:
 
     raw = quality_config(data, 4, iterations)
     raw["recon_params"]["threads"] = threads
-    for key, value in SETTINGS[name].items():
+    for key, value in (SETTINGS[name] if settings is None else settings).items():
         set_dotted(raw, key, value)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"

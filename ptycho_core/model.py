@@ -220,10 +220,7 @@ class PtychoAD(torch.nn.Module):
             probes = probe[None]
         propagator = self.propagator(indices) if obja.shape[1] > 1 else None
         exit_waves = fw.multislice_exit_waves(probes, trans, propagator)
-        blur = bool(self.detector_blur_std)
-        intensity = fw.farfield_intensity(exit_waves, self.occupancies, centered=centered or blur)
-        if blur:
-            intensity = fw.gaussian_blur(intensity, self.detector_blur_std)
-            if not centered:
-                intensity = torch.fft.ifftshift(intensity, dim=(-2, -1))
+        intensity = fw.farfield_intensity(exit_waves, self.occupancies, centered=centered)
+        if self.detector_blur_std:
+            intensity = fw.gaussian_blur(intensity, self.detector_blur_std, fft_order=not centered)
         return intensity

@@ -81,6 +81,9 @@ def test_forward_matches_explicit_loops(tilts, blur, n_pos):
     got = model(torch.arange(len(crop))).detach().numpy()
     want = reference_intensity(case, crop, occ, *blur)
     assert np.max(np.abs(got - want)) / np.max(want) < 1e-10
+    # the engine's FFT order (DC at [0, 0]) is the same prediction, shifted
+    fft_order = model(torch.arange(len(crop)), centered=False).detach().numpy()
+    assert np.max(np.abs(np.fft.fftshift(fft_order, axes=(-2, -1)) - got)) / np.max(want) < 1e-12
 
 
 def test_forward_conserves_probe_intensity_for_a_pure_phase_object():
@@ -130,3 +133,29 @@ def test_integer_shift_equals_moving_the_window():
     case2 = dict(case, probe_pos_shifts=np.array([[1.0, 0.0]]))
     shifted = make_model(case2, np.array([[4, 5]]), occ)(torch.arange(1))
     assert torch.allclose(base, shifted, rtol=1e-6, atol=1e-8 * float(base.max()))
+
+
+@pytest.mark.parametrize("shape, std", [((3, 64, 62), 0.6), ((2, 9, 7), 4.0), ((1, 300, 40), 2.5)])
+def test_gaussian_blur_mirrors_at_the_edges_as_scipy(shape, std):
+    """Both ways the blur is computed (dense matrices up to DENSE_BLUR_MAX_PX, separable
+    convolution above), a kernel wider than the image included, against scipy's 'mirror' mode."""
+    from ptycho_core.forward import DENSE_BLUR_MAX_PX, gaussian_blur
+
+    assert max(shape[-2:]) <= DENSE_BLUR_MAX_PX or shape[-2] > DENSE_BLUR_MAX_PX  # the cases cover both paths
+    images = np.random.default_rng(0).uniform(size=shape)
+    blurred = gaussian_blur(torch.from_numpy(images), std).numpy()
+    r = math.ceil(3 * std)
+    expected = ndimage.gaussian_filter(images, (0, std, std), mode="mirror", radius=(0, r, r))
+    np.testing.assert_allclose(blurred, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [64, 63])
+def test_a_pattern_in_fft_order_is_blurred_as_its_centred_self(n):
+    """The detector blur of patterns kept in FFT order (the engine's) equals the blur of the centred
+    pattern, shifted back: edges at the pattern's rim, not at the DC term."""
+    from ptycho_core.forward import gaussian_blur
+
+    centred = torch.from_numpy(np.random.default_rng(1).uniform(size=(2, n, n)))
+    in_fft_order = torch.fft.ifftshift(centred, dim=(-2, -1))
+    expected = torch.fft.ifftshift(gaussian_blur(centred, 0.7), dim=(-2, -1))
+    torch.testing.assert_close(gaussian_blur(in_fft_order, 0.7, fft_order=True), expected, atol=1e-12, rtol=0)

@@ -134,7 +134,7 @@ def test_a_run_recorded_by_an_older_ptyflow_from_a_dectris_master_alone_still_re
     master = write_dectris(tmp_path / "detector", counts())
     config = load_run_config(config_file(tmp_path, master, {}))
     prepare(config, tmp_path / "run")
-    older = {"path": str(master), "files": pp._stat_list(master, [master]),
+    older = {"path": str(master), "files": pp.stat_list(master, [master]),
              "sampled": pp.sampled_digest(master, [master]), "sha256": pp.content_digest(master, files=[master])}
     with h5py.File(tmp_path / "run" / "preprocessed.h5", "a") as f:
         assert len(json.loads(f.attrs["inputs"])[0]["files"]) == 4  # this ptyflow: the master and 3 data files

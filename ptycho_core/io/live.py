@@ -38,9 +38,9 @@ from .preprocess import (
     _without_patterns,
     _write_metadata,
     input_fingerprint,
-    input_file_name,
     input_hash,
     input_paths,
+    stat_list,
 )
 from .readers import DataError, PatternSource, dataset_files, follow_patterns
 
@@ -99,14 +99,7 @@ def frames_written(source: Optional[PatternSource]) -> int:
 def data_files(config: PtyflowConfig) -> list:
     """[name, size, mtime_ns] of the data's files, the master's linked files included."""
     path = Path(config.data.path)
-    rows = []
-    for item in dataset_files(path):
-        try:
-            st = item.stat()
-        except OSError:
-            continue
-        rows.append([input_file_name(path, item), st.st_size, st.st_mtime_ns])
-    return rows
+    return stat_list(path, dataset_files(path), missing_ok=True)
 
 
 def marker_path(config: PtyflowConfig) -> Path:

@@ -132,11 +132,17 @@ def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Ev
     return digest.hexdigest()
 
 
-def _stat_list(path: Path, files: list[Path]) -> list[list]:
-    """[name, size, mtime_ns] of each of an input's ``files``."""
+def stat_list(path: Path, files: list[Path], missing_ok: bool = False) -> list[list]:
+    """[name, size, mtime_ns] of each of an input's ``files``; missing_ok: leave out a file that
+    cannot be stat'ed (one a live acquisition has not written yet) instead of raising."""
     rows = []
     for item in files:
-        st = item.stat()
+        try:
+            st = item.stat()
+        except OSError:
+            if missing_ok:
+                continue
+            raise
         rows.append([input_file_name(path, item), st.st_size, st.st_mtime_ns])
     return rows
 
@@ -163,7 +169,7 @@ def input_fingerprint(path: Path, stop: Optional[threading.Event] = None) -> dic
     """What identifies an input file (or folder) now: sizes and modification times of its files,
     the digest of sampled blocks, and the sha256 of all its bytes."""
     files = _input_files(path)
-    return {"path": str(path), "files": _stat_list(path, files), "sampled": sampled_digest(path, files),
+    return {"path": str(path), "files": stat_list(path, files), "sampled": sampled_digest(path, files),
             "sha256": content_digest(path, stop=stop, files=files)}
 
 
@@ -228,7 +234,7 @@ def check_inputs(config: PtyflowConfig, prep: Preprocessed) -> str:
         if len(files) > 1 and path.is_file() and [row[0] for row in recorded["files"]] == [path.name]:
             files = [path]
             narrow.append(path.name)
-        now = _stat_list(path, files)
+        now = stat_list(path, files)
         sizes_now = [(name, size) for name, size, _ in now]
         sizes_then = [(name, size) for name, size, _ in recorded["files"]]
         if sizes_now != sizes_then:

@@ -5,8 +5,9 @@
 
 forward.gaussian_blur blurs images up to DENSE_BLUR_MAX_PX on a side (diffraction patterns) as two
 products with dense (n, n) matrices, larger ones by a separable convolution. Timed, interleaved:
-- the blur alone, forward and backward, on 32 patterns of 64² (a default batch): dense against the
-  convolution (DENSE_BLUR_MAX_PX set to 0 for it);
+- the blur alone, forward and backward: 32 patterns of 64² (a default batch), a 4-slice canvas of
+  256² and one image of 1024² (ALONE_CASES), dense against the convolution (DENSE_BLUR_MAX_PX set
+  to 0 for it);
 - Reconstruction.run on the realistic abTEM dataset (tests/abtem_data.py, cached in --data): no
   blur, blur 0.6 px dense, blur 0.6 px by convolution;
 - the path users run, `ptyflow run` end to end: no blur against blur 0.6 px.
@@ -30,23 +31,25 @@ sys.path.insert(0, str(HERE))
 
 BLUR_PX = 0.6
 SETTINGS = {"no blur": {}, "blur": {"model_params.detector_blur_std": BLUR_PX}}
+# (shape, std px, repeats): a batch of patterns, an object canvas (obj_preblur_std), a large image
+ALONE_CASES = (((32, 64, 64), BLUR_PX, 200), ((4, 256, 256), 0.5, 40), ((1, 1024, 1024), 2.5, 5))
 
 
-def blur_alone(dense: bool, repeats: int = 200) -> float:
-    """ms per forward and backward of the blur on (32, 64, 64) float32."""
+def blur_alone(dense: bool, shape: tuple[int, ...], std_px: float, repeats: int) -> float:
+    """ms per forward and backward of the blur on a float32 tensor of ``shape``."""
     import torch
 
     from ptycho_core import forward as fw
 
     saved = fw.DENSE_BLUR_MAX_PX
-    fw.DENSE_BLUR_MAX_PX = saved if dense else 0
+    fw.DENSE_BLUR_MAX_PX = max(saved, max(shape[-2:])) if dense else 0
     try:
-        images = torch.rand(32, 64, 64, requires_grad=True)
-        for _ in range(5):
-            fw.gaussian_blur(images, BLUR_PX).sum().backward()
+        images = torch.rand(*shape, requires_grad=True)
+        for _ in range(3):
+            fw.gaussian_blur(images, std_px).sum().backward()
         started = time.perf_counter()
         for _ in range(repeats):
-            fw.gaussian_blur(images, BLUR_PX).sum().backward()
+            fw.gaussian_blur(images, std_px).sum().backward()
         return (time.perf_counter() - started) / repeats * 1e3
     finally:
         fw.DENSE_BLUR_MAX_PX = saved
@@ -86,11 +89,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.data.mkdir(parents=True, exist_ok=True)
     data = realistic_dataset(args.data)
-    alone = {"dense": [], "convolution": []}
+    alone = {str(shape): {"dense": [], "convolution": []} for shape, _, _ in ALONE_CASES}
     rows = []
     for _ in range(args.repeats):
-        alone["dense"].append(blur_alone(True))
-        alone["convolution"].append(blur_alone(False))
+        for shape, std, repeats in ALONE_CASES:
+            alone[str(shape)]["dense"].append(blur_alone(True, shape, std, repeats))
+            alone[str(shape)]["convolution"].append(blur_alone(False, shape, std, repeats))
         for name, dense in (("no blur", True), ("blur", True), ("blur", False)):
             rows.append(run_in_process(data, name, args.iterations, dense))
             print(json.dumps(rows[-1]), flush=True)
@@ -103,12 +107,14 @@ def main() -> None:
         values = [r[key] for r in rows if r["setting"] == name and r["path"] == path]
         return float(np.mean(values)) if values else None
 
-    dense_ms, conv_ms = np.mean(alone["dense"]), np.mean(alone["convolution"])
     lines = [f"# The detector blur: cost ({BLUR_PX} px; {args.iterations} iterations, realistic abTEM data, "
              f"{args.threads} thread(s), {args.repeats} interleaved repeats in process)", "",
-             f"The blur alone, forward and backward, 32 patterns of 64²: dense {dense_ms:.2f} ms, convolution "
-             f"{conv_ms:.2f} ms ({conv_ms / dense_ms:.1f}x).", "",
-             "| setting | path | seconds (mean) | vs no blur |", "|---|---|---|---|"]
+             "The blur alone, forward and backward (ms, mean):", "",
+             "| shape | std px | dense | convolution | convolution / dense |", "|---|---|---|---|---|"]
+    for shape, std, _ in ALONE_CASES:
+        dense_ms, conv_ms = (np.mean(alone[str(shape)][k]) for k in ("dense", "convolution"))
+        lines.append(f"| {shape} | {std} | {dense_ms:.2f} | {conv_ms:.2f} | {conv_ms / dense_ms:.1f}x |")
+    lines += ["", "| setting | path | seconds (mean) | vs no blur |", "|---|---|---|---|"]
     for path in ("in-process", "ptyflow run"):
         base = mean("no blur", path)
         for name in ("no blur", "blur", "blur (convolution)"):

@@ -145,11 +145,12 @@ def gaussian_kernel_1d(std_px: float, device=None, dtype=torch.float32) -> torch
     return kernel / kernel.sum()
 
 
-# Up to this side a blur is two dense products with an (n, n) matrix: for 32 patterns of 64² that
-# was 15x faster than the separable convolution (forward and backward, 1 CPU thread,
-# benchmarks/blur.py), which made model_params.detector_blur_std cost 1.28x per iteration. Above
-# it (object canvases) the convolution's cost per pixel, the kernel's length, is the smaller one.
-DENSE_BLUR_MAX_PX = 256
+# Up to this side a blur is two dense products with an (n, n) matrix, which BLAS does faster than
+# single-channel convolutions (forward and backward, 1 CPU thread: 32 patterns of 64² 0.9 against
+# 11.5 ms, which had made model_params.detector_blur_std cost 1.28x per iteration; a 4-slice
+# 256² canvas 6.4 against 35 ms; one 1024² image at 2.5 px 96 against 351 ms). Above it the
+# matrix's n³ work and n² memory grow past the convolution's n² times the kernel's length.
+DENSE_BLUR_MAX_PX = 1024
 
 
 def gaussian_blur(images: torch.Tensor, std_px: float, fft_order: bool = False) -> torch.Tensor:
@@ -178,7 +179,7 @@ def gaussian_blur(images: torch.Tensor, std_px: float, fft_order: bool = False) 
     return x.reshape(shape)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def blur_matrix(n: int, std_px: float, device: torch.device, dtype: torch.dtype, fft_order: bool = False
                 ) -> torch.Tensor:
     """(n, n) the 1D Gaussian blur of ``gaussian_blur`` as a matrix acting on a column: row i holds

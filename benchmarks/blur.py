@@ -16,10 +16,8 @@ Ratios are against no blur. Writes NAME.json and NAME.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,24 +69,9 @@ def run_in_process(data: Path, name: str, iterations: int, dense: bool = True) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "ptyflow-abtem")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-user-path", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "measured")
-    parser.add_argument("--name", default="blur")
-    args = parser.parse_args()
+    from scan_cost import cost_setup, user_path, write_measured
 
-    import torch
-
-    from abtem_data import realistic_dataset
-    from scan_cost import user_path
-
-    torch.set_num_threads(args.threads)
-    args.data.mkdir(parents=True, exist_ok=True)
-    data = realistic_dataset(args.data)
+    args, data = cost_setup(__doc__, 10, "blur")
     alone = {str(shape): {"dense": [], "convolution": []} for shape, _, _ in ALONE_CASES}
     rows = []
     for _ in range(args.repeats):
@@ -121,10 +104,7 @@ def main() -> None:
             value = mean(name, path)
             if value is not None:
                 lines.append(f"| {name} | {path} | {value:.1f} | {value / base:.2f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"rows": rows, "blur_alone_ms": alone}, indent=1))
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_measured(args, {"rows": rows, "blur_alone_ms": alone}, lines)
 
 
 if __name__ == "__main__":

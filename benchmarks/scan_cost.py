@@ -99,15 +99,17 @@ def user_path(data: Path, name: str, iterations: int, threads: int, settings: di
     return {"setting": name, "path": "ptyflow run", "seconds": total}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cost_setup(doc: str, iterations: int, name: str) -> tuple[argparse.Namespace, Path]:
+    """The cost benchmarks' command line (this one's and blur.py's) parsed, torch's threads set,
+    and the realistic abTEM dataset (simulated into --data on first use)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "ptyflow-abtem")
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=iterations)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-user-path", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "measured")
-    parser.add_argument("--name", default="scan_cost")
+    parser.add_argument("--name", default=name)
     args = parser.parse_args()
 
     import torch
@@ -116,7 +118,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     args.data.mkdir(parents=True, exist_ok=True)
-    data = realistic_dataset(args.data)
+    return args, realistic_dataset(args.data)
+
+
+def write_measured(args: argparse.Namespace, record: dict, lines: list[str]) -> None:
+    """--out/--name .json (the rows) and .md (the table ``lines``), and the table printed."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args, data = cost_setup(__doc__, 20, "scan_cost")
     rows = []
     for _ in range(args.repeats):
         for name in SETTINGS:
@@ -146,10 +160,7 @@ def main() -> None:
             lines.append(f"| {name} | {path} | {value:.1f} | {value / off:.2f}x | "
                          f"{'' if per_it is None else f'{per_it:.3f}'} |")
     lines += ["", f"The measurement alone (before the first iteration): {np.mean(alone):.2f} s (mean of {len(alone)})."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"rows": rows, "measurement_s": alone}, indent=1))
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_measured(args, {"rows": rows, "measurement_s": alone}, lines)
 
 
 if __name__ == "__main__":

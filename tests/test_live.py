@@ -1,14 +1,11 @@
 """Live mode (`ptyflow run --follow`): a scan reconstructed while it is written, in each layout a
 detector writes (tests/acquisition.py), against the offline run of the finished file."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -284,8 +281,9 @@ def test_every_look_publishes_a_preview_under_one_key_with_the_phase_and_the_los
     from tasks.live import preview_key
 
     plan = Plan(layout="mib", out_dir=str(tmp_path / "data"), frames_per_s=10.0)  # about 25 s
-    writer = _write(small_dataset, plan).start()
+    writer = start_subprocess(Path(small_dataset).parent / "data.h5", plan)  # as a detector's: apart from the flow
     while not plan.data_path.exists():
+        assert writer.poll() is None, writer.communicate()
         time.sleep(0.01)
     cfg = load_run_config(_config(small_dataset, plan, tmp_path, live={"timeout_s": 30, "poll_s": 0.05},
                                   recon_params={"iterations": 4, "segment_iterations": 4}))
@@ -293,7 +291,9 @@ def test_every_look_publishes_a_preview_under_one_key_with_the_phase_and_the_los
     try:
         summary = reconstruct(cfg.to_dict(), str(run_dir), follow=True)
     finally:
-        writer.stop()
+        if writer.poll() is None:
+            writer.terminate()
+        writer.communicate(timeout=60)
     history = read_checkpoint(run_dir / "model.hdf5").history
     looks = int(sum(history["acquiring"]))
     assert summary["iteration"] == looks + 4 and looks >= 2
@@ -339,14 +339,19 @@ def test_a_watched_inbox_in_live_mode_reconstructs_a_scan_while_it_is_written(sm
     plan = Plan(layout="mib", out_dir=str(inbox), frames_per_s=12.0, name="scan_live")  # about 21 s
     template = live_config(small_dataset, plan, live={"timeout_s": 30, "poll_s": 0.05},
                            recon_params={"iterations": 4, "segment_iterations": 4})
-    writer = _write(small_dataset, plan).start()
+    # the writer in a process of its own, as a detector's is: a thread beside the flow (in CI once)
+    # stopped writing for over 30 s with 13 of 16 rows written, and the run ended short
+    writer = start_subprocess(Path(small_dataset).parent / "data.h5", plan)
     try:
         while not plan.data_path.exists():
+            assert writer.poll() is None, writer.communicate()
             time.sleep(0.01)
         rows = {r["dataset"]: r for r in watch(str(inbox), str(outbox), template, stable_seconds=3600.0,
                                                 deployment=None, live=True)}
     finally:
-        writer.stop()
+        if writer.poll() is None:
+            writer.terminate()
+        writer.communicate(timeout=60)
     assert rows["scan_live.mib"]["status"] == "done"  # taken at once, not after the size held still an hour
     history = read_checkpoint(outbox / "scan_live.mib" / "model.hdf5").history
     assert history["acquiring"][0] == 1.0 and history["patterns_in"][0] < 256 and history["patterns_in"][-1] == 256

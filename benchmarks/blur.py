@@ -10,7 +10,8 @@ products with dense (n, n) matrices, larger ones by a separable convolution. Tim
   to 0 for it);
 - Reconstruction.run on the realistic abTEM dataset (tests/abtem_data.py, cached in --data): no
   blur, blur 0.6 px dense, blur 0.6 px by convolution;
-- the path users run, `ptyflow run` end to end: no blur against blur 0.6 px.
+- the path users run, `ptyflow run` end to end: no blur against blur 0.6 px, --repeats times in
+  alternating order, after one uncounted run (the first start of Prefect and the imports is slower).
 Ratios are against no blur. Writes NAME.json and NAME.md.
 """
 
@@ -82,9 +83,11 @@ def main() -> None:
             rows.append(run_in_process(data, name, args.iterations, dense))
             print(json.dumps(rows[-1]), flush=True)
     if not args.no_user_path:
-        for name in SETTINGS:
-            rows.append(user_path(data, name, args.iterations, args.threads, SETTINGS[name]))
-            print(json.dumps(rows[-1]), flush=True)
+        user_path(data, "no blur", args.iterations, args.threads, {})  # not counted: the first start is slower
+        for repeat in range(args.repeats):
+            for name in list(SETTINGS)[:: 1 if repeat % 2 == 0 else -1]:  # the order alternates
+                rows.append(user_path(data, name, args.iterations, args.threads, SETTINGS[name]))
+                print(json.dumps(rows[-1]), flush=True)
 
     def mean(name, path, key="seconds"):
         values = [r[key] for r in rows if r["setting"] == name and r["path"] == path]

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from pathlib import Path
 
 import h5py
@@ -10,8 +11,15 @@ import zarr
 
 
 def test_demo_reconstructs_and_reports_quality(tmp_path, run_cli):
+    started = time.perf_counter()
     result = run_cli("demo", "--out", tmp_path / "demo")
+    wall_s = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
+    # the timing line's parts are parts of the run: together no longer than the process took
+    timing = re.search(r"^timing: (.*)$", result.stdout, re.MULTILINE).group(1)
+    parts = {name: float(seconds) for name, seconds in re.findall(r"([^,]+?) ([0-9.]+) s(?:,|$)", timing)}
+    assert "start-up and imports" in {name.strip() for name in parts}, timing
+    assert 0 < sum(parts.values()) <= wall_s, (timing, wall_s)
     pearson = float(re.search(r"phase Pearson vs ground truth: ([0-9.]+)", result.stdout).group(1))
     assert pearson >= 0.9, result.stdout
     run_dir = tmp_path / "demo" / "run"

@@ -184,7 +184,7 @@ def _strongest(transform, extent: np.ndarray, q_max: float, q_min: float) -> tor
     candidates = torch.nonzero(local_max & (power > 0))
     order = torch.argsort(power[candidates[:, 0], candidates[:, 1]], descending=True)[:MAX_FREQUENCIES]
     bins = torch.tensor([1.0 / extent[0], 1.0 / extent[1]], dtype=torch.float64)
-    peaks = [_refine(transform, grid[iy, ix], 0.6 * bins) for iy, ix in candidates[order].tolist()]
+    peaks = [_refine(transform, grid[iy, ix], 0.6 * bins)[0] for iy, ix in candidates[order].tolist()]
     return torch.stack(peaks) if peaks else torch.zeros((0, 2), dtype=torch.float64)
 
 
@@ -229,7 +229,7 @@ def _separate(peaks: torch.Tensor, spectrum: _ScanSpectrum, extent: np.ndarray, 
                 phases = spectrum.phases(trial)
                 leak = spectrum.overlaps(trial, both[others], phases)
                 return ((spectrum.transform(trial, phases) - leak @ amplitudes[others]).abs() ** 2).sum(-1)
-            refined.append(_refine(power_of, q, 0.3 * bins))
+            refined.append(_refine(power_of, q, 0.3 * bins)[0])
         peaks = torch.stack(refined)
     return peaks
 
@@ -241,14 +241,18 @@ def _unmix(overlaps: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(overlaps, values, rcond=1e-10, driver="gelsd").solution
 
 
-def _refine(power_of, q: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """The maximum of ``power_of`` ((M, 2) frequencies -> (M,)) within +-span (2,) of q, by three
-    ever finer 9 x 9 grids."""
+def _refine(score_of, centre: torch.Tensor, span, points: int = 9) -> tuple[torch.Tensor, float]:
+    """The best of ``score_of`` ((M, 2) trial points -> (M,) scores) within +-span (a float or (2,),
+    per axis) of ``centre`` (2,), by three ever finer points x points grids, each a quarter of the
+    last one's span about its best point; returns that point and its score."""
+    score = float("-inf")
     for _ in range(3):
-        steps = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64)
-        trial = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2) * span + q
-        q, span = trial[int(torch.argmax(power_of(trial)))], span / 4
-    return q
+        steps = torch.linspace(-1.0, 1.0, points, dtype=torch.float64)
+        trial = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2) * span + centre
+        scores = score_of(trial)
+        best = int(torch.argmax(scores))
+        centre, span, score = trial[best], span / 4, float(scores[best])
+    return centre, score
 
 
 class _Disk:
@@ -281,17 +285,13 @@ class _Disk:
         edges = _edge_energy(transform)
         target = edges * self.interior
         target = target - target.mean()
-        centre, half = q_guess.clone(), 0.12 * float(q_guess.norm()) + 0.5
-        match = -1.0
-        for _ in range(3):
-            steps = torch.linspace(-half, half, 11, dtype=torch.float64)
-            trial = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2) + centre
+
+        def match_of(trial: torch.Tensor) -> torch.Tensor:  # (M, 2) shifts -> (M,) Pearson
             template = self.interior * (self._shifted_edges(trial) + self._shifted_edges(-trial))
             template = template - template.mean((1, 2), keepdim=True)
-            score = (template * target).sum((1, 2)) / (template.norm(dim=(1, 2)) * target.norm()).clamp(min=1e-30)
-            best = int(torch.argmax(score))
-            centre, half, match = trial[best], half / 4, float(score[best])
-        return centre, match
+            return (template * target).sum((1, 2)) / (template.norm(dim=(1, 2)) * target.norm()).clamp(min=1e-30)
+
+        return _refine(match_of, q_guess.clone(), 0.12 * float(q_guess.norm()) + 0.5, points=11)
 
 
 def _edge_energy(images: torch.Tensor) -> torch.Tensor:

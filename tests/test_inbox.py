@@ -125,3 +125,28 @@ def test_a_dectris_acquisition_is_one_dataset_claimed_once_its_data_files_hold_s
     assert [e["name"] for e in due] == ["scan_master.h5"]
     assert due[0]["hash"] != hashlib.sha256(master.read_bytes()).hexdigest()
     assert sorted(state_of(outbox)) == ["scan_master.h5"]
+
+
+def test_a_data_file_not_written_yet_is_left_out_of_a_datasets_size_and_one_that_cannot_be_stated_is_an_error(folders, tmp_path):
+    """The inbox and live mode list a dataset's files through one preprocess.stat_list: a Dectris
+    data file that is not there yet leaves the size short (the claim waits for it to hold still),
+    while a file that is there but cannot be stat'ed raises, instead of making the dataset look
+    complete and smaller than it is."""
+    import errno
+
+    from ptycho_core.io.preprocess import stat_list
+    from test_detector_formats import counts, write_dectris
+
+    inbox, _ = folders
+    master = write_dectris(inbox, counts())
+    last = inbox / "scan_data_000003.h5"
+    whole = inbox_state.size_of(master)
+    aside = tmp_path / "aside.h5"
+    last.rename(aside)
+    assert inbox_state.size_of(master) == whole - aside.stat().st_size
+    aside.rename(last)
+    assert inbox_state.signature(master)[0] == whole
+    assert stat_list(tmp_path, [tmp_path / "absent.h5"], missing_ok=True) == []
+    with pytest.raises(OSError) as raised:
+        stat_list(tmp_path, [tmp_path / ("x" * 5000)], missing_ok=True)  # a name no file system takes
+    assert raised.value.errno == errno.ENAMETOOLONG

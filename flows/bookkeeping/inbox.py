@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ptycho_core.checkpoint import atomic_write
-from ptycho_core.io.preprocess import content_digest, recorded_inputs
+from ptycho_core.io.preprocess import content_digest, recorded_inputs, stat_list
 from ptycho_core.io.readers import EXTENSIONS, dataset_files, is_part_of_a_dataset
 
 log = logging.getLogger("ptyflow")
@@ -53,27 +53,21 @@ def candidates(inbox: str | Path) -> list[Path]:
                   and not is_part_of_a_dataset(p))
 
 
-def _stats(path: Path) -> list[os.stat_result]:
-    """The dataset's files' stats (a Dectris master's data files included); a file that went
-    away between listing and stat is left out (the next poll sees the change)."""
-    stats = []
-    for item in dataset_files(path):
-        try:
-            stats.append(item.stat())
-        except FileNotFoundError:
-            continue
-    return stats
+def _stats(path: Path) -> list[list]:
+    """[name, size, mtime_ns] of the dataset's files (a Dectris master's data files included); a
+    file that went away between listing and stat is left out (the next poll sees the change)."""
+    return stat_list(path, dataset_files(path), missing_ok=True)
 
 
 def size_of(path: Path) -> int:
     """Bytes of a dataset's files: it is complete once this holds still."""
-    return sum(s.st_size for s in _stats(path))
+    return sum(size for _, size, _ in _stats(path))
 
 
 def signature(path: Path) -> list[int]:
     """[bytes, newest modification time in ns] of a dataset's files: what hashing it must not see change."""
     stats = _stats(path)
-    return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+    return [sum(size for _, size, _ in stats), max((mtime for _, _, mtime in stats), default=0)]
 
 
 # --------------------------------------------------------------------------- the state file

@@ -133,13 +133,15 @@ def content_digest(path: Path, chunk: int = 1 << 20, stop: Optional[threading.Ev
 
 
 def stat_list(path: Path, files: list[Path], missing_ok: bool = False) -> list[list]:
-    """[name, size, mtime_ns] of each of an input's ``files``; missing_ok: leave out a file that
-    cannot be stat'ed (one a live acquisition has not written yet) instead of raising."""
+    """[name, size, mtime_ns] of each of an input's ``files``; missing_ok: leave out a file that is
+    not there (one a live acquisition has not written yet, one that went away between listing and
+    stat) instead of raising. A file that is there but cannot be stat'ed raises either way: left
+    out, it would make a dataset look complete and smaller than it is."""
     rows = []
     for item in files:
         try:
             st = item.stat()
-        except OSError:
+        except FileNotFoundError:
             if missing_ok:
                 continue
             raise

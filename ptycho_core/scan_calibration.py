@@ -20,8 +20,12 @@ edges in G are those of the aperture's amplitude, not its intensity, and the len
 the defocus's phase ramps. So the same reading is done on patterns simulated with the run's own
 probe (and detector blur) and a weak phase grating at each frequency, where the answer is known,
 and its error there is taken off. On abTEM data of SrTiO3 (300 keV, 20 mrad, 40 A defocus) the
-raw reading missed the scale by 1 to 2 %, the corrected one by 0.5 % (thin) and 0.1 % (thick);
-with a detector point-spread function the simulation does not know of, by 1.4 to 1.9 %. Each peak
+raw reading missed the scale by 1 to 2 %, the corrected one by 0.5 % (thin) and 0.1 % (thick).
+Each frequency's corrected reading is still off by up to 2 % in its own way (on clean data (200)
++0.5 %, (110) 0, (220) -0.9 %, (310) -1 to -2 %), which the nine or ten frequencies of ideal data
+average out; on the realistic set a finite source damps the higher orders until four are read, and
+the scale comes out 1 % short, with or without its detector blur in the simulation
+(benchmarks/measured/realistic.md). Each peak
 over the scan is searched with the others' sidelobes taken out (_separate): on a scan four lattice
 periods wide they moved the peaks by a few hundredths of a pixel, a percent of the map.
 

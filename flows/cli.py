@@ -220,6 +220,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
                   f"(lowest {summary['best_validation_loss']:.5g})")
     if summary.get("acquisition", "").startswith("ended short"):
         out.print(f"acquisition {summary['acquisition']} (live.finish_incomplete)")
+    if summary.get("scan_fit"):  # how far off the scan was: what a user checks the microscope by
+        out.print(f"scan: {summary['scan_fit']['in_words']}")
     if "phase_pearson" in summary:
         per = ", ".join(f"{v:.3f}" for v in summary["phase_pearson_per_slice"])
         out.print(f"phase Pearson vs ground truth: {summary['phase_pearson']:.3f}" + (f" (per slice: {per})" if per else ""))

@@ -22,6 +22,9 @@ def test_demo_reconstructs_and_reports_quality(tmp_path, run_cli):
     assert 0 < sum(parts.values()) <= wall_s, (timing, wall_s)
     pearson = float(re.search(r"phase Pearson vs ground truth: ([0-9.]+)", result.stdout).group(1))
     assert pearson >= 0.9, result.stdout
+    # the scan's error on one line: the demo's raster is exact, so the step read is within 1 %
+    step = re.search(r"^scan: step ([-+0-9.]+) % \(y\), ([-+0-9.]+) % \(x\)", result.stdout, re.MULTILINE)
+    assert step and max(abs(float(step.group(1))), abs(float(step.group(2)))) < 1.0, result.stdout
     run_dir = tmp_path / "demo" / "run"
     assert f"result:  {run_dir / 'result.zarr'}" in result.stdout
     root = zarr.open_group(str(run_dir / "result.zarr"), mode="r")

@@ -555,6 +555,12 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _ptyflow_defaults() -> dict[str, Any]:
+    """The ptyflow defaults that a config's partial entries are filled from, as REFERENCE_DEFAULTS:
+    each tensor's start_iter and lr (a field default applies only to a group left out whole)."""
+    return {"model_params": {"update_params": UpdateParams().model_dump()}}
+
+
 def _fill(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """raw with every key it leaves out taken from defaults (nested), raw's own values untouched."""
     out = dict(raw)
@@ -662,8 +668,8 @@ def config_from_dict(raw: Any, source: str = "config") -> PtyflowConfig:
                           "(ptyflow simulate --out DIR writes an example)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of configuration groups, got {type(raw).__name__}")
-    if raw.get("defaults") == "reference":
-        raw = _fill(raw, REFERENCE_DEFAULTS)
+    # a tensor's entry that names only start_iter or only lr keeps the other from the defaults in force
+    raw = _fill(raw, REFERENCE_DEFAULTS if raw.get("defaults") == "reference" else _ptyflow_defaults())
     try:
         return PtyflowConfig.model_validate(raw)
     except ValidationError as exc:

@@ -146,6 +146,23 @@ def test_reference_defaults_give_the_reference_texts_values(small_dataset):
     assert kept.model_params.update_params.probe.lr == 1e-3 and kept.model_params.update_params.probe.start_iter == 1
 
 
+def test_a_tensor_entry_with_only_start_iter_or_only_lr_keeps_the_other_default(small_dataset):
+    """`probe: {start_iter: 21}` delays the probe and keeps its default lr, as a partial entry does
+    under `defaults: reference` (it used to be refused: lr required but missing)."""
+    import yaml
+
+    from ptycho_core.config import UpdateParams, config_from_dict
+
+    raw = yaml.safe_load(small_dataset.read_text())
+    raw.pop("model_params", None)
+    ours = UpdateParams()
+    update = config_from_dict(raw | {"model_params": {"update_params": {
+        "probe": {"start_iter": 21}, "probe_pos_shifts": {"lr": 1e-2}}}}).model_params.update_params
+    assert (update.probe.start_iter, update.probe.lr) == (21, ours.probe.lr)
+    assert (update.probe_pos_shifts.start_iter, update.probe_pos_shifts.lr) == (ours.probe_pos_shifts.start_iter, 1e-2)
+    assert update.objp == ours.objp
+
+
 def test_lr_schedule_scales_every_lr_by_a_factor_of_the_iteration(small_dataset, small_prep):
     schedule = {"kind": "step", "gamma": 0.5, "step_iterations": 2, "min_factor": 0.3}
     cfg = config_with(small_dataset, **{"model_params.lr_schedule": schedule})

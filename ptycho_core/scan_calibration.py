@@ -53,8 +53,9 @@ BINNED_PX = 16  # the detector is binned to this size while the frequencies are 
 MIN_EDGE_MATCH = 0.7  # a frequency whose edges match the shifted disk's worse than this is not used
 MAX_RESIDUAL_PX = 0.15  # the map's rms misfit on the detector above which it is not applied
 MAX_ERROR = 0.15  # a measured map further than this from the identity is not believed
-# a map closer than this to the identity is left alone: the measurement is good to about 0.5 % (abTEM
-# SrTiO3, ideal and realistic), and on ideal thin data applying a 0.4 % error cost 0.012 in Pearson
+# a map closer than this to the identity is left alone: the measurement is good to about 0.5 % on ideal
+# abTEM SrTiO3 (1 to 1.4 % on the realistic sets, whose scans are 2 to 3 % off), and on ideal thin data
+# applying a 0.4 % error cost 0.012 in Pearson
 MIN_ERROR = 0.01
 SIMULATED_POSITIONS = 256  # positions of the simulated patterns that measure the reading's bias
 GRATING_RAD = 0.05  # phase amplitude of the simulated grating: a weak phase object

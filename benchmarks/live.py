@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import re
 import shutil
 import subprocess
 import sys

@@ -21,7 +21,7 @@ from ptycho_core.io.readers import follow_patterns, open_patterns
 from ptycho_core.quality import phase_pearson, scanned_field_mask
 from ptycho_core.rundir import newest_checkpoint
 from ptycho_core.simulate import read_ground_truth
-from ptycho_core.stages.live import AcquisitionStopped, live_segment_ends, look, prepare_live
+from ptycho_core.stages.live import AcquisitionStopped, LiveState, live_segment_ends, look, prepare_live
 from ptycho_core.stages.segment import run_segment
 
 FAST = 2000.0  # frames per second: the writer is never what a test waits for
@@ -39,7 +39,7 @@ def _write(small_dataset, plan: Plan) -> Acquisition:
     return Acquisition(patterns, positions, plan)
 
 
-def _follow(config_path: Path, run_dir: Path, iterations_per_look: int = 1) -> "LiveState":  # noqa: F821
+def _follow(config_path: Path, run_dir: Path, iterations_per_look: int = 1) -> LiveState:
     """The live stages without Prefect, as tasks/live.py drives them; returns the final state."""
     cfg = load_run_config(config_path)
     state = prepare_live(cfg, run_dir, sleep=lambda s: time.sleep(min(s, 0.05)))

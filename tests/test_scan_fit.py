@@ -151,3 +151,32 @@ def test_a_run_that_followed_an_acquisition_does_not_fit_the_scan(drifted):
     complete.problem = dataclasses.replace(complete.problem, arrivals=Arrivals(acquired=n, acquiring=False))
     complete.run(2)
     assert complete.state.scan_fit is not None
+
+
+@pytest.mark.parametrize("n", [2, 50, 4096, 4097, 20000])
+def test_the_scan_step_is_the_median_distance_to_the_nearest_other_centre(n):
+    """quality.scan_step_px (the fit's spread, every positions figure) against scipy's k-d tree, on
+    a jittered raster, scattered centres, a line, a spot scanned many times and duplicates: up to
+    4096 centres every one counts (a duplicate is at 0 px), above a sample of about 2048 against all
+    (a centre at the very place of a sampled one does not count)."""
+    from scipy.spatial import cKDTree
+
+    from ptycho_core.quality import scan_step_px
+
+    rng = np.random.default_rng(n)
+    side = int(np.ceil(np.sqrt(n)))
+    raster = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)[:n] * 3.7
+    scattered = rng.uniform(0, 40 * side, (n, 2))
+    sets = {"raster": raster + rng.normal(0, 0.3, raster.shape), "scattered": scattered,
+            "line": np.stack([np.zeros(n), np.arange(n) * 2.0], 1),
+            "a spot scanned many times": np.vstack([scattered[: n // 2], rng.normal(5, 0.01, (n - n // 2, 2))]),
+            "duplicates": np.vstack([scattered[: max(1, n // 2)], scattered[: n - max(1, n // 2)]])}
+    for name, centres in sets.items():
+        tree = cKDTree(centres)
+        if n <= 4096:
+            wanted = np.median(tree.query(centres, k=2)[0][:, 1])
+        else:
+            probes = centres[:: n // 2048]
+            distances = tree.query(probes, k=3)[0]  # itself, its one duplicate at most, the nearest other
+            wanted = np.median([row[row > 0][0] for row in distances])
+        assert scan_step_px(centres) == pytest.approx(wanted, rel=1e-12, abs=1e-12), name

@@ -35,7 +35,7 @@ from abtem_data import (REALISTIC_SLICES, TRUE_POSITIONS, quality_config, qualit
 SLICES = {"thin": 1, "thick": 8, "realistic": REALISTIC_SLICES}
 
 # PtyRAD 1.0.0's defaults as ptyflow settings: Adam; object lr 5e-4, probe 1e-4 and positions
-# 5e-4 from iteration 1; 4 probe modes; probe-mode orthogonalization, fixed probe intensity,
+# 5e-4 from iteration 1, held for the whole run; 4 probe modes; probe-mode orthogonalization, fixed probe intensity,
 # lateral blur 0.4 px, depth blur 1 slice and position recentring after every iteration.
 PTYRAD_SETTINGS = {
     "init.probe.n_modes": 4,
@@ -46,6 +46,7 @@ PTYRAD_SETTINGS = {
     "constraint_params.obj_blur": {"start_iter": 1, "stop_iter": None, "std_px": 0.4},
     "constraint_params.depth_blur": {"start_iter": 1, "std_slices": 1.0},
     "constraint_params.position_limit": {"start_iter": 1, "max_px": 0.0, "remove_drift": True},
+    "model_params.lr_schedule": {"kind": "constant"},
 }
 # name -> (code, settings, iterations factor)
 RUNS = {

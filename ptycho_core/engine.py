@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -214,7 +214,8 @@ class Problem:
     batching: str = "random"
     positions_px: Optional[np.ndarray] = None  # (N, 2), for compact/sparse batches
     forward_loss: Callable = forward_loss  # or compiled_forward_loss() (recon_params.compile)
-    lr_factor: Callable[[int], float] = lambda iteration: 1.0  # model_params.lr_schedule
+    # model_params.lr_schedule: (iteration, the training loss of each earlier iteration that counts) -> factor
+    lr_factor: Callable[[int, Sequence[float]], float] = lambda iteration, losses: 1.0
     collective: Collective = field(default_factory=Collective)  # this process, or one rank of several
     # recon_params.validation_fraction: patterns that never enter a batch, scored after every iteration
     validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -378,12 +379,23 @@ def validation_loss(model: PtychoAD, problem: Problem, mean_intensity: torch.Ten
     return float(problem.collective.sum(score))
 
 
-def _begin_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int) -> None:
-    """Gradients on for the tensors whose start_iter is reached; the lr schedule's factor."""
+def _begin_iteration(model: PtychoAD, optimizer: torch.optim.Optimizer, problem: Problem, iteration: int,
+                     history: dict[str, list[float]]) -> None:
+    """Gradients on for the tensors whose start_iter is reached; the lr schedule's factor, from the
+    iteration and the losses of the earlier ones (``history``: EngineState.history)."""
     model.set_iteration(iteration)
-    factor = problem.lr_factor(iteration)
+    factor = problem.lr_factor(iteration, settled_losses(history))
     for group in optimizer.param_groups:
         group["lr"] = group.get("base_lr", group["lr"]) * factor
+
+
+def settled_losses(history: dict[str, list[float]]) -> list[float]:
+    """The training loss of each completed iteration, less those of a live run while its scan was
+    still acquired: each of those had more patterns than the one before, so their losses do not
+    compare (a plateau schedule would read the growing scan as a loss that stopped falling)."""
+    losses = history.get("loss", [])
+    acquiring = history.get(ACQUIRING, [])
+    return [loss for n, loss in enumerate(losses) if not (n < len(acquiring) and acquiring[n])]
 
 
 def iteration_batches(problem: Problem, iteration: int, trained: Optional[np.ndarray], n_positions: int
@@ -520,7 +532,7 @@ def run_iterations(
         state.scan_fit = _measure_scan(model, problem)
     while state.iteration < last_iteration:
         iteration = state.iteration + 1
-        _begin_iteration(model, optimizer, problem, iteration)
+        _begin_iteration(model, optimizer, problem, iteration, state.history)
         started = time.perf_counter()
         drawn, arrival_fields = trained, {}
         if problem.arrivals is not None:  # live mode: from the acquired patterns, the ones behind first

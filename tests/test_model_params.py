@@ -141,6 +141,7 @@ def test_reference_defaults_give_the_reference_texts_values(small_dataset):
     wanted = REFERENCE_DEFAULTS["model_params"]["update_params"]
     assert reference.model_params.update_params.model_dump() == wanted
     assert reference.constraint_params.obj_blur.start_iter is None and reference.recon_params.iterations == 7
+    assert (reference.model_params.lr_schedule.kind, ours.model_params.lr_schedule.kind) == ("constant", "plateau")
     assert ours.model_params.update_params.model_dump() != wanted and ours.constraint_params.obj_blur.start_iter == 1
     kept = config_from_dict(raw | {"defaults": "reference", "model_params": {"update_params": {"probe": {"lr": 1e-3}}}})
     assert kept.model_params.update_params.probe.lr == 1e-3 and kept.model_params.update_params.probe.start_iter == 1
@@ -174,22 +175,48 @@ def test_lr_schedule_scales_every_lr_by_a_factor_of_the_iteration(small_dataset,
         assert seen[iteration - 1] == pytest.approx({k: v * factor for k, v in base.items()}), iteration
 
 
+def test_the_plateau_schedule_cuts_the_lr_once_the_loss_stops_falling():
+    """plateau (the default): gamma after `patience` iterations without a loss 0.1 % under the
+    lowest, counted again from each cut, never under min_factor; live iterations while the scan was
+    acquired do not count."""
+    from ptycho_core.config import LrSchedule
+    from ptycho_core.engine import settled_losses
+
+    schedule = LrSchedule()
+    assert (schedule.kind, schedule.gamma, schedule.patience) == ("plateau", 0.5, 5)
+    falling = [10.0 * 0.9 ** n for n in range(8)]
+    assert schedule.factor(9, falling) == 1.0
+    flat = falling + [falling[-1] * 1.0005] * 4  # under 0.1 % lower is no new lowest
+    assert schedule.factor(13, flat) == 1.0
+    assert schedule.factor(14, flat + [falling[-1]]) == 0.5  # the fifth without a new lowest: cut
+    rising = falling + [falling[-1] * (1 + 0.01 * n) for n in range(1, 11)]
+    assert schedule.factor(19, rising) == 0.25  # two plateaus of five
+    assert schedule.factor(200, falling + [falling[-1]] * 200) == schedule.min_factor == 0.0625
+    # live: three iterations while acquiring (a loss that grows with the scan), then four that fall
+    history = {"loss": [1.0, 2.0, 3.0, 2.9, 2.8, 2.7, 2.6], "acquiring": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}
+    assert settled_losses(history) == [2.9, 2.8, 2.7, 2.6]
+    assert settled_losses({"loss": [3.0, 2.0]}) == [3.0, 2.0]  # an offline run: every iteration counts
+
+
 def test_a_decaying_lr_settles_where_a_constant_one_drifts(noise_free_dataset):
     """Near convergence Adam's steps stay lr-sized, so with a constant lr the loss of noise-free
-    data climbs again; stepping the lr down keeps it falling."""
+    data climbs again; stepping the lr down, or halving it at each plateau (the default), keeps it
+    falling."""
     final = {}
-    for kind in ("constant", "step"):
+    for kind in ("constant", "step", "plateau"):
         cfg = config_with(noise_free_dataset, **{
-            "model_params.lr_schedule": {"kind": kind, "gamma": 0.3, "step_iterations": 10},
+            "model_params.lr_schedule": {"kind": kind, "gamma": 0.3 if kind == "step" else 0.5, "step_iterations": 10},
             "constraint_params.obj_blur": {"start_iter": None},  # the schedule alone
             "recon_params.iterations": 40,
         })
         rec = Reconstruction.create(cfg, preprocess(cfg))
         rec.run(40)
         final[kind] = rec.state.history["loss"]
-    constant, step = final["constant"], final["step"]
+    constant = final["constant"]
     assert constant[-1] > 1.2 * min(constant), "the constant lr should drift up from its best"
-    assert step[-1] < 0.8 * constant[-1] and step[-1] <= min(step[-10:]) * 1.05, (step[-10:], constant[-1])
+    for kind in ("step", "plateau"):
+        decayed = final[kind]
+        assert decayed[-1] < 0.8 * constant[-1] and decayed[-1] <= min(decayed[-10:]) * 1.05, (kind, decayed[-10:], constant[-1])
 
 
 def test_a_model_started_from_refined_positions_uses_them_when_they_are_frozen(tmp_path, small_dataset, small_prep):

@@ -156,7 +156,7 @@ def test_a_run_that_followed_an_acquisition_does_not_fit_the_scan(drifted):
 @pytest.mark.parametrize("n", [2, 50, 4096, 4097, 20000])
 def test_the_scan_step_is_the_median_distance_to_the_nearest_other_centre(n):
     """quality.scan_step_px (the fit's spread, every positions figure) against scipy's k-d tree, on
-    a jittered raster, scattered centres, a line, a spot scanned many times and duplicates: up to
+    a jittered raster, scattered centres, lines, a spot scanned many times and duplicates: up to
     4096 centres every one counts (a duplicate is at 0 px), above a sample of about 2048 against all
     (a centre at the very place of a sampled one does not count)."""
     from scipy.spatial import cKDTree
@@ -169,6 +169,7 @@ def test_the_scan_step_is_the_median_distance_to_the_nearest_other_centre(n):
     scattered = rng.uniform(0, 40 * side, (n, 2))
     sets = {"raster": raster + rng.normal(0, 0.3, raster.shape), "scattered": scattered,
             "line": np.stack([np.zeros(n), np.arange(n) * 2.0], 1),
+            "a line with rounding across it": np.stack([rng.normal(0, 1e-9, n), np.arange(n) * 2.0], 1),
             "a spot scanned many times": np.vstack([scattered[: n // 2], rng.normal(5, 0.01, (n - n // 2, 2))]),
             "duplicates": np.vstack([scattered[: max(1, n // 2)], scattered[: n - max(1, n // 2)]])}
     for name, centres in sets.items():

@@ -74,6 +74,9 @@ class Checkpoint:
     shape_hash: str
     config_hash: str
     format_version: int = FORMAT_VERSION
+    # the configuration the hash is of (PtyflowConfig.resume_dict), so a refusal can name what
+    # differs; empty in files written before it was kept
+    config_resolved: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     scan_fit: dict[str, np.ndarray] = field(default_factory=dict)  # empty: no step of the fit yet
 
@@ -291,10 +294,12 @@ def save_checkpoint(
     config_hash: str = "",
     scan_fit: Optional[dict[str, np.ndarray]] = None,
     arrivals_in: Optional[tuple[int, bool]] = None,
+    config_resolved: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write model.hdf5 atomically; returns the path. ``arrivals_in``: live mode's (patterns
     acquired, acquisition going on) that the iteration in progress draws with (attributes
-    ``patterns_in`` and ``acquiring``; arrivals.py)."""
+    ``patterns_in`` and ``acquiring``; arrivals.py); ``config_resolved``: the configuration
+    ``config_hash`` is of, kept as JSON (attribute ``config_resolved``)."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -306,6 +311,7 @@ def save_checkpoint(
                 batch_cursor=int(batch_cursor),
                 shape_hash=shape_hash(model.parameter_shapes()),
                 config_hash=config_hash,
+                config_resolved=json.dumps(config_resolved or {}, sort_keys=True),
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
                 **software_versions(),
             )
@@ -401,6 +407,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 rng_state=torch.from_numpy(_array(f["rng"]["torch_cpu"])) if "rng" in f else None,
                 shape_hash=str(attrs.get("shape_hash", "")),
                 config_hash=str(attrs.get("config_hash", "")),
+                config_resolved=json.loads(attrs.get("config_resolved", "") or "{}"),
                 format_version=int(version),
                 attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v)
                        for k, v in attrs.items()},

@@ -673,6 +673,26 @@ class PtyflowConfig(_Strict):
         return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
 
 
+def config_differences(saved: dict[str, Any], current: dict[str, Any], limit: int = 4) -> list[str]:
+    """What differs between two resume_dicts, as "dotted.key: X here, Y before" lines (at most
+    ``limit``, and a count of the rest): what a refused resume names."""
+    def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    old, new = leaves(saved), leaves(current)
+    missing = object()
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    lines = [f"{k}: {new.get(k, '(not set)')!r} here, {old.get(k, '(not set)')!r} before" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"and {len(keys) - limit} more")
+    return lines
+
+
 _FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",
                                       "compile", "measurements", "memory_budget_gb", "devices")}
 

@@ -271,5 +271,5 @@ class Reconstruction:
             path, self.model, self.optimizer, self.state.iteration, self.state.batch_cursor,
             self.state.partial_loss, self.state.history, config_hash=self.config.resume_hash(),
             scan_fit=self.state.scan_fit.arrays() if self.state.scan_fit else None,
-            arrivals_in=self.state.arrivals_in,
+            arrivals_in=self.state.arrivals_in, config_resolved=self.config.resume_dict(),
         )

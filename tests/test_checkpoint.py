@@ -283,3 +283,29 @@ def test_an_object_from_a_file_without_its_canvas_origin_is_refused(tmp_path, sm
         "init.probe.source": "previous", "init.probe.path": str(path)}), small_prep)
     assert torch.allclose(rec.model.probe_complex, read_checkpoint(path).tensors["probe"].to(rec.model.probe_complex),
                           rtol=1e-5, atol=1e-5 * rec.model.probe_complex.abs().max())
+
+
+def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_dataset):
+    """A run directory whose settings now resolve otherwise (a default changed with an update, or
+    config.yaml edited) is refused, the message naming each setting with both values; set as it was,
+    the run resumes. Nothing saved is touched by the refusal."""
+    import yaml
+
+    from ptycho_core.rundir import RunDirError
+
+    run_dir = tmp_path / "run"
+    prepare(config_with(small_dataset, **{"recon_params.iterations": 4}), run_dir)
+    run_segment(run_dir, 2)
+    saved = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    config_path = run_dir / "config.yaml"
+    written = yaml.safe_load(config_path.read_text())
+    edited = dict(written, model_params={**written.get("model_params", {}), "lr_schedule": {"kind": "constant"}})
+    config_path.write_text(yaml.safe_dump(edited))
+    with pytest.raises(RunDirError) as refused:
+        run_segment(run_dir, 4)
+    assert "model_params.lr_schedule.kind: 'constant' here, 'plateau' before" in str(refused.value)
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == saved
+    edited["model_params"]["lr_schedule"] = {"kind": "plateau"}  # as it was: the same configuration
+    config_path.write_text(yaml.safe_dump(edited))
+    run_segment(run_dir, 4)
+    assert read_checkpoint(run_dir / "model.hdf5").iteration == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..checkpoint import checkpoint_name, last_value, require_current_format
+from ..config import config_differences
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
 from ..scan_fit import describe_saved as describe_scan_fit
@@ -59,10 +60,14 @@ def run_segment(
         if ckpt is not None:  # an older ptyflow's file is refused as such, before anything starts
             require_current_format(ckpt)
         if ckpt is not None and ckpt.config_hash != config.resume_hash():
-            raise RunDirError(
-                f"{ckpt.path}: written with a different configuration than {paths.config}; "
-                "use a new run directory"
-            )
+            if ckpt.config_resolved:
+                differences = "; ".join(config_differences(ckpt.config_resolved, config.resume_dict()))
+                advice = (f" ({differences}): a setting left to the defaults may have changed with a ptyflow update; "
+                          f"set it in {paths.config} as it was before to resume, or use a new run directory")
+            else:  # written before checkpoints kept their configuration
+                advice = ("; a setting left to the defaults may have changed with a ptyflow update (this file does not "
+                          "say which); use a new run directory, or the ptyflow that wrote it to finish this one")
+            raise RunDirError(f"{ckpt.path}: written with a different configuration than {paths.config}{advice}")
         devices = device_list(config.recon_params)
         with ExitStack() as ranks:
             ranks.enter_context(using_device(devices[0]))  # this thread's GPU, before anything touches CUDA

@@ -673,9 +673,13 @@ class PtyflowConfig(_Strict):
         return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], limit: int = 4) -> list[str]:
-    """What differs between two resume_dicts, as "dotted.key: X here, Y before" lines (at most
-    ``limit``, and a count of the rest): what a refused resume names."""
+NOT_SET = "(not set)"  # config_differences: a setting one of the two configurations does not have
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value now, value before) of each setting that differs between two
+    resume_dicts, NOT_SET where one of them lacks it (a setting a later ptyflow added): what a
+    refused resume names."""
     def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(tree, dict):
             return {prefix: tree}
@@ -685,12 +689,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], limit: in
         return out
 
     old, new = leaves(saved), leaves(current)
-    missing = object()
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
-    lines = [f"{k}: {new.get(k, '(not set)')!r} here, {old.get(k, '(not set)')!r} before" for k in keys[:limit]]
-    if len(keys) > limit:
-        lines.append(f"and {len(keys) - limit} more")
-    return lines
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, NOT_SET) != new.get(k, NOT_SET))
+    return [(k, new.get(k, NOT_SET), old.get(k, NOT_SET)) for k in keys]
 
 
 _FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",

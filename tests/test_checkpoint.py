@@ -307,5 +307,18 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == saved
     edited["model_params"]["lr_schedule"] = {"kind": "plateau"}  # as it was: the same configuration
     config_path.write_text(yaml.safe_dump(edited))
+    # a file from a ptyflow that had no lr_schedule.patience yet: that cannot be set back
+    import json
+
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    with h5py.File(newest, "r+") as f:
+        older = json.loads(f.attrs["config_resolved"])
+        del older["model_params"]["lr_schedule"]["patience"]
+        f.attrs["config_resolved"] = json.dumps(older)
+        f.attrs["config_hash"] = "from an older ptyflow"
+    with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, '\(not set\)' before.*finish it with that ptyflow"):
+        run_segment(run_dir, 4)
+    for path, content in saved.items():  # as written: the run resumes
+        path.write_bytes(content)
     run_segment(run_dir, 4)
     assert read_checkpoint(run_dir / "model.hdf5").iteration == 4

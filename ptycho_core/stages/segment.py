@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..checkpoint import checkpoint_name, last_value, require_current_format
-from ..config import config_differences
+from ..config import NOT_SET, config_differences
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
 from ..scan_fit import describe_saved as describe_scan_fit
@@ -61,9 +61,15 @@ def run_segment(
             require_current_format(ckpt)
         if ckpt is not None and ckpt.config_hash != config.resume_hash():
             if ckpt.config_resolved:
-                differences = "; ".join(config_differences(ckpt.config_resolved, config.resume_dict()))
-                advice = (f" ({differences}): a setting left to the defaults may have changed with a ptyflow update; "
-                          f"set it in {paths.config} as it was before to resume, or use a new run directory")
+                differences = config_differences(ckpt.config_resolved, config.resume_dict())
+                named = "; ".join(f"{key}: {now!r} here, {before!r} before" for key, now, before in differences[:4])
+                named += f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+                if any(before == NOT_SET for _, _, before in differences):
+                    advice = (f" ({named}): settings this ptyflow has and the one that wrote it had not; finish it with "
+                              "that ptyflow, or use a new run directory")
+                else:
+                    advice = (f" ({named}): a setting left to the defaults may have changed with a ptyflow update; set "
+                              f"it in {paths.config} as it was before to resume, or use a new run directory")
             else:  # written before checkpoints kept their configuration
                 advice = ("; a setting left to the defaults may have changed with a ptyflow update (this file does not "
                           "say which); use a new run directory, or the ptyflow that wrote it to finish this one")

@@ -265,9 +265,9 @@ class LrSchedule(_Strict):
     Adam's steps stay about lr in size whatever the gradient, so at a constant lr the loss climbs
     again from its lowest (on ptyflow simulate's demo from iteration 9 on). On abTEM SrTiO3 it
     first cut after iteration 40 (the 20-iteration figures are unchanged) and gave at 100
-    iterations realistic seeds 0 and 1 0.884
-    and 0.866 (0.878 and 0.856 at a constant lr), thick 0.988 (0.983), thin 0.977 (0.977); the demo
-    0.995 at 30 (0.983) (benchmarks/measured/lr_schedule.md)."""
+    iterations realistic seeds 0 and 1 0.884 and 0.866 (0.878 and 0.856 at a constant lr), thick
+    0.988 (0.983), thin 0.977 (0.977); the demo 0.995 at 30 (0.983)
+    (benchmarks/measured/lr_schedule.md)."""
 
     kind: Literal["constant", "step", "exponential", "plateau"] = Field(
         "plateau", description=(

@@ -74,9 +74,10 @@ def _nearest_squared(centres: np.ndarray, probes: np.ndarray, exact: bool) -> np
     if runs.max() > STEP_CELL_CROWD:
         return _nearest_squared_by_all(centres, probes, exact)
     nearest = np.full(len(probes), np.inf)
+    probe_keys = keys[probes]
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            wanted = keys[probes] + dy * width + dx
+            wanted = probe_keys + dy * width + dx
             first = np.searchsorted(sorted_keys, wanted, side="left")
             counts = np.searchsorted(sorted_keys, wanted, side="right") - first
             if not counts.any():
@@ -100,9 +101,10 @@ def _nearest_squared_by_all(centres: np.ndarray, probes: np.ndarray, exact: bool
     if not len(probes):
         return nearest
     block = max(1, STEP_PAIRS_AT_ONCE // len(probes))
+    probed = centres[probes][:, None, :]  # (probes, 1, 2)
     for start in range(0, len(centres), block):
         part = centres[start:start + block]
-        squared = ((centres[probes][:, None, :] - part[None, :, :]) ** 2).sum(-1)  # (probes, block)
+        squared = ((probed - part[None, :, :]) ** 2).sum(-1)  # (probes, block)
         if exact:  # each centre's distance to itself
             squared[probes[:, None] == np.arange(start, start + len(part))[None, :]] = np.inf
         else:  # a sampled centre is also among all (and so is any other at the same place)

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import yaml
 
 from .checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, list_checkpoints, read_checkpoint
-from .config import PtyflowConfig, config_from_dict
+from .config import NOT_SET, PtyflowConfig, config_differences, config_from_dict
 
 log = logging.getLogger("ptyflow")
 
@@ -92,6 +92,23 @@ def read_run_config(run_dir: str | Path) -> PtyflowConfig:
     if not path.is_file():
         raise RunDirError(f"{path}: missing; the run directory was never preprocessed")
     return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def require_same_config(saved: dict, current: PtyflowConfig, holder: str) -> None:
+    """Refuse to go on in a run directory whose reconstruction was made with another configuration.
+    saved: the resume_dict it was made with; holder: what holds it, to start the message. The
+    message names each setting that differs with both values and says how to go on."""
+    differences = config_differences(saved, current.resume_dict())
+    if not differences:
+        return
+    named = "; ".join(f"{key}: {now!r} here, {before!r} before" for key, now, before in differences[:4])
+    named += f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+    if any(before == NOT_SET for _, _, before in differences):
+        advice = "settings this ptyflow has and the one that made it had not; finish it with that ptyflow"
+    else:  # set as it was, the run goes on exactly as it would have
+        advice = ("to resume, set each as it was before (a setting left to the defaults may have changed with a "
+                  "ptyflow update)")
+    raise RunDirError(f"{holder} with a different configuration ({named}): {advice}, or use a new run directory")
 
 
 def newest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = log.warning) -> Optional[Checkpoint]:

@@ -322,3 +322,24 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
         path.write_bytes(content)
     run_segment(run_dir, 4)
     assert read_checkpoint(run_dir / "model.hdf5").iteration == 4
+
+
+def test_preparing_a_run_directory_under_other_settings_is_refused_naming_them(tmp_path, small_dataset):
+    """`ptyflow run` on a run directory made with other settings is refused before anything is
+    written, naming each setting with both values and how to go on, as a resume is (one check,
+    rundir.require_same_config); the free settings (iterations) may change."""
+    from ptycho_core.rundir import RunDirError
+
+    run_dir = tmp_path / "run"
+    prepare(config_with(small_dataset, **{"recon_params.iterations": 2}), run_dir)
+    run_segment(run_dir, 2)
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    other = config_with(small_dataset, **{"recon_params.iterations": 2, "model_params.update_params.objp.lr": 0.02})
+    with pytest.raises(RunDirError, match=r"holds a reconstruction with a different configuration "
+                       r"\(model_params.update_params.objp.lr: 0.02 here, 0.01 before\): to resume, set each as it "
+                       r"was before .*or use a new run directory"):
+        prepare(other, run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    prepare(config_with(small_dataset, **{"recon_params.iterations": 4}), run_dir)  # more iterations: the same run
+    run_segment(run_dir, 4)
+    assert read_checkpoint(run_dir / "model.hdf5").iteration == 4

@@ -30,8 +30,8 @@ from ..checkpoint import list_checkpoints
 from ..config import ConfigError, PtyflowConfig, check_files
 from ..io import live
 from ..io.preprocess import read_preprocessed, settings_hash
-from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config, start_iteration
-from .prepare import _differences, _write_text_atomic, prepare
+from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config, require_same_config, start_iteration
+from .prepare import _write_text_atomic, prepare
 
 log = logging.getLogger("ptyflow")
 
@@ -96,10 +96,7 @@ def prepare_live(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str
         prepare(config, run_dir, warn)  # a finished live run: the inputs are checked as for any run
         return _state(paths, live.data_files(config), time.time())
     if existing is not None:  # a live run stopped while acquiring: same settings, then catch up
-        changed = _differences(read_run_config(run_dir).resume_dict(), config.resume_dict())
-        if changed:
-            raise RunDirError(f"{paths.root} holds a reconstruction with a different configuration "
-                              f"({', '.join(changed[:6])} differ); use a new run directory")
+        require_same_config(read_run_config(run_dir).resume_dict(), config, f"{paths.root} holds a reconstruction")
         if existing.settings_hash != settings_hash(config):
             raise RunDirError(f"{paths.preprocessed}: made with different preprocessing settings; use a new run "
                               "directory")

@@ -11,7 +11,7 @@ from ..checkpoint import atomic_write, leftover_temporaries, require_current_for
 from ..config import PtyflowConfig, check_files
 from ..io.preprocess import check_inputs, preprocess, read_preprocessed
 from ..io.readers import DataError
-from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config
+from ..rundir import RunDirError, RunPaths, newest_checkpoint, read_run_config, require_same_config
 
 log = logging.getLogger("ptyflow")
 
@@ -43,13 +43,7 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
     if newest is not None:  # a directory an older ptyflow wrote: that is what to say, not what differs
         require_current_format(newest)
     if paths.config.is_file():
-        old = read_run_config(run_dir)
-        changed = _differences(old.resume_dict(), config.resume_dict())
-        if changed:
-            raise RunDirError(
-                f"{paths.root} holds a reconstruction with a different configuration "
-                f"({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} differ); use a new run directory"
-            )
+        require_same_config(read_run_config(run_dir).resume_dict(), config, f"{paths.root} holds a reconstruction")
     existing = read_preprocessed(paths.preprocessed)
     if existing is not None and existing.acquisition == "acquiring":
         raise RunDirError(f"{paths.preprocessed}: a live run whose scan was still being acquired; rerun it with "
@@ -73,17 +67,6 @@ def prepare(config: PtyflowConfig, run_dir: str | Path, warn: Callable[[str], No
     _write_text_atomic(paths.config, config.to_yaml())
     return PrepareOutcome(skipped, prep.n_patterns, prep.window, prep.dx_ang, prep.dk_mrad,
                           prep.input_hash, prep.notes, input_check)
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..checkpoint import checkpoint_name, last_value, require_current_format
-from ..config import NOT_SET, config_differences
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
 from ..scan_fit import describe_saved as describe_scan_fit
 from ..devices import device_list, using_device
 from ..ranks import helper_ranks
 from ..reconstruction import Reconstruction
-from ..rundir import Preempted, RunDirError, RunPaths, link_newest, newest_checkpoint, read_run_config, segment_ends
+from ..rundir import (Preempted, RunDirError, RunPaths, link_newest, newest_checkpoint, read_run_config,
+                      require_same_config, segment_ends)
 
 log = logging.getLogger("ptyflow")
 
@@ -60,20 +60,12 @@ def run_segment(
         if ckpt is not None:  # an older ptyflow's file is refused as such, before anything starts
             require_current_format(ckpt)
         if ckpt is not None and ckpt.config_hash != config.resume_hash():
-            if ckpt.config_resolved:
-                differences = config_differences(ckpt.config_resolved, config.resume_dict())
-                named = "; ".join(f"{key}: {now!r} here, {before!r} before" for key, now, before in differences[:4])
-                named += f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
-                if any(before == NOT_SET for _, _, before in differences):
-                    advice = (f" ({named}): settings this ptyflow has and the one that wrote it had not; finish it with "
-                              "that ptyflow, or use a new run directory")
-                else:
-                    advice = (f" ({named}): a setting left to the defaults may have changed with a ptyflow update; set "
-                              f"it in {paths.config} as it was before to resume, or use a new run directory")
-            else:  # written before checkpoints kept their configuration
-                advice = ("; a setting left to the defaults may have changed with a ptyflow update (this file does not "
-                          "say which); use a new run directory, or the ptyflow that wrote it to finish this one")
-            raise RunDirError(f"{ckpt.path}: written with a different configuration than {paths.config}{advice}")
+            if not ckpt.config_resolved:  # written before checkpoints kept their configuration
+                raise RunDirError(f"{ckpt.path}: written with a different configuration than {paths.config}; a "
+                                  "setting left to the defaults may have changed with a ptyflow update (this file does "
+                                  "not say which); use a new run directory, or the ptyflow that wrote it to finish "
+                                  "this one")
+            require_same_config(ckpt.config_resolved, config, f"{ckpt.path}: written")
         devices = device_list(config.recon_params)
         with ExitStack() as ranks:
             ranks.enter_context(using_device(devices[0]))  # this thread's GPU, before anything touches CUDA

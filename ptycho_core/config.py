@@ -12,10 +12,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -675,11 +676,31 @@ class PtyflowConfig(_Strict):
 
 NOT_SET = "(not set)"  # config_differences: a setting one of the two configurations does not have
 
+# Settings added since checkpoints keep their configuration (2026-12-05), as (dotted key, the value
+# that computes what ptyflow computed before the setting existed). A run directory that an older
+# ptyflow left unfinished resumes under this one while each added setting holds that value, so an
+# update does not strand a preempted run. tests/test_config.py fails for a setting that is neither
+# in tests/data/settings_2026-12-05.txt nor here: a new setting must say how ptyflow behaved without it.
+SETTINGS_ADDED: tuple[tuple[str, Any], ...] = ()
+
+
+def setting_fields(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted key, pydantic field) of every setting of the configuration tree, the groups (and
+    optional groups such as experiment.scan) opened."""
+    for name, info in (model or PtyflowConfig).model_fields.items():
+        nested = next((t for t in (info.annotation, *get_args(info.annotation))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if nested is not None:
+            yield from setting_fields(nested, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, value now, value before) of each setting that differs between two
-    resume_dicts, NOT_SET where one of them lacks it (a setting a later ptyflow added): what a
-    refused resume names."""
+    resume_dicts, NOT_SET where one of them lacks it: what a refused resume names. A setting added
+    since ``saved`` was written counts as holding its SETTINGS_ADDED value there; one that is not
+    declared there is NOT_SET before."""
     def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(tree, dict):
             return {prefix: tree}
@@ -689,6 +710,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
         return out
 
     old, new = leaves(saved), leaves(current)
+    old.update({key: before for key, before in SETTINGS_ADDED if key not in old and key in new})
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, NOT_SET) != new.get(k, NOT_SET))
     return [(k, new.get(k, NOT_SET), old.get(k, NOT_SET)) for k in keys]
 

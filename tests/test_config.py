@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -87,24 +89,31 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 def test_every_setting_is_described():
     """Every leaf of the configuration tree says what it is (units and a typical value where it has
     them): the resolved YAML and the errors name these fields, so a newcomer must find them."""
-    import typing
+    from ptycho_core.config import setting_fields
 
-    from pydantic import BaseModel
-
-    from ptycho_core.config import PtyflowConfig
-
-    def leaves(model, prefix=""):
-        for name, field in model.model_fields.items():
-            nested = next((t for t in (field.annotation, *typing.get_args(field.annotation))
-                           if isinstance(t, type) and issubclass(t, BaseModel)), None)
-            if nested is not None:
-                yield from leaves(nested, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}", field.description
-
-    undescribed = [path for path, description in leaves(PtyflowConfig) if not description]
+    undescribed = [key for key, info in setting_fields() if not info.description]
     assert not undescribed, undescribed
-    assert len(list(leaves(PtyflowConfig))) > 60
+    assert len(list(setting_fields())) > 60
+
+
+def test_every_setting_added_says_how_ptyflow_behaved_without_it():
+    """A run directory an older ptyflow left unfinished must resume after an update: each setting
+    added since 2026-12-05 (tests/data/settings_2026-12-05.txt, the settings checkpoints began to
+    keep) is declared in config.SETTINGS_ADDED with the value that computes what ptyflow computed
+    without it, and that value is one the setting accepts."""
+    from ptycho_core.config import SETTINGS_ADDED, config_from_dict, set_dotted, setting_fields
+
+    known = set((Path(__file__).parent / "data" / "settings_2026-12-05.txt").read_text().split())
+    now = {key for key, _ in setting_fields()}
+    declared = dict(SETTINGS_ADDED)
+    undeclared = sorted(now - known - declared.keys())
+    assert not undeclared, (f"settings added without the value that keeps an older run's results: {undeclared}; "
+                            "add (key, value) to ptycho_core.config.SETTINGS_ADDED")
+    assert declared.keys() <= now - known, sorted(declared.keys() - (now - known))
+    for key, value in SETTINGS_ADDED:
+        raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+        set_dotted(raw, key, value)
+        config_from_dict(raw)
 
 
 def test_files_a_config_names_are_checked_before_the_run_directory_is_compared(tmp_path, small_dataset):

@@ -7,6 +7,7 @@ not a silently ignored setting. ``load_config`` turns any validation problem int
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -682,6 +683,23 @@ NOT_SET = "(not set)"  # config_differences: a setting one of the two configurat
 # update does not strand a preempted run. tests/test_config.py fails for a setting that is neither
 # in tests/data/settings_2026-12-05.txt nor here: a new setting must say how ptyflow behaved without it.
 SETTINGS_ADDED: tuple[tuple[str, Any], ...] = ()
+
+
+def with_settings_added(written: dict[str, Any]) -> dict[str, Any]:
+    """A configuration as ptyflow resolved and wrote it (a run directory's config.yaml), with each
+    setting added since (SETTINGS_ADDED) that it lacks set to the value that computes what the
+    writing ptyflow computed; an optional group it left empty stays empty. Returns a new dict."""
+    filled = copy.deepcopy(written)
+    for key, before in SETTINGS_ADDED:
+        *groups, name = key.split(".")
+        node = filled
+        for group in groups:
+            node = node.setdefault(group, {})  # a group the writer did not have
+            if not isinstance(node, dict):  # an optional group it left empty (None)
+                break
+        else:
+            node.setdefault(name, before)
+    return filled
 
 
 def setting_fields(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import yaml
 
 from .checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, list_checkpoints, read_checkpoint
-from .config import NOT_SET, PtyflowConfig, config_differences, config_from_dict
+from .config import NOT_SET, PtyflowConfig, config_differences, config_from_dict, with_settings_added
 
 log = logging.getLogger("ptyflow")
 
@@ -91,7 +91,9 @@ def read_run_config(run_dir: str | Path) -> PtyflowConfig:
     path = RunPaths(Path(run_dir)).config
     if not path.is_file():
         raise RunDirError(f"{path}: missing; the run directory was never preprocessed")
-    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    # written resolved by this or an older ptyflow: a setting added since takes the value that
+    # computes what its writer computed
+    return config_from_dict(with_settings_added(yaml.safe_load(path.read_text())), source=str(path))
 
 
 def require_same_config(saved: dict, current: PtyflowConfig, holder: str) -> None:

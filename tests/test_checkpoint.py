@@ -348,10 +348,11 @@ def test_preparing_a_run_directory_under_other_settings_is_refused_naming_them(t
 def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_value(tmp_path, small_dataset,
                                                                                      monkeypatch):
     """After an update that added a setting (config.SETTINGS_ADDED: the setting and the value that
-    computes what ptyflow computed without it), a run directory whose checkpoint predates the
-    setting resumes as long as the setting holds that value, and ends exactly as an uninterrupted
-    run; set otherwise, the refusal names the value to set. (Here lr_schedule.patience stands in
-    for a setting added by an update: the checkpoint's configuration is stripped of it.)"""
+    computes what ptyflow computed without it), a run directory an older ptyflow wrote resumes once
+    the setting holds that value, and ends exactly as an uninterrupted run; left to a default that
+    computes otherwise, `ptyflow run` refuses it naming the value to set. (lr_schedule.patience
+    stands in for a setting added by an update, with 3 as the older ptyflow's behaviour and the
+    default 5 as the new one: the run directory's config.yaml and checkpoint are stripped of it.)"""
     import json
 
     import yaml
@@ -359,28 +360,30 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     from ptycho_core import config as config_module
     from ptycho_core.rundir import RunDirError
 
-    settings = {"recon_params.iterations": 4}
+    older_behaviour = {"recon_params.iterations": 4, "model_params.lr_schedule.patience": 3}
     straight = tmp_path / "straight"
-    prepare(config_with(small_dataset, **settings), straight)
+    prepare(config_with(small_dataset, **older_behaviour), straight)
     run_segment(straight, 4)
     run_dir = tmp_path / "run"
-    prepare(config_with(small_dataset, **settings), run_dir)
+    prepare(config_with(small_dataset, **older_behaviour), run_dir)
     run_segment(run_dir, 2)
+    # as a ptyflow without lr_schedule.patience wrote them
+    config_path = run_dir / "config.yaml"
+    written = yaml.safe_load(config_path.read_text())
+    del written["model_params"]["lr_schedule"]["patience"]
+    config_path.write_text(yaml.safe_dump(written))
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
-    with h5py.File(newest, "r+") as f:  # as a ptyflow without lr_schedule.patience wrote it
+    with h5py.File(newest, "r+") as f:
         older = json.loads(f.attrs["config_resolved"])
         del older["model_params"]["lr_schedule"]["patience"]
         f.attrs["config_resolved"] = json.dumps(older)
         f.attrs["config_hash"] = "from an older ptyflow"
-    monkeypatch.setattr(config_module, "SETTINGS_ADDED", (("model_params.lr_schedule.patience", 5),))
-    config_path = run_dir / "config.yaml"
-    written = config_path.read_text()
-    other = yaml.safe_load(written)
-    other["model_params"]["lr_schedule"]["patience"] = 7
-    config_path.write_text(yaml.safe_dump(other))
-    with pytest.raises(RunDirError, match=r"lr_schedule.patience: 7 here, 5 before\): to resume, set each as it was"):
-        run_segment(run_dir, 4)
-    config_path.write_text(written)  # patience 5: what the older ptyflow computed
+    monkeypatch.setattr(config_module, "SETTINGS_ADDED", (("model_params.lr_schedule.patience", 3),))
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, 3 before\): to resume, set each as it was"):
+        prepare(config_with(small_dataset, **{"recon_params.iterations": 4}), run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    prepare(config_with(small_dataset, **older_behaviour), run_dir)  # set as the older ptyflow computed
     run_segment(run_dir, 4)
     resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(straight / "model.hdf5")
     assert resumed.iteration == 4

@@ -658,8 +658,9 @@ class PtyflowConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """sha256 of the resolved configuration (key order independent)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the resolved configuration (key order independent; the same before and after
+        an update that added a setting holding its old value)."""
+        return _sha256(without_settings_added(self.to_dict()))
 
     def resume_dict(self) -> dict[str, Any]:
         """The configuration without the settings a resumed run may change (how many iterations,
@@ -672,7 +673,11 @@ class PtyflowConfig(_Strict):
         return data
 
     def resume_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.resume_dict(), sort_keys=True).encode()).hexdigest()
+        return _sha256(without_settings_added(self.resume_dict()))
+
+
+def _sha256(tree: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 NOT_SET = "(not set)"  # config_differences: a setting one of the two configurations does not have
@@ -700,6 +705,21 @@ def with_settings_added(written: dict[str, Any]) -> dict[str, Any]:
         else:
             node.setdefault(name, before)
     return filled
+
+
+def without_settings_added(tree: dict[str, Any]) -> dict[str, Any]:
+    """A configuration tree (or part of one, grouped as the whole) less each added setting that
+    holds its SETTINGS_ADDED value, for the hashes that tell runs apart: such a setting computes
+    what the ptyflow without it computed, so it must change no hash. Returns a new dict."""
+    kept = copy.deepcopy(tree)
+    for key, before in SETTINGS_ADDED:
+        *groups, name = key.split(".")
+        node = kept
+        for group in groups:
+            node = node.get(group) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and node[name] == before:
+            del node[name]
+    return kept
 
 
 def setting_fields(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:

@@ -136,3 +136,32 @@ def test_files_a_config_names_are_checked_before_the_run_directory_is_compared(t
                                           "result.zarr"):
         prepare(config_with(small_dataset, **{"init.object.source": "previous", "init.object.path": str(text)}),
                 run_dir)
+
+
+def test_a_setting_added_at_its_old_value_changes_no_hash(monkeypatch):
+    """The hashes that tell runs apart (the configuration's, the resumable part's, the preprocessing
+    settings') are those an older ptyflow without an added setting computed, while the setting
+    holds its SETTINGS_ADDED value; set otherwise, it counts. (preprocess.bin and
+    lr_schedule.patience stand in for added settings.)"""
+    import hashlib
+    import json
+
+    from ptycho_core import config as config_module
+    from ptycho_core.io import preprocess
+
+    def sha(tree):
+        return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+    config = config_from_dict(MINIMAL)
+    older_whole, older_resume = config.to_dict(), config.resume_dict()
+    older_prep = json.loads(preprocess._settings(config))
+    for tree in (older_whole, older_resume):
+        del tree["preprocess"]["bin"], tree["model_params"]["lr_schedule"]["patience"]
+    del older_prep["preprocess"]["bin"]
+    monkeypatch.setattr(config_module, "SETTINGS_ADDED",
+                        (("preprocess.bin", 1), ("model_params.lr_schedule.patience", 5)))
+    assert config.hash() == sha(older_whole)
+    assert config.resume_hash() == sha(older_resume)
+    assert preprocess.settings_hash(config) == sha(older_prep)
+    binned = config_from_dict({**MINIMAL, "preprocess": {"bin": 2}})
+    assert preprocess.settings_hash(binned) != sha(older_prep) and binned.hash() != sha(older_whole)

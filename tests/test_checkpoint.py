@@ -285,6 +285,31 @@ def test_an_object_from_a_file_without_its_canvas_origin_is_refused(tmp_path, sm
                           rtol=1e-5, atol=1e-5 * rec.model.probe_complex.abs().max())
 
 
+def _as_written_without(run_dir, key, config_yaml=True):
+    """Make a run directory's newest checkpoint (and config.yaml) read as if a ptyflow that did not
+    have the setting ``key`` (dotted) had written them."""
+    import json
+
+    import yaml
+
+    def strip(tree):
+        *groups, name = key.split(".")
+        for group in groups:
+            tree = tree[group]
+        del tree[name]
+
+    if config_yaml:
+        written = yaml.safe_load((run_dir / "config.yaml").read_text())
+        strip(written)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(written))
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    with h5py.File(newest, "r+") as f:
+        kept = json.loads(f.attrs["config_resolved"])
+        strip(kept)
+        f.attrs["config_resolved"] = json.dumps(kept)
+        f.attrs["config_hash"] = "from an older ptyflow"
+
+
 def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_dataset):
     """A run directory whose settings now resolve otherwise (a default changed with an update, or
     config.yaml edited) is refused, the message naming each setting with both values; set as it was,
@@ -307,15 +332,8 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == saved
     edited["model_params"]["lr_schedule"] = {"kind": "plateau"}  # as it was: the same configuration
     config_path.write_text(yaml.safe_dump(edited))
-    # a file from a ptyflow that had no lr_schedule.patience yet: that cannot be set back
-    import json
-
-    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
-    with h5py.File(newest, "r+") as f:
-        older = json.loads(f.attrs["config_resolved"])
-        del older["model_params"]["lr_schedule"]["patience"]
-        f.attrs["config_resolved"] = json.dumps(older)
-        f.attrs["config_hash"] = "from an older ptyflow"
+    # a file from a ptyflow that had no lr_schedule.patience yet (and none declared how it behaved)
+    _as_written_without(run_dir, "model_params.lr_schedule.patience", config_yaml=False)
     with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, '\(not set\)' before.*finish it with that ptyflow"):
         run_segment(run_dir, 4)
     for path, content in saved.items():  # as written: the run resumes
@@ -353,10 +371,6 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     computes otherwise, `ptyflow run` refuses it naming the value to set. (lr_schedule.patience
     stands in for a setting added by an update, with 3 as the older ptyflow's behaviour and the
     default 5 as the new one: the run directory's config.yaml and checkpoint are stripped of it.)"""
-    import json
-
-    import yaml
-
     from ptycho_core import config as config_module
     from ptycho_core.rundir import RunDirError
 
@@ -367,17 +381,7 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     run_dir = tmp_path / "run"
     prepare(config_with(small_dataset, **older_behaviour), run_dir)
     run_segment(run_dir, 2)
-    # as a ptyflow without lr_schedule.patience wrote them
-    config_path = run_dir / "config.yaml"
-    written = yaml.safe_load(config_path.read_text())
-    del written["model_params"]["lr_schedule"]["patience"]
-    config_path.write_text(yaml.safe_dump(written))
-    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
-    with h5py.File(newest, "r+") as f:
-        older = json.loads(f.attrs["config_resolved"])
-        del older["model_params"]["lr_schedule"]["patience"]
-        f.attrs["config_resolved"] = json.dumps(older)
-        f.attrs["config_hash"] = "from an older ptyflow"
+    _as_written_without(run_dir, "model_params.lr_schedule.patience")
     monkeypatch.setattr(config_module, "SETTINGS_ADDED", (("model_params.lr_schedule.patience", 3),))
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, 3 before\): to resume, set each as it was"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import FORMAT_VERSION, last_value, read_checkpoint
+from .checkpoint import FORMAT_VERSION, CheckpointError, last_value, read_checkpoint
 from .rundir import (
     RunDirError,
     RunPaths,
@@ -12,6 +12,7 @@ from .rundir import (
     is_finished,
     newest_checkpoint,
     read_run_config,
+    require_resumable,
     segment_ends,
 )
 from .runlock import lock_holder
@@ -66,6 +67,10 @@ def inspect_run_dir(run_dir: Path) -> dict:
         "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
         "locked_by": None,  # the living process holding it (host, PID, since, flow run)
         "stale_lock": None,  # what a process that died holding it (SIGKILL) left in .lock
+        # whether this ptyflow can continue its newest checkpoint under its config.yaml (None: nothing
+        # to continue), and if not why: what to check in every run directory after an update
+        "resumable": None,
+        "resume_refused": None,
     }
     try:
         config = read_run_config(run_dir)
@@ -83,5 +88,11 @@ def inspect_run_dir(run_dir: Path) -> dict:
         last_validation_loss=last_value(ckpt.history, "validation_loss") if ckpt else None,
         scan_fit=describe_scan_fit(ckpt.scan_fit) if ckpt else None,
     )
+    if ckpt is not None and not report["finished"]:
+        try:
+            require_resumable(ckpt, config, paths.config)
+            report["resumable"] = True
+        except (RunDirError, CheckpointError) as exc:
+            report["resumable"], report["resume_refused"] = False, str(exc)
     report["locked_by"], report["stale_lock"] = lock_holder(run_dir)
     return report

@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from .checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, list_checkpoints, read_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, latest_valid_checkpoint, list_checkpoints, read_checkpoint,
+                         require_current_format)
 from .config import NOT_SET, PtyflowConfig, config_differences, config_from_dict, with_settings_added
 
 log = logging.getLogger("ptyflow")
@@ -111,6 +112,20 @@ def require_same_config(saved: dict, current: PtyflowConfig, holder: str) -> Non
         advice = ("to resume, set each as it was before (a setting left to the defaults may have changed with a "
                   "ptyflow update)")
     raise RunDirError(f"{holder} with a different configuration ({named}): {advice}, or use a new run directory")
+
+
+def require_resumable(ckpt: Checkpoint, config: PtyflowConfig, config_path: Path) -> None:
+    """Refuse to continue ``ckpt`` under ``config`` (read from ``config_path``) where this ptyflow
+    cannot: an older file format (CheckpointError), or another configuration, each setting named
+    (RunDirError)."""
+    require_current_format(ckpt)
+    if ckpt.config_hash == config.resume_hash():
+        return
+    if not ckpt.config_resolved:  # written before checkpoints kept their configuration
+        raise RunDirError(f"{ckpt.path}: written with a different configuration than {config_path}; a setting left "
+                          "to the defaults may have changed with a ptyflow update (this file does not say which); "
+                          "use a new run directory, or the ptyflow that wrote it to finish this one")
+    require_same_config(ckpt.config_resolved, config, f"{ckpt.path}: written")
 
 
 def newest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = log.warning) -> Optional[Checkpoint]:

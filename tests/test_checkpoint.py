@@ -330,8 +330,11 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
         run_segment(run_dir, 4)
     assert "model_params.lr_schedule.kind: 'constant' here, 'plateau' before" in str(refused.value)
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == saved
+    report = inspect_path(run_dir)  # what an operator checks in each run directory after an update
+    assert report["resumable"] is False and report["resume_refused"] == str(refused.value)
     edited["model_params"]["lr_schedule"] = {"kind": "plateau"}  # as it was: the same configuration
     config_path.write_text(yaml.safe_dump(edited))
+    assert inspect_path(run_dir)["resumable"] is True
     # a file from a ptyflow that had no lr_schedule.patience yet (and none declared how it behaved)
     _as_written_without(run_dir, "model_params.lr_schedule.patience", config_yaml=False)
     with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, '\(not set\)' before.*finish it with that ptyflow"):
@@ -340,6 +343,7 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
         path.write_bytes(content)
     run_segment(run_dir, 4)
     assert read_checkpoint(run_dir / "model.hdf5").iteration == 4
+    assert inspect_path(run_dir)["resumable"] is None  # finished: nothing to continue
 
 
 def test_preparing_a_run_directory_under_other_settings_is_refused_naming_them(tmp_path, small_dataset):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..checkpoint import checkpoint_name, last_value, require_current_format
+from ..checkpoint import checkpoint_name, last_value
 from ..io.figures import write_figures
 from ..io.preprocess import read_preprocessed
 from ..scan_fit import describe_saved as describe_scan_fit
@@ -18,7 +18,7 @@ from ..devices import device_list, using_device
 from ..ranks import helper_ranks
 from ..reconstruction import Reconstruction
 from ..rundir import (Preempted, RunDirError, RunPaths, link_newest, newest_checkpoint, read_run_config,
-                      require_same_config, segment_ends)
+                      require_resumable, segment_ends)
 
 log = logging.getLogger("ptyflow")
 
@@ -57,15 +57,8 @@ def run_segment(
         raise RunDirError(f"{paths.preprocessed}: missing or incomplete; run the preprocess step first")
     try:
         ckpt = newest_checkpoint(run_dir, warn)
-        if ckpt is not None:  # an older ptyflow's file is refused as such, before anything starts
-            require_current_format(ckpt)
-        if ckpt is not None and ckpt.config_hash != config.resume_hash():
-            if not ckpt.config_resolved:  # written before checkpoints kept their configuration
-                raise RunDirError(f"{ckpt.path}: written with a different configuration than {paths.config}; a "
-                                  "setting left to the defaults may have changed with a ptyflow update (this file does "
-                                  "not say which); use a new run directory, or the ptyflow that wrote it to finish "
-                                  "this one")
-            require_same_config(ckpt.config_resolved, config, f"{ckpt.path}: written")
+        if ckpt is not None:  # refused before anything starts: an older file, other settings (named)
+            require_resumable(ckpt, config, paths.config)
         devices = device_list(config.recon_params)
         with ExitStack() as ranks:
             ranks.enter_context(using_device(devices[0]))  # this thread's GPU, before anything touches CUDA

@@ -67,8 +67,10 @@ def inspect_run_dir(run_dir: Path) -> dict:
         "figures": sorted(p.name for p in paths.figures.glob("*.png")) if paths.figures.is_dir() else [],
         "locked_by": None,  # the living process holding it (host, PID, since, flow run)
         "stale_lock": None,  # what a process that died holding it (SIGKILL) left in .lock
-        # whether this ptyflow can continue its newest checkpoint under its config.yaml (None: nothing
-        # to continue), and if not why: what to check in every run directory after an update
+        # whether this ptyflow can continue its newest checkpoint under the settings the run
+        # directory's config.yaml holds (None: nothing to continue), and if not why: what to check
+        # in every run directory after an update (a rerun with another config file is compared
+        # with config.yaml as well, by prepare)
         "resumable": None,
         "resume_refused": None,
     }

@@ -659,8 +659,8 @@ class PtyflowConfig(_Strict):
 
     def hash(self) -> str:
         """sha256 of the resolved configuration (key order independent; the same before and after
-        an update that added a setting holding its old value)."""
-        return _sha256(without_settings_added(self.to_dict()))
+        an update that added or removed a setting, for the same results: stable_across_updates)."""
+        return _sha256(stable_across_updates(self.to_dict()))
 
     def resume_dict(self) -> dict[str, Any]:
         """The configuration without the settings a resumed run may change (how many iterations,
@@ -673,7 +673,7 @@ class PtyflowConfig(_Strict):
         return data
 
     def resume_hash(self) -> str:
-        return _sha256(without_settings_added(self.resume_dict()))
+        return _sha256(stable_across_updates(self.resume_dict()))
 
 
 def _sha256(tree: dict[str, Any]) -> str:
@@ -683,42 +683,65 @@ def _sha256(tree: dict[str, Any]) -> str:
 NOT_SET = "(not set)"  # config_differences: a setting one of the two configurations does not have
 
 # Settings added since checkpoints keep their configuration (2026-12-05), as (dotted key, the value
-# that computes what ptyflow computed before the setting existed). A run directory that an older
-# ptyflow left unfinished resumes under this one while each added setting holds that value, so an
-# update does not strand a preempted run. tests/test_config.py fails for a setting that is neither
-# in tests/data/settings_2026-12-05.txt nor here: a new setting must say how ptyflow behaved without it.
+# that computes what ptyflow computed before the setting existed), and settings removed since, as
+# (dotted key, the value whose results this ptyflow computes). A run directory that an older
+# ptyflow left unfinished resumes under this one while each added setting holds its value and each
+# removed one held its value there, so an update does not strand a preempted run.
+# tests/test_config.py fails for a setting added to or removed from tests/data/settings_2026-12-05.txt
+# that is not declared here.
 SETTINGS_ADDED: tuple[tuple[str, Any], ...] = ()
+SETTINGS_REMOVED: tuple[tuple[str, Any], ...] = ()
 
 
-def with_settings_added(written: dict[str, Any]) -> dict[str, Any]:
-    """A configuration as ptyflow resolved and wrote it (a run directory's config.yaml), with each
-    setting added since (SETTINGS_ADDED) that it lacks set to the value that computes what the
-    writing ptyflow computed; an optional group it left empty stays empty. Returns a new dict."""
-    filled = copy.deepcopy(written)
+def _group(tree: Any, key: str, create: bool = False) -> tuple[Optional[dict], str]:
+    """(the dict that holds dotted ``key`` in ``tree``, the key's last part); None where a group on
+    the way is missing (created empty when ``create``) or is not a dict (an optional group left
+    empty)."""
+    *groups, name = key.split(".")
+    node = tree
+    for group in groups:
+        if not isinstance(node, dict):
+            return None, name
+        node = node.setdefault(group, {}) if create else node.get(group)
+    return (node if isinstance(node, dict) else None), name
+
+
+def as_this_ptyflow_reads(written: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A configuration as a ptyflow resolved and wrote it (a run directory's config.yaml), as this
+    one reads it: an added setting it lacks takes its SETTINGS_ADDED value (what its writer
+    computed), a removed one that holds its SETTINGS_REMOVED value is left out; a removed one set
+    otherwise is a ConfigError naming it (this ptyflow cannot compute that). Returns a new dict."""
+    read = copy.deepcopy(written)
     for key, before in SETTINGS_ADDED:
-        *groups, name = key.split(".")
-        node = filled
-        for group in groups:
-            node = node.setdefault(group, {})  # a group the writer did not have
-            if not isinstance(node, dict):  # an optional group it left empty (None)
-                break
-        else:
-            node.setdefault(name, before)
-    return filled
+        group, name = _group(read, key, create=True)
+        if group is not None:
+            group.setdefault(name, before)
+    for key, computed in SETTINGS_REMOVED:
+        group, name = _group(read, key)
+        if group is None or name not in group:
+            continue
+        if group[name] != computed:
+            raise ConfigError(f"{source}: {key}: {group[name]!r}, a setting this ptyflow no longer has (it computes "
+                              f"as {key}: {computed!r}); finish this run with the ptyflow that wrote it, or use a "
+                              "new run directory")
+        del group[name]
+    return read
 
 
-def without_settings_added(tree: dict[str, Any]) -> dict[str, Any]:
-    """A configuration tree (or part of one, grouped as the whole) less each added setting that
-    holds its SETTINGS_ADDED value, for the hashes that tell runs apart: such a setting computes
-    what the ptyflow without it computed, so it must change no hash. Returns a new dict."""
+def stable_across_updates(tree: dict[str, Any]) -> dict[str, Any]:
+    """A configuration tree (or part of one, grouped as the whole) for the hashes that tell runs
+    apart: less each added setting that holds its SETTINGS_ADDED value, plus each removed one at
+    its SETTINGS_REMOVED value (where its group is in the tree), so a run's hashes are the ones the
+    ptyflow before the update computed for the same results. Returns a new dict."""
     kept = copy.deepcopy(tree)
     for key, before in SETTINGS_ADDED:
-        *groups, name = key.split(".")
-        node = kept
-        for group in groups:
-            node = node.get(group) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node and node[name] == before:
-            del node[name]
+        group, name = _group(kept, key)
+        if group is not None and name in group and group[name] == before:
+            del group[name]
+    for key, computed in SETTINGS_REMOVED:
+        group, name = _group(kept, key)
+        if group is not None:
+            group.setdefault(name, computed)
     return kept
 
 
@@ -737,8 +760,8 @@ def setting_fields(model: type[BaseModel] | None = None, prefix: str = "") -> It
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, value now, value before) of each setting that differs between two
     resume_dicts, NOT_SET where one of them lacks it: what a refused resume names. A setting added
-    since ``saved`` was written counts as holding its SETTINGS_ADDED value there; one that is not
-    declared there is NOT_SET before."""
+    since ``saved`` was written counts as holding its SETTINGS_ADDED value there, one removed since
+    as holding its SETTINGS_REMOVED value now; one not declared is NOT_SET."""
     def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(tree, dict):
             return {prefix: tree}
@@ -749,6 +772,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
 
     old, new = leaves(saved), leaves(current)
     old.update({key: before for key, before in SETTINGS_ADDED if key not in old and key in new})
+    new.update({key: computed for key, computed in SETTINGS_REMOVED if key not in new and key in old})
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, NOT_SET) != new.get(k, NOT_SET))
     return [(k, new.get(k, NOT_SET), old.get(k, NOT_SET)) for k in keys]
 

@@ -33,7 +33,7 @@ import yaml
 
 from .checkpoint import (Checkpoint, CheckpointError, latest_valid_checkpoint, list_checkpoints, read_checkpoint,
                          require_current_format)
-from .config import NOT_SET, PtyflowConfig, config_differences, config_from_dict, with_settings_added
+from .config import NOT_SET, PtyflowConfig, as_this_ptyflow_reads, config_differences, config_from_dict
 
 log = logging.getLogger("ptyflow")
 
@@ -92,9 +92,10 @@ def read_run_config(run_dir: str | Path) -> PtyflowConfig:
     path = RunPaths(Path(run_dir)).config
     if not path.is_file():
         raise RunDirError(f"{path}: missing; the run directory was never preprocessed")
-    # written resolved by this or an older ptyflow: a setting added since takes the value that
-    # computes what its writer computed
-    return config_from_dict(with_settings_added(yaml.safe_load(path.read_text())), source=str(path))
+    # written resolved by this or an older ptyflow: settings added or removed since are read as what
+    # its writer computed
+    written = as_this_ptyflow_reads(yaml.safe_load(path.read_text()), source=str(path))
+    return config_from_dict(written, source=str(path))
 
 
 def require_same_config(saved: dict, current: PtyflowConfig, holder: str) -> None:

@@ -285,27 +285,30 @@ def test_an_object_from_a_file_without_its_canvas_origin_is_refused(tmp_path, sm
                           rtol=1e-5, atol=1e-5 * rec.model.probe_complex.abs().max())
 
 
-def _as_written_without(run_dir, key, config_yaml=True):
+def _as_an_older_ptyflow_wrote_it(run_dir, key, value=None, config_yaml=True):
     """Make a run directory's newest checkpoint (and config.yaml) read as if a ptyflow that did not
-    have the setting ``key`` (dotted) had written them."""
+    have the setting ``key`` (dotted) had written them (value None), or one that had it, at ``value``."""
     import json
 
     import yaml
 
-    def strip(tree):
+    def edit(tree):
         *groups, name = key.split(".")
         for group in groups:
             tree = tree[group]
-        del tree[name]
+        if value is None:
+            del tree[name]
+        else:
+            tree[name] = value
 
     if config_yaml:
         written = yaml.safe_load((run_dir / "config.yaml").read_text())
-        strip(written)
+        edit(written)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(written))
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
     with h5py.File(newest, "r+") as f:
         kept = json.loads(f.attrs["config_resolved"])
-        strip(kept)
+        edit(kept)
         f.attrs["config_resolved"] = json.dumps(kept)
         f.attrs["config_hash"] = "from an older ptyflow"
 
@@ -336,7 +339,7 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, small_da
     config_path.write_text(yaml.safe_dump(edited))
     assert inspect_path(run_dir)["resumable"] is True
     # a file from a ptyflow that had no lr_schedule.patience yet (and none declared how it behaved)
-    _as_written_without(run_dir, "model_params.lr_schedule.patience", config_yaml=False)
+    _as_an_older_ptyflow_wrote_it(run_dir, "model_params.lr_schedule.patience", config_yaml=False)
     with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, '\(not set\)' before.*finish it with that ptyflow"):
         run_segment(run_dir, 4)
     for path, content in saved.items():  # as written: the run resumes
@@ -385,13 +388,47 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     run_dir = tmp_path / "run"
     prepare(config_with(small_dataset, **older_behaviour), run_dir)
     run_segment(run_dir, 2)
-    _as_written_without(run_dir, "model_params.lr_schedule.patience")
+    _as_an_older_ptyflow_wrote_it(run_dir, "model_params.lr_schedule.patience")
     monkeypatch.setattr(config_module, "SETTINGS_ADDED", (("model_params.lr_schedule.patience", 3),))
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(RunDirError, match=r"lr_schedule.patience: 5 here, 3 before\): to resume, set each as it was"):
         prepare(config_with(small_dataset, **{"recon_params.iterations": 4}), run_dir)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
     prepare(config_with(small_dataset, **older_behaviour), run_dir)  # set as the older ptyflow computed
+    run_segment(run_dir, 4)
+    resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(straight / "model.hdf5")
+    assert resumed.iteration == 4
+    for name in ("objp", "probe"):
+        assert torch.equal(resumed.tensors[name], uninterrupted.tensors[name]), name
+
+
+def test_a_run_an_older_ptyflow_left_resumes_when_a_removed_setting_held_the_value_computed_now(
+        tmp_path, small_dataset, monkeypatch):
+    """After an update that removed a setting (config.SETTINGS_REMOVED: the setting and the value
+    whose results this ptyflow computes), a run directory an older ptyflow made with that value
+    resumes and ends exactly as an uninterrupted run; made with another value it is refused, named,
+    and nothing saved is touched. (model_params.old_knob stands in for the removed setting.)"""
+    from ptycho_core import config as config_module
+    from ptycho_core.config import ConfigError
+
+    settings = {"recon_params.iterations": 4}
+    straight = tmp_path / "straight"
+    prepare(config_with(small_dataset, **settings), straight)
+    run_segment(straight, 4)
+    run_dir = tmp_path / "run"
+    prepare(config_with(small_dataset, **settings), run_dir)
+    run_segment(run_dir, 2)
+    _as_an_older_ptyflow_wrote_it(run_dir, "model_params.old_knob", "on")
+    monkeypatch.setattr(config_module, "SETTINGS_REMOVED", (("model_params.old_knob", "off"),))
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refusal = r"model_params.old_knob: 'on', a setting this ptyflow no longer has \(it computes as model_params.old_knob: 'off'\)"
+    with pytest.raises(ConfigError, match=refusal):
+        prepare(config_with(small_dataset, **settings), run_dir)
+    with pytest.raises(ConfigError, match=refusal):
+        run_segment(run_dir, 4)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    _as_an_older_ptyflow_wrote_it(run_dir, "model_params.old_knob", "off")  # made as this ptyflow computes
+    prepare(config_with(small_dataset, **settings), run_dir)
     run_segment(run_dir, 4)
     resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(straight / "model.hdf5")
     assert resumed.iteration == 4

@@ -96,20 +96,23 @@ def test_every_setting_is_described():
     assert len(list(setting_fields())) > 60
 
 
-def test_every_setting_added_says_how_ptyflow_behaved_without_it():
+def test_every_setting_added_or_removed_says_what_ptyflow_computed():
     """A run directory an older ptyflow left unfinished must resume after an update: each setting
     added since 2026-12-05 (tests/data/settings_2026-12-05.txt, the settings checkpoints began to
     keep) is declared in config.SETTINGS_ADDED with the value that computes what ptyflow computed
-    without it, and that value is one the setting accepts."""
-    from ptycho_core.config import SETTINGS_ADDED, config_from_dict, set_dotted, setting_fields
+    without it, a value the setting accepts; each removed since, in config.SETTINGS_REMOVED."""
+    from ptycho_core.config import SETTINGS_ADDED, SETTINGS_REMOVED, config_from_dict, set_dotted, setting_fields
 
     known = set((Path(__file__).parent / "data" / "settings_2026-12-05.txt").read_text().split())
     now = {key for key, _ in setting_fields()}
-    declared = dict(SETTINGS_ADDED)
-    undeclared = sorted(now - known - declared.keys())
-    assert not undeclared, (f"settings added without the value that keeps an older run's results: {undeclared}; "
-                            "add (key, value) to ptycho_core.config.SETTINGS_ADDED")
-    assert declared.keys() <= now - known, sorted(declared.keys() - (now - known))
+    added, removed = dict(SETTINGS_ADDED), dict(SETTINGS_REMOVED)
+    assert not sorted(now - known - added.keys()), (
+        f"settings added without the value that keeps an older run's results: {sorted(now - known - added.keys())}; "
+        "add (key, value) to ptycho_core.config.SETTINGS_ADDED")
+    assert not sorted(known - now - removed.keys()), (
+        f"settings removed without the value this ptyflow computes as: {sorted(known - now - removed.keys())}; add "
+        "(key, value) to ptycho_core.config.SETTINGS_REMOVED")
+    assert added.keys() <= now - known and removed.keys() <= known - now
     for key, value in SETTINGS_ADDED:
         raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
         set_dotted(raw, key, value)
@@ -138,11 +141,12 @@ def test_files_a_config_names_are_checked_before_the_run_directory_is_compared(t
                 run_dir)
 
 
-def test_a_setting_added_at_its_old_value_changes_no_hash(monkeypatch):
+def test_a_setting_added_or_removed_changes_no_hash_for_the_same_results(monkeypatch):
     """The hashes that tell runs apart (the configuration's, the resumable part's, the preprocessing
-    settings') are those an older ptyflow without an added setting computed, while the setting
-    holds its SETTINGS_ADDED value; set otherwise, it counts. (preprocess.bin and
-    lr_schedule.patience stand in for added settings.)"""
+    settings') are those an older ptyflow computed, while an added setting holds its SETTINGS_ADDED
+    value and a removed one held its SETTINGS_REMOVED value; set otherwise, it counts.
+    (preprocess.bin and lr_schedule.patience stand in for added settings, preprocess.old_knob and
+    model_params.old_knob for removed ones.)"""
     import hashlib
     import json
 
@@ -157,9 +161,12 @@ def test_a_setting_added_at_its_old_value_changes_no_hash(monkeypatch):
     older_prep = json.loads(preprocess._settings(config))
     for tree in (older_whole, older_resume):
         del tree["preprocess"]["bin"], tree["model_params"]["lr_schedule"]["patience"]
+        tree["preprocess"]["old_knob"], tree["model_params"]["old_knob"] = 0, "off"
     del older_prep["preprocess"]["bin"]
+    older_prep["preprocess"]["old_knob"] = 0
     monkeypatch.setattr(config_module, "SETTINGS_ADDED",
                         (("preprocess.bin", 1), ("model_params.lr_schedule.patience", 5)))
+    monkeypatch.setattr(config_module, "SETTINGS_REMOVED", (("preprocess.old_knob", 0), ("model_params.old_knob", "off")))
     assert config.hash() == sha(older_whole)
     assert config.resume_hash() == sha(older_resume)
     assert preprocess.settings_hash(config) == sha(older_prep)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..checkpoint import atomic_write
 from ..faults import pause_point
-from ..config import PtyflowConfig, without_settings_added
+from ..config import PtyflowConfig, stable_across_updates
 from ..physics import dk_from_dx, dx_from_dk, wavelength_ang
 from .patterns import PATTERNS_KEY, ArrayPatterns, FilePatterns, PatternStore, mean_of_blocks
 from .positions import read_positions
@@ -186,7 +186,7 @@ def recorded_inputs(preprocessed_path: Path) -> list[dict]:
 
 
 def _settings(config: PtyflowConfig) -> str:
-    return json.dumps(without_settings_added({
+    return json.dumps(stable_across_updates({
         "data": config.data.model_dump(mode="json", exclude={"path", "pos_path"}),
         "experiment": config.experiment.model_dump(mode="json"),
         "preprocess": config.preprocess.model_dump(mode="json", exclude={"compression"}),  # values unchanged

@@ -709,8 +709,9 @@ def _group(tree: Any, key: str, create: bool = False) -> tuple[Optional[dict], s
 def as_this_ptyflow_reads(written: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A configuration as a ptyflow resolved and wrote it (a run directory's config.yaml), as this
     one reads it: an added setting it lacks takes its SETTINGS_ADDED value (what its writer
-    computed), a removed one that holds its SETTINGS_REMOVED value is left out; a removed one set
-    otherwise is a ConfigError naming it (this ptyflow cannot compute that). Returns a new dict."""
+    computed), a removed one that holds its SETTINGS_REMOVED value (or is one a resume may change,
+    such as recon_params.threads) is left out; a removed one set otherwise is a ConfigError naming
+    it (this ptyflow cannot compute that). Returns a new dict."""
     read = copy.deepcopy(written)
     for key, before in SETTINGS_ADDED:
         group, name = _group(read, key, create=True)
@@ -720,7 +721,8 @@ def as_this_ptyflow_reads(written: dict[str, Any], source: str = "config") -> di
         group, name = _group(read, key)
         if group is None or name not in group:
             continue
-        if group[name] != computed:
+        free = key.startswith("live.") or name in _FREE_TO_CHANGE.get(key.split(".")[0], ())
+        if group[name] != computed and not free:  # a free setting never changed the results
             raise ConfigError(f"{source}: {key}: {group[name]!r}, a setting this ptyflow no longer has (it computes "
                               f"as {key}: {computed!r}); finish this run with the ptyflow that wrote it, or use a "
                               "new run directory")

@@ -172,3 +172,25 @@ def test_a_setting_added_or_removed_changes_no_hash_for_the_same_results(monkeyp
     assert preprocess.settings_hash(config) == sha(older_prep)
     binned = config_from_dict({**MINIMAL, "preprocess": {"bin": 2}})
     assert preprocess.settings_hash(binned) != sha(older_prep) and binned.hash() != sha(older_whole)
+
+
+def test_a_removed_setting_is_read_as_what_ptyflow_computes_now(monkeypatch):
+    """A run directory's config.yaml that holds a setting an update removed is read without it when
+    it held the value this ptyflow computes (or the setting never changed results: a free one such
+    as recon_params.compile), and refused naming it otherwise. (Stand-ins: model_params.old_knob,
+    and recon_params.compile for a removed free setting.)"""
+    from ptycho_core import config as config_module
+    from ptycho_core.config import as_this_ptyflow_reads
+
+    monkeypatch.setattr(config_module, "SETTINGS_REMOVED",
+                        (("model_params.old_knob", "off"), ("recon_params.compile", False)))
+    written = config_from_dict(MINIMAL).to_dict()
+    written["model_params"]["old_knob"], written["recon_params"]["compile"] = "off", True
+    read = as_this_ptyflow_reads(written, source="run/config.yaml")
+    assert "old_knob" not in read["model_params"] and "compile" not in read["recon_params"]
+    assert written["model_params"]["old_knob"] == "off"  # the written tree is left as it was
+    config_from_dict(read)
+    written["model_params"]["old_knob"] = "on"
+    with pytest.raises(ConfigError, match=r"run/config.yaml: model_params.old_knob: 'on', a setting this ptyflow no "
+                                          r"longer has \(it computes as model_params.old_knob: 'off'\)"):
+        as_this_ptyflow_reads(written, source="run/config.yaml")

@@ -285,6 +285,22 @@ def test_an_object_from_a_file_without_its_canvas_origin_is_refused(tmp_path, sm
                           rtol=1e-5, atol=1e-5 * rec.model.probe_complex.abs().max())
 
 
+def _uninterrupted_and_cut(tmp_path, config):
+    """(a run directory run to iteration 4, one of the same config stopped at 2)."""
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    for folder, to_iteration in ((straight, 4), (run_dir, 2)):
+        prepare(config, folder)
+        run_segment(folder, to_iteration)
+    return straight, run_dir
+
+
+def _assert_same_model(run_dir, other):
+    resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(other / "model.hdf5")
+    assert resumed.iteration == uninterrupted.iteration
+    for name in ("objp", "probe"):
+        assert torch.equal(resumed.tensors[name], uninterrupted.tensors[name]), name
+
+
 def _as_an_older_ptyflow_wrote_it(run_dir, key, value=None, config_yaml=True):
     """Make a run directory's newest checkpoint (and config.yaml) read as if a ptyflow that did not
     have the setting ``key`` (dotted) had written them (value None), or one that had it, at ``value``."""
@@ -382,12 +398,7 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     from ptycho_core.rundir import RunDirError
 
     older_behaviour = {"recon_params.iterations": 4, "model_params.lr_schedule.patience": 3}
-    straight = tmp_path / "straight"
-    prepare(config_with(small_dataset, **older_behaviour), straight)
-    run_segment(straight, 4)
-    run_dir = tmp_path / "run"
-    prepare(config_with(small_dataset, **older_behaviour), run_dir)
-    run_segment(run_dir, 2)
+    straight, run_dir = _uninterrupted_and_cut(tmp_path, config_with(small_dataset, **older_behaviour))
     _as_an_older_ptyflow_wrote_it(run_dir, "model_params.lr_schedule.patience")
     monkeypatch.setattr(config_module, "SETTINGS_ADDED", (("model_params.lr_schedule.patience", 3),))
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -396,10 +407,7 @@ def test_a_run_an_older_ptyflow_left_resumes_while_a_new_setting_holds_its_old_v
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
     prepare(config_with(small_dataset, **older_behaviour), run_dir)  # set as the older ptyflow computed
     run_segment(run_dir, 4)
-    resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(straight / "model.hdf5")
-    assert resumed.iteration == 4
-    for name in ("objp", "probe"):
-        assert torch.equal(resumed.tensors[name], uninterrupted.tensors[name]), name
+    _assert_same_model(run_dir, straight)
 
 
 def test_a_run_an_older_ptyflow_left_resumes_when_a_removed_setting_held_the_value_computed_now(
@@ -412,12 +420,7 @@ def test_a_run_an_older_ptyflow_left_resumes_when_a_removed_setting_held_the_val
     from ptycho_core.config import ConfigError
 
     settings = {"recon_params.iterations": 4}
-    straight = tmp_path / "straight"
-    prepare(config_with(small_dataset, **settings), straight)
-    run_segment(straight, 4)
-    run_dir = tmp_path / "run"
-    prepare(config_with(small_dataset, **settings), run_dir)
-    run_segment(run_dir, 2)
+    straight, run_dir = _uninterrupted_and_cut(tmp_path, config_with(small_dataset, **settings))
     _as_an_older_ptyflow_wrote_it(run_dir, "model_params.old_knob", "on")
     monkeypatch.setattr(config_module, "SETTINGS_REMOVED", (("model_params.old_knob", "off"),))
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -430,7 +433,4 @@ def test_a_run_an_older_ptyflow_left_resumes_when_a_removed_setting_held_the_val
     _as_an_older_ptyflow_wrote_it(run_dir, "model_params.old_knob", "off")  # made as this ptyflow computes
     prepare(config_with(small_dataset, **settings), run_dir)
     run_segment(run_dir, 4)
-    resumed, uninterrupted = read_checkpoint(run_dir / "model.hdf5"), read_checkpoint(straight / "model.hdf5")
-    assert resumed.iteration == 4
-    for name in ("objp", "probe"):
-        assert torch.equal(resumed.tensors[name], uninterrupted.tensors[name]), name
+    _assert_same_model(run_dir, straight)

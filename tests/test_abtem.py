@@ -224,7 +224,7 @@ def _measured_scan(data, run_dir, settings=()):
 
 def test_the_scan_map_is_measured_on_realistic_data_and_left_alone_on_ideal(realistic_data, quality_data, tmp_path):
     """Issue 30: before the first iteration the scan's affine map is read from the data
-    (scan_calibration.py). On the realistic data it is 3 % off: measured within 2 % (the detector's
+    (scan_calibration.py). On the realistic data it is 3 % off: measured within 2 % (the source's
     partial coherence leaves few scan frequencies to read, each with its own bias). On the
     ideal data it is exact: measured within 1 %, so left alone."""
     with h5py.File(realistic_data, "r") as f:

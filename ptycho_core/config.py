@@ -669,7 +669,8 @@ class PtyflowConfig(_Strict):
         for group, keys in _FREE_TO_CHANGE.items():
             for key in keys:
                 data[group].pop(key, None)
-        data.pop("live")  # how a scan is followed while it is written, never what is computed from it
+        for group in _FREE_GROUPS:
+            data.pop(group)
         return data
 
     def resume_hash(self) -> str:
@@ -721,8 +722,7 @@ def as_this_ptyflow_reads(written: dict[str, Any], source: str = "config") -> di
         group, name = _group(read, key)
         if group is None or name not in group:
             continue
-        free = key.startswith("live.") or name in _FREE_TO_CHANGE.get(key.split(".")[0], ())
-        if group[name] != computed and not free:  # a free setting never changed the results
+        if group[name] != computed and not _free_to_change(key):  # a free setting never changed the results
             raise ConfigError(f"{source}: {key}: {group[name]!r}, a setting this ptyflow no longer has (it computes "
                               f"as {key}: {computed!r}); finish this run with the ptyflow that wrote it, or use a "
                               "new run directory")
@@ -781,6 +781,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
 
 _FREE_TO_CHANGE = {"recon_params": ("iterations", "segment_iterations", "device", "threads", "segment_figures",
                                       "compile", "measurements", "memory_budget_gb", "devices")}
+_FREE_GROUPS = ("live",)  # how a scan is followed while it is written, never what is computed from it
+
+
+def _free_to_change(dotted_key: str) -> bool:
+    """Whether a setting is one a resumed run may change (left out of resume_dict)."""
+    group, _, name = dotted_key.partition(".")
+    return group in _FREE_GROUPS or name in _FREE_TO_CHANGE.get(group, ())
 
 
 def _format_errors(error: ValidationError) -> str:
